@@ -1,0 +1,481 @@
+"""Qwen2 / Qwen2.5 decoder in Flax Linen, with an explicit KV cache and a critic variant.
+
+Einsum letters, used in every shape comment of this file:
+  B batch, T query length, S key length (cache slots), N query heads, K kv heads,
+  G query heads per kv head (N = K * G), H head dim, D width, F MLP width, V vocab, L layers.
+
+Parameters keep Hugging Face names (`q_proj`, `gate_proj`, `input_layernorm`, ...) so that conversion
+is a rename-and-reshape table (see `explore_jax.checkpoint`). Projection kernels are stored per head
+(`q_proj.kernel` is [D, N, H]) so that heads can be sharded by a logical axis rule without reshapes.
+
+The params pytree returned by `init_params` is a plain nested dict (no `{"params": ...}` wrapper):
+  {"model": {"embed_tokens": ..., "layers_0": ..., ..., "norm": ...}, "lm_head": ...}   (actor)
+  {"model": {...same backbone...}, "value_head": {"kernel": [D], "bias": []}}           (critic)
+so a critic is initialised from an actor by copying `params["model"]`.
+
+Attention semantics, shared by the full forward and the cached decode: every token sits in a cache
+*slot*; slots are in time order for every row, so a left-padded batch is causal by slot index.
+A query in slot q attends to the keys in slots s <= q whose `mask` is set. Positions (RoPE) are
+explicit per row, so a left-padded row gets the same positions as the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = dict[str, Any]
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+  """Architecture of a Qwen2 decoder; hashable, so it can be a static jit argument."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  rope_theta: float = 1e6
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 32768
+  bos_token_id: int | None = 151643
+  eos_token_id: int | None = 151643
+  param_dtype: str = "float32"  # storage dtype of the parameters
+  dtype: str = "float32"  # compute dtype of activations and matmuls
+  remat: bool = False  # rematerialise each decoder layer in the backward pass
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def group_size(self) -> int:
+    return self.num_attention_heads // self.num_key_value_heads
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+          f"{self.num_attention_heads}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+          f"num_key_value_heads={self.num_key_value_heads}")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")
+
+  def replace(self, **kw) -> "Qwen2Config":
+    return dataclasses.replace(self, **kw)
+
+  # -- Hugging Face config.json ------------------------------------------------------------------
+
+  @classmethod
+  def from_hf_dict(cls, d: dict, *, source: str = "config.json", **overrides) -> "Qwen2Config":
+    archs = d.get("architectures") or []
+    model_type = d.get("model_type")
+    if model_type != "qwen2" and not any(a.startswith("Qwen2") for a in archs):
+      raise ValueError(
+          f"{source}: model_type={model_type!r}, architectures={archs!r}: explore_jax only "
+          "implements the Qwen2 architecture (Qwen2 / Qwen2.5 / Qwen2.5-Math).")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
+    missing = [k for k in required if k not in d]
+    if missing:
+      raise ValueError(f"{source}: missing required field(s) {missing}")
+    head_dim = d.get("head_dim")
+    if head_dim is not None and head_dim != d["hidden_size"] // d["num_attention_heads"]:
+      raise ValueError(f"{source}: head_dim={head_dim} != hidden_size / num_attention_heads")
+    rope_theta = d.get("rope_theta")
+    if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
+      rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    eos = d.get("eos_token_id")
+    if isinstance(eos, list):
+      eos = eos[0]
+    kw = dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=eos,
+    )
+    kw.update(overrides)
+    return cls(**kw)
+
+  @classmethod
+  def from_hf_json(cls, path: str | os.PathLike, **overrides) -> "Qwen2Config":
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no config.json")
+    with open(path) as f:
+      try:
+        d = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return cls.from_hf_dict(d, source=path, **overrides)
+
+  def to_hf_dict(self) -> dict:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rope_theta": self.rope_theta,
+        "rms_norm_eps": self.rms_norm_eps,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "max_position_embeddings": self.max_position_embeddings,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": self.eos_token_id,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "use_cache": True,
+        "torch_dtype": self.param_dtype,
+    }
+
+
+def _preset(layers, width, mlp, heads, kv_heads, vocab, theta, tied, max_pos=32768):
+  return Qwen2Config(vocab_size=vocab, hidden_size=width, intermediate_size=mlp,
+                     num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=kv_heads, rope_theta=theta, tie_word_embeddings=tied,
+                     max_position_embeddings=max_pos)
+
+
+# The public config.json numbers of the released checkpoints (DESIGN.md section 2).
+PRESETS: dict[str, Qwen2Config] = {
+    "qwen2.5-0.5b": _preset(24, 896, 4864, 14, 2, 151936, 1e6, True),
+    "qwen2.5-1.5b": _preset(28, 1536, 8960, 12, 2, 151936, 1e6, True),
+    "qwen2.5-3b": _preset(36, 2048, 11008, 16, 2, 151936, 1e6, True),
+    "qwen2.5-7b": _preset(28, 3584, 18944, 28, 4, 152064, 1e6, False, 131072),
+    "qwen2.5-math-7b": _preset(28, 3584, 18944, 28, 4, 152064, 1e4, False, 4096),
+}
+
+
+def preset(name: str, **overrides) -> Qwen2Config:
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+  k: Array  # [L, B, S, K, H]
+  v: Array  # [L, B, S, K, H]
+  mask: Array  # [B, S] bool: the slot holds a real (non-padding) token
+  index: Array  # [] int32: the next slot to write
+
+
+def init_cache(config: Qwen2Config, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
+  shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+  dtype = jnp.dtype(dtype or config.dtype)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+
+
+def _param(module: nn.Module, name: str, shape, axes, init, config: Qwen2Config):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.dtype(config.param_dtype))
+
+
+def _cast(x, config: Qwen2Config):
+  return jnp.asarray(x, jnp.dtype(config.dtype))
+
+
+_dense_init = nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+  config: Qwen2Config
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    weight = _param(self, "weight", (x.shape[-1],), ("norm",), nn.initializers.ones, self.config)
+    # Normalise in float32 and scale in the compute dtype, as transformers' Qwen2RMSNorm does.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+    return _cast(weight, self.config) * x32.astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding in the half-split layout of Qwen2. x: [B, T, heads, H], positions: [B, T]."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x.astype(jnp.float32) * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  config: Qwen2Config
+  layer: int
+
+  @nn.compact
+  def __call__(self, x, positions, key_mask, query_slots, cache: KVCache | None):
+    cfg = self.config
+    n, k, h, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    wq = _param(self, "q_proj", (d, n, h), ("embed", "q_heads", "head_dim"), _dense_init, cfg)
+    bq = _param(self, "q_bias", (n, h), ("q_heads", "head_dim"), nn.initializers.zeros, cfg)
+    wk = _param(self, "k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), _dense_init, cfg)
+    bk = _param(self, "k_bias", (k, h), ("kv_heads", "head_dim"), nn.initializers.zeros, cfg)
+    wv = _param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), _dense_init, cfg)
+    bv = _param(self, "v_bias", (k, h), ("kv_heads", "head_dim"), nn.initializers.zeros, cfg)
+    wo = _param(self, "o_proj", (n, h, d), ("q_heads", "head_dim", "embed"), _dense_init, cfg)
+    c = lambda w: _cast(w, cfg)
+
+    q = jnp.einsum("BTD,DNH->BTNH", x, c(wq)) + c(bq)
+    key = jnp.einsum("BTD,DKH->BTKH", x, c(wk)) + c(bk)
+    val = jnp.einsum("BTD,DKH->BTKH", x, c(wv)) + c(bv)
+    q = rope(q, positions, cfg.rope_theta)
+    key = rope(key, positions, cfg.rope_theta)
+
+    if cache is not None:
+      # Write this step's keys and values into their slots; attend over the whole cache.
+      start = (self.layer, 0, cache.index, 0, 0)
+      new_k = jax.lax.dynamic_update_slice(cache.k, key.astype(cache.k.dtype)[None], start)
+      new_v = jax.lax.dynamic_update_slice(cache.v, val.astype(cache.v.dtype)[None], start)
+      key, val = c(new_k[self.layer]), c(new_v[self.layer])  # [B, S, K, H]
+      cache = cache.replace(k=new_k, v=new_v)
+
+    b, t = x.shape[:2]
+    s = key.shape[1]
+    q = q.reshape(b, t, k, cfg.group_size, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(h))
+    allowed = key_mask[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slots[None, :, None])
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)  # [B,K,G,T,S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(val.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, val).reshape(b, t, n, h)
+    return jnp.einsum("BTNH,NHD->BTD", out, c(wo)), cache
+
+
+class MLP(nn.Module):
+  config: Qwen2Config
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    gate = _param(self, "gate_proj", (d, f), ("embed", "mlp"), _dense_init, cfg)
+    up = _param(self, "up_proj", (d, f), ("embed", "mlp"), _dense_init, cfg)
+    down = _param(self, "down_proj", (f, d), ("mlp", "embed"), _dense_init, cfg)
+    c = lambda w: _cast(w, cfg)
+    hidden = nn.silu(x @ c(gate)) * (x @ c(up))  # [B, T, F]
+    hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length",
+                                                 "activation_mlp"))
+    return hidden @ c(down)
+
+
+class DecoderLayer(nn.Module):
+  config: Qwen2Config
+  layer: int
+
+  @nn.compact
+  def __call__(self, x, positions, key_mask, query_slots, cache):
+    cfg = self.config
+    attn_out, cache = Attention(cfg, self.layer, name="self_attn")(
+        RMSNorm(cfg, name="input_layernorm")(x), positions, key_mask, query_slots, cache)
+    x = x + attn_out
+    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x))
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, cache
+
+
+class Qwen2Backbone(nn.Module):
+  """Embedding, decoder layers and final norm: tokens -> hidden states [B, T, D]."""
+
+  config: Qwen2Config
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = self.param(
+        "embed_tokens", nn.with_logical_partitioning(_dense_init, ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
+    layer_cls = nn.remat(DecoderLayer, prevent_cse=True) if cfg.remat else DecoderLayer
+    self.layers = [layer_cls(cfg, i, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+    self.norm = RMSNorm(cfg, name="norm")
+
+  def __call__(self, tokens, positions, attention_mask, cache: KVCache | None = None):
+    cfg = self.config
+    x = _cast(self.embed_tokens, cfg)[tokens]  # [B, T, D]
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    mask = attention_mask.astype(bool)
+    t = tokens.shape[1]
+    if cache is None:
+      key_mask, query_slots = mask, jnp.arange(t)
+    else:
+      key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+      query_slots = cache.index + jnp.arange(t)
+      cache = cache.replace(mask=key_mask)
+    for layer in self.layers:
+      x, cache = layer(x, positions, key_mask, query_slots, cache)
+    if cache is not None:
+      cache = cache.replace(index=cache.index + t)
+    return self.norm(x), cache
+
+  def attend(self, hidden):
+    """Tied output head: hidden [B, T, D] -> logits [B, T, V] in float32."""
+    return jnp.einsum("BTD,VD->BTV", hidden, _cast(self.embed_tokens, self.config),
+                      preferred_element_type=jnp.float32)
+
+
+class Qwen2ForCausalLM(nn.Module):
+  config: Qwen2Config
+
+  def setup(self):
+    cfg = self.config
+    self.model = Qwen2Backbone(cfg)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
+          _dense_init, ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size),
+                                jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens, positions, attention_mask, cache=None, *, return_hidden=False):
+    hidden, cache = self.model(tokens, positions, attention_mask, cache)
+    if return_hidden:
+      return hidden, cache
+    return self.logits(hidden), cache
+
+  def logits(self, hidden):
+    if self.config.tie_word_embeddings:
+      return self.model.attend(hidden)
+    return jnp.einsum("BTD,DV->BTV", hidden, _cast(self.lm_head, self.config),
+                      preferred_element_type=jnp.float32)
+
+
+class Qwen2Critic(nn.Module):
+  """The same backbone with a scalar value head: tokens -> values [B, T] in float32."""
+
+  config: Qwen2Config
+
+  @nn.compact
+  def __call__(self, tokens, positions, attention_mask):
+    cfg = self.config
+    hidden, _ = Qwen2Backbone(cfg, name="model")(tokens, positions, attention_mask)
+    w = self.param("value_head", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                   (cfg.hidden_size,), jnp.dtype(cfg.param_dtype))
+    b = self.param("value_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                   jnp.dtype(cfg.param_dtype))
+    return (jnp.einsum("BTD,D->BT", hidden, _cast(w, cfg), preferred_element_type=jnp.float32)
+            + b.astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# Functional entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+  """Position of each token counted over real tokens only; left padding gets position 0."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _default_mask(tokens, attention_mask):
+  return jnp.ones_like(tokens, jnp.int32) if attention_mask is None else attention_mask
+
+
+def forward(params: Params, tokens: Array, config: Qwen2Config, attention_mask: Array | None = None
+            ) -> Array:
+  """Full causal forward: tokens [B, T] int32 -> logits [B, T, V] float32."""
+  mask = _default_mask(tokens, attention_mask)
+  logits, _ = Qwen2ForCausalLM(config).apply(
+      {"params": params}, tokens, positions_from_mask(mask), mask)
+  return logits
+
+
+def forward_hidden(params: Params, tokens: Array, config: Qwen2Config,
+                   attention_mask: Array | None = None) -> Array:
+  """Final-norm hidden states [B, T, D], for losses that project to the vocabulary in chunks."""
+  mask = _default_mask(tokens, attention_mask)
+  hidden, _ = Qwen2ForCausalLM(config).apply(
+      {"params": params}, tokens, positions_from_mask(mask), mask, return_hidden=True)
+  return hidden
+
+
+def output_embedding(params: Params, config: Qwen2Config) -> Array:
+  """The output projection as [D, V] (the transposed input embedding when tied)."""
+  if config.tie_word_embeddings:
+    return params["model"]["embed_tokens"].T
+  return params["lm_head"]
+
+
+def apply_with_cache(params: Params, tokens: Array, positions: Array, attention_mask: Array,
+                     cache: KVCache, config: Qwen2Config) -> tuple[Array, KVCache]:
+  """Prefill or decode: writes tokens [B, T] into slots cache.index..+T; logits [B, T, V] f32."""
+  return Qwen2ForCausalLM(config).apply({"params": params}, tokens, positions, attention_mask,
+                                        cache)
+
+
+def critic_values(params: Params, tokens: Array, config: Qwen2Config,
+                  attention_mask: Array | None = None) -> Array:
+  """Critic forward: values [B, T] float32."""
+  mask = _default_mask(tokens, attention_mask)
+  return Qwen2Critic(config).apply({"params": params}, tokens, positions_from_mask(mask), mask)
+
+
+def _init(module, config, rng):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return module.init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))["params"]
+
+
+def init_params(config: Qwen2Config, rng: Array) -> Params:
+  """Random actor parameters (plain arrays, logical-axis boxes removed)."""
+  return nn.unbox(_init(Qwen2ForCausalLM(config), config, rng))
+
+
+def init_critic_params(config: Qwen2Config, rng: Array) -> Params:
+  return nn.unbox(_init(Qwen2Critic(config), config, rng))
+
+
+def critic_from_actor(actor_params: Params, config: Qwen2Config) -> Params:
+  """A critic whose backbone is a copy of the actor's and whose value head starts at zero."""
+  return {"model": jax.tree.map(jnp.copy, actor_params["model"]),
+          "value_head": jnp.zeros((config.hidden_size,), jnp.dtype(config.param_dtype)),
+          "value_bias": jnp.zeros((), jnp.dtype(config.param_dtype))}
+
+
+def logical_axes(config: Qwen2Config, critic: bool = False) -> Any:
+  """PartitionSpecs of logical axis names, one per parameter, from shapes only (no allocation)."""
+  module = Qwen2Critic(config) if critic else Qwen2ForCausalLM(config)
+  boxed = jax.eval_shape(lambda r: _init(module, config, r), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
