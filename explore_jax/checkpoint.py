@@ -4,16 +4,36 @@ The whole mapping is `_hf_layout`: one entry per Hugging Face tensor name, givin
 and the reshape between the torch layout ([out, in] Linear weights, flat heads) and ours
 ([in, out] kernels, per-head projections). Only safetensors are read (never pickle) and nothing in a
 checkpoint directory is executed.
+
+Streaming: `load_hf` first checks every file header against the layout (names, shapes), so a bad
+checkpoint fails before any weight is read; then it reads one tensor at a time, converts it and puts
+it on its devices (`jax.make_array_from_callback` when a target sharding is given, so each device
+receives only its slice) before reading the next. The host never holds more than one tensor beyond
+the finished parameters. `save_hf` writes shard by shard in the same spirit.
+
+Directory formats:
+  HF:    config.json, generation_config.json, model.safetensors | model-0000i-of-0000n.safetensors
+         + model.safetensors.index.json, tokenizer files.
+  orbax: explore_jax_model.json ({"config": Qwen2Config fields, "critic": bool}), params/ (an orbax
+         StandardCheckpointer directory), tokenizer files when known.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
+import shutil
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
+from explore_jax.models import qwen2
 from explore_jax.models.qwen2 import Qwen2Config
 
 Params = dict[str, Any]
@@ -80,3 +100,267 @@ def params_from_hf_state(state: dict[str, np.ndarray], config: Qwen2Config) -> P
 def hf_state_from_params(params: Params, config: Qwen2Config) -> dict[str, np.ndarray]:
   return {name: to_hf(np.asarray(_get_path(params, path)))
           for name, (path, _, _, to_hf) in _hf_layout(config).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a Hugging Face directory
+# --------------------------------------------------------------------------------------------------
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Tensors some exporters write that carry no information for us: the rotary frequency buffer
+# (recomputed from rope_theta) and a duplicated lm_head of a tied model.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _weight_files(path: str) -> dict[str, str]:
+  """HF tensor name -> safetensors file, from the index or the single file's header."""
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as f:
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
+    missing = sorted({fn for fn in weight_map.values()
+                      if not os.path.exists(os.path.join(path, fn))})
+    if missing:
+      names = [n for n, fn in weight_map.items() if fn == missing[0]]
+      raise FileNotFoundError(
+          f"{index}: shard file(s) {missing} not found in {path} (needed for e.g. tensor "
+          f"{names[0]!r})")
+    return dict(weight_map)
+  single = os.path.join(path, SINGLE_FILE)
+  if os.path.exists(single):
+    with safe_open(single, "np") as f:
+      return {name: SINGLE_FILE for name in f.keys()}
+  pickles = [os.path.basename(p) for pat in _PICKLE_PATTERNS
+             for p in glob.glob(os.path.join(path, pat))]
+  if pickles:
+    raise ValueError(
+        f"{path}: only pickle weights {sorted(pickles)} found; explore_jax reads safetensors only "
+        "and never unpickles. Convert them with a trusted tool first.")
+  raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+
+
+def _check_headers(path: str, files: dict[str, str], layout: dict, tied: bool) -> dict[str, str]:
+  """Validate names and shapes from the file headers only; return the names to read."""
+  by_file: dict[str, list[str]] = {}
+  for name, fn in files.items():
+    by_file.setdefault(fn, []).append(name)
+  to_read = {}
+  for fn, names in sorted(by_file.items()):
+    full = os.path.join(path, fn)
+    with safe_open(full, "np") as f:
+      present = set(f.keys())
+      for name in names:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+          continue
+        if name not in layout:
+          raise ValueError(f"{full}: unexpected tensor {name!r} for a Qwen2 model")
+        if name not in present:
+          raise ValueError(f"{full}: tensor {name!r} listed in {INDEX_FILE} is not in the file")
+        shape = tuple(f.get_slice(name).get_shape())
+        if shape != layout[name][1]:
+          raise ValueError(f"{full}: tensor {name!r} has shape {shape}, config.json implies "
+                           f"{layout[name][1]}")
+        to_read[name] = fn
+  missing = [name for name in layout if name not in to_read]
+  if missing:
+    source = INDEX_FILE if len(by_file) > 1 else next(iter(by_file), SINGLE_FILE)
+    raise ValueError(f"{os.path.join(path, source)}: missing tensor(s) {missing[:5]}"
+                     f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(layout)})")
+  return to_read
+
+
+def _sharding_at(shardings, path: tuple[str, ...]):
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    return shardings
+  return _get_path(shardings, path)
+
+
+def _place(x: np.ndarray, sharding) -> jax.Array:
+  if sharding is None:
+    return jnp.asarray(x)
+  # Each addressable device receives only its slice; no full copy on any single device.
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def load_hf(path: str | os.PathLike, dtype=jnp.float32, shardings=None, *,
+            compute_dtype=None) -> tuple[Qwen2Config, qwen2.Params]:
+  """Read an HF Qwen2 safetensors directory into (config, params), one tensor at a time.
+
+  `dtype` is the parameter dtype (config.param_dtype); the compute dtype defaults to the same.
+  `shardings`: None (default device), one Sharding for every parameter, a pytree of Shardings
+  matching the params, or a function config -> such a pytree (the config is only known here).
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: not a directory")
+  dtype = _dtype_name(dtype)
+  config = Qwen2Config.from_hf_json(path, param_dtype=dtype, dtype=_dtype_name(
+      compute_dtype or dtype))
+  if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+    shardings = shardings(config)
+  layout = _hf_layout(config)
+  to_read = _check_headers(path, _weight_files(path), layout, config.tie_word_embeddings)
+  params: qwen2.Params = {}
+  for fn in sorted(set(to_read.values())):
+    with safe_open(os.path.join(path, fn), "np") as f:
+      for name in [n for n, file in to_read.items() if file == fn]:
+        tree_path, _, to_jax, _ = layout[name]
+        x = to_jax(f.get_tensor(name)).astype(jnp.dtype(dtype))
+        _set_path(params, tree_path, _place(x, _sharding_at(shardings, tree_path)))
+        del x
+  return config, params
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a Hugging Face directory
+# --------------------------------------------------------------------------------------------------
+
+
+def _copy_tokenizer(src: str, dst: str) -> list[str]:
+  copied = [fn for fn in TOKENIZER_FILES if os.path.exists(os.path.join(src, fn))]
+  for fn in copied:
+    shutil.copyfile(os.path.join(src, fn), os.path.join(dst, fn))
+  return copied
+
+
+def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
+            tokenizer_dir: str | os.PathLike | None = None,
+            max_shard_bytes: int = 5 * 10**9) -> None:
+  """Write an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+  Tensors keep the params' dtype (bfloat16 stays bfloat16). Shards are filled greedily in layout
+  order up to `max_shard_bytes`; one shard is written as a single `model.safetensors`.
+  """
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  layout = _hf_layout(config)
+  leaves = {name: _get_path(params, entry[0]) for name, entry in layout.items()}
+  dtypes = {str(x.dtype) for x in leaves.values()}
+  if len(dtypes) != 1:
+    raise ValueError(f"save_hf: parameters have mixed dtypes {sorted(dtypes)}")
+  (dtype,) = dtypes
+
+  shards: list[list[str]] = [[]]
+  shard_bytes = 0
+  for name, x in leaves.items():
+    nbytes = x.size * x.dtype.itemsize
+    if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append(name)
+    shard_bytes += nbytes
+  n = len(shards)
+  file_names = ([SINGLE_FILE] if n == 1 else
+                [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+  # Remove weights of an earlier export so a directory never mixes two layouts.
+  for old in glob.glob(os.path.join(path, "model*.safetensors")) + [os.path.join(path, INDEX_FILE)]:
+    if os.path.exists(old):
+      os.remove(old)
+  for fn, names in zip(file_names, shards):
+    # Only this shard's tensors are on the host at once (gathered from devices if sharded).
+    tensors = {name: layout[name][3](np.asarray(leaves[name])) for name in names}
+    save_file(tensors, os.path.join(path, fn), metadata={"format": "pt"})
+    del tensors
+  if n > 1:
+    total = sum(x.size * x.dtype.itemsize for x in leaves.values())
+    index = {"metadata": {"total_size": int(total)},
+             "weight_map": {name: fn for fn, names in zip(file_names, shards) for name in names}}
+    _write_json(os.path.join(path, INDEX_FILE), index)
+
+  hf_config = config.to_hf_dict()
+  hf_config["torch_dtype"] = hf_config["dtype"] = dtype
+  _write_json(os.path.join(path, "config.json"), hf_config)
+  _write_json(os.path.join(path, "generation_config.json"),
+              {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
+  if tokenizer_dir is not None:
+    if not _copy_tokenizer(os.fspath(tokenizer_dir), path):
+      raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Orbax
+# --------------------------------------------------------------------------------------------------
+
+ORBAX_META = "explore_jax_model.json"
+
+
+def save_orbax(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
+               tokenizer_dir: str | os.PathLike | None = None) -> None:
+  """Params (actor or critic) to `path/params` with orbax; the config beside it as JSON."""
+  import orbax.checkpoint as ocp  # imported lazily: it is slow to import and only needed here
+
+  path = os.path.abspath(os.fspath(path))
+  os.makedirs(path, exist_ok=True)
+  dtype = str(params["model"]["embed_tokens"].dtype)
+  meta = {"config": dataclasses.asdict(config.replace(param_dtype=dtype)),
+          "critic": "value_head" in params}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, "params"), params, force=True)
+    ckptr.wait_until_finished()
+  _write_json(os.path.join(path, ORBAX_META), meta)
+  if tokenizer_dir is not None:
+    _copy_tokenizer(os.fspath(tokenizer_dir), path)
+
+
+def load_orbax(path: str | os.PathLike, shardings=None, *, dtype=None
+               ) -> tuple[Qwen2Config, qwen2.Params]:
+  """Restore (config, params) saved by `save_orbax`; `shardings` as in `load_hf`."""
+  import orbax.checkpoint as ocp
+
+  path = os.path.abspath(os.fspath(path))
+  meta_path = os.path.join(path, ORBAX_META)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{path}: no {ORBAX_META}; not an explore_jax orbax checkpoint")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  try:
+    config = Qwen2Config(**meta["config"])
+  except TypeError as e:
+    raise ValueError(f"{meta_path}: bad config ({e})") from None
+  if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+    shardings = shardings(config)
+  init = qwen2.init_critic_params if meta.get("critic") else qwen2.init_params
+  shapes = jax.eval_shape(lambda: init(config, jax.random.key(0)))
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  flat_shapes, treedef = jax.tree.flatten(shapes)
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    flat_shardings = [shardings or default] * len(flat_shapes)
+  else:
+    flat_shardings = treedef.flatten_up_to(shardings)
+  target = treedef.unflatten([jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+                              for s, sh in zip(flat_shapes, flat_shardings)])
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(path, "params"), target)
+  if dtype is not None:
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    config = config.replace(param_dtype=_dtype_name(dtype))
+  return config, params
+
+
+def load_model(path: str | os.PathLike, dtype=None, shardings=None
+               ) -> tuple[Qwen2Config, qwen2.Params]:
+  """An orbax directory from `save_orbax` or an HF safetensors directory, by its contents."""
+  path = os.fspath(path)
+  if os.path.exists(os.path.join(path, ORBAX_META)):
+    return load_orbax(path, shardings, dtype=dtype)
+  if os.path.exists(os.path.join(path, "config.json")):
+    return load_hf(path, jnp.float32 if dtype is None else dtype, shardings)
+  raise FileNotFoundError(f"{path}: neither {ORBAX_META} (orbax) nor config.json (HF) found")

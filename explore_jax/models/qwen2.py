@@ -10,7 +10,7 @@ is a rename-and-reshape table (see `explore_jax.checkpoint`). Projection kernels
 
 The params pytree returned by `init_params` is a plain nested dict (no `{"params": ...}` wrapper):
   {"model": {"embed_tokens": ..., "layers_0": ..., ..., "norm": ...}, "lm_head": ...}   (actor)
-  {"model": {...same backbone...}, "value_head": {"kernel": [D], "bias": []}}           (critic)
+  {"model": {...same backbone...}, "value_head": [D], "value_bias": []}                   (critic)
 so a critic is initialised from an actor by copying `params["model"]`.
 
 Attention semantics, shared by the full forward and the cached decode: every token sits in a cache
@@ -22,12 +22,14 @@ explicit per row, so a left-padded row gets the same positions as the unpadded s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -93,6 +95,15 @@ class Qwen2Config:
       raise ValueError(
           f"{source}: model_type={model_type!r}, architectures={archs!r}: explore_jax only "
           "implements the Qwen2 architecture (Qwen2 / Qwen2.5 / Qwen2.5-Math).")
+    # Variants this implementation would silently get wrong are refused by name.
+    if d.get("use_sliding_window"):
+      raise ValueError(f"{source}: use_sliding_window=true is not implemented (full attention)")
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+      raise ValueError(f"{source}: rope_type={rope_type!r} is not implemented (default RoPE only)")
+    if d.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"{source}: hidden_act={d['hidden_act']!r}; Qwen2 uses silu")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads")
     missing = [k for k in required if k not in d]
@@ -337,7 +348,7 @@ class Qwen2Backbone(nn.Module):
 
   def __call__(self, tokens, positions, attention_mask, cache: KVCache | None = None):
     cfg = self.config
-    x = _cast(self.embed_tokens, cfg)[tokens]  # [B, T, D]
+    x = _cast(self.embed_tokens[tokens], cfg)  # [B, T, D]; gather first, cast only the rows used
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     mask = attention_mask.astype(bool)
     t = tokens.shape[1]
@@ -458,13 +469,57 @@ def _init(module, config, rng):
   return module.init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))["params"]
 
 
+# How each parameter (by its last name) is initialised; `_draw` refuses a name missing here.
+_INIT_KIND = {**{name: "normal" for name in ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj",
+                                              "o_proj", "gate_proj", "up_proj", "down_proj")},
+              **{name: "zeros" for name in ("q_bias", "k_bias", "v_bias", "value_head",
+                                             "value_bias")},
+              "weight": "ones"}
+
+
+def _draw(module, config: Qwen2Config, rng: Array) -> Params:
+  """Flax's initialisers, but one random draw per parameter *kind* stacked over layers.
+
+  XLA on CPU spends ~1 s compiling each separate threefry normal draw, so Flax's per-parameter
+  init costs 10 s for a 2-layer model and minutes for 24 layers. Drawing [L, ...] once per kind
+  with the `rbg` generator (a single XLA op, fast to compile and partitionable) keeps the
+  distributions (normal(0.02) kernels, zero biases, unit norms) and stays pure and jittable.
+  """
+  shapes = jax.eval_shape(lambda r: nn.unbox(_init(module, config, r)), rng)
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  rng = jax.random.wrap_key_data(  # any key (raw uint32 or typed) -> an rbg key, deterministically
+      jax.random.bits(jax.random.wrap_key_data(rng.reshape(-1)[-2:]), (4,), jnp.uint32),
+      impl="rbg")
+  flat = flax.traverse_util.flatten_dict(shapes)
+  groups: dict[tuple[str, ...], list] = {}
+  for path in flat:
+    kind = tuple("layers_*" if p.startswith("layers_") else p for p in path)
+    groups.setdefault(kind, []).append(path)
+  out = {}
+  for i, (kind, paths) in enumerate(sorted(groups.items())):
+    if kind[-1] not in _INIT_KIND:
+      raise KeyError(f"no initialiser for parameter {'/'.join(kind)}; add it to _INIT_KIND")
+    paths.sort(key=lambda p: [int(x[7:]) if x.startswith("layers_") else 0 for x in p])
+    shape = (len(paths),) + flat[paths[0]].shape
+    init = {"normal": lambda k, s: 0.02 * jax.random.normal(k, s, jnp.float32),
+            "zeros": lambda k, s: jnp.zeros(s, jnp.float32),
+            "ones": lambda k, s: jnp.ones(s, jnp.float32)}[_INIT_KIND[kind[-1]]]
+    stacked = init(jax.random.fold_in(rng, i), shape)  # [L, ...] (L = 1 outside the layers)
+    for j, path in enumerate(paths):
+      out[path] = stacked[j].astype(flat[path].dtype)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: Qwen2Config, rng: Array) -> Params:
   """Random actor parameters (plain arrays, logical-axis boxes removed)."""
-  return nn.unbox(_init(Qwen2ForCausalLM(config), config, rng))
+  return _draw(Qwen2ForCausalLM(config), config, rng)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_critic_params(config: Qwen2Config, rng: Array) -> Params:
-  return nn.unbox(_init(Qwen2Critic(config), config, rng))
+  return _draw(Qwen2Critic(config), config, rng)
 
 
 def critic_from_actor(actor_params: Params, config: Qwen2Config) -> Params:

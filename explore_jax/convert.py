@@ -1,0 +1,68 @@
+"""Checkpoint conversion CLI: Hugging Face safetensors <-> explore_jax orbax.
+
+  python -m explore_jax.convert hf-to-orbax --hf_dir DIR --out DIR [--dtype bfloat16]
+  python -m explore_jax.convert orbax-to-hf --checkpoint DIR --out DIR [--tokenizer_dir DIR]
+
+hf-to-orbax copies the tokenizer files into the orbax directory, so orbax-to-hf restores them
+without --tokenizer_dir. Weights keep their dtype unless --dtype is given. Neither direction
+imports transformers or executes anything from the input directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from explore_jax import checkpoint
+
+
+def hf_to_orbax(hf_dir: str, out: str, dtype: str | None = None) -> None:
+  config, params = checkpoint.load_hf(hf_dir, dtype or _hf_dtype(hf_dir))
+  checkpoint.save_orbax(config, params, out, tokenizer_dir=hf_dir)
+
+
+def orbax_to_hf(ckpt: str, out: str, tokenizer_dir: str | None = None,
+                dtype: str | None = None) -> None:
+  config, params = checkpoint.load_orbax(ckpt, dtype=dtype)
+  if tokenizer_dir is None and any(os.path.exists(os.path.join(ckpt, fn))
+                                   for fn in checkpoint.TOKENIZER_FILES):
+    tokenizer_dir = ckpt
+  checkpoint.save_hf(config, params, out, tokenizer_dir=tokenizer_dir)
+
+
+def _hf_dtype(hf_dir: str) -> str:
+  """The checkpoint's own dtype from config.json, so a conversion is lossless by default."""
+  import json
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    d = json.load(f)
+  dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+  return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m explore_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  to_orbax = sub.add_parser("hf-to-orbax", help="HF safetensors directory -> orbax checkpoint")
+  to_orbax.add_argument("--hf_dir", required=True)
+  to_orbax.add_argument("--out", required=True)
+  to_orbax.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+  to_hf = sub.add_parser("orbax-to-hf", help="orbax checkpoint -> HF safetensors directory")
+  to_hf.add_argument("--checkpoint", required=True)
+  to_hf.add_argument("--out", required=True)
+  to_hf.add_argument("--tokenizer_dir")
+  to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "hf-to-orbax":
+      hf_to_orbax(args.hf_dir, args.out, args.dtype)
+    else:
+      orbax_to_hf(args.checkpoint, args.out, args.tokenizer_dir, args.dtype)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

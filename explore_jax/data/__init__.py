@@ -1,0 +1,130 @@
+"""Datasets with checkable answers: `load(name, split)` -> records with `id`, `problem`, `answer`.
+
+Names and splits (counts of the copies in ../shared/data, see SOURCES.md there):
+  dapo_math_17k  train 17,917   DAPO-Math-17k (parquet; answer = reward_model.ground_truth)
+  math500        test 500       MATH-500
+  aime24         test 30        AIME 2024 (answers "025" stored as "25": compare numerically)
+  aime25         test 30        AIME 2025
+  amc23          test 40        AMC 2023 (float answers 27.0 stored as "27")
+  gsm8k          train 7,473 / test 1,319   (answer = the text after "####")
+  synthetic_arithmetic  train / test        generated in memory, see `synthetic`
+A user's own JSONL / JSON / parquet file: `load_file(path, problem_field=..., answer_field=...)`.
+
+Files are prepared once into TFDS array_record files under the project cache (see `builders`);
+records come back as a lazy `Records` sequence that decodes one record per index, which is what
+a grain `MapDataset.source` wants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import hashlib
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from explore_jax import paths
+from explore_jax.data import builders
+from explore_jax.data import readers
+from explore_jax.data import synthetic
+
+_log = logging.getLogger(__name__)
+
+_BUILDERS: dict[str, type[builders.LocalFileBuilder]] = {
+    "dapo_math_17k": builders.DapoMath17k,
+    "math500": builders.Math500,
+    "aime24": builders.Aime24,
+    "aime25": builders.Aime25,
+    "amc23": builders.Amc23,
+    "gsm8k": builders.Gsm8k,
+}
+NAMES = tuple(_BUILDERS) + ("synthetic_arithmetic",)
+
+
+def _decode(value: Any) -> Any:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+class Records(Sequence):
+  """Read-only sequence of record dicts over a TFDS data source, decoded on access.
+
+  `skipped` lists the malformed source rows (file, line, reason) left out of the dataset.
+  """
+
+  def __init__(self, source: Sequence[dict[str, Any]], skipped=()):
+    self._source = source
+    self.skipped: list[readers.Skipped] = list(skipped)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.__getitems__(list(range(*index.indices(len(self)))))
+    if index < 0:
+      index += len(self)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record index {index} out of range for {len(self)} records")
+    return {k: _decode(v) for k, v in self._source[index].items()}
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    # One batched read of the array_record files instead of one read per record.
+    rows = self._source.__getitems__(list(indices)) if indices else []
+    return [{k: _decode(v) for k, v in row.items()} for row in rows]
+
+  def __iter__(self):
+    for start in range(0, len(self), 1024):
+      yield from self.__getitems__(range(start, min(start + 1024, len(self))))
+
+
+def _warn_skipped(what: str, skipped: Sequence[readers.Skipped], limit: int = 20) -> None:
+  for s in skipped[:limit]:
+    _log.warning("%s: skipped malformed row %s", what, s)
+  if len(skipped) > limit:
+    _log.warning("%s: ... and %d more malformed rows", what, len(skipped) - limit)
+  if skipped:
+    _log.warning("%s: %d malformed rows skipped in all", what, len(skipped))
+
+
+def load(name: str, split: str, data_dir: str | None = None, *,
+         synthetic_config: synthetic.ArithmeticConfig | None = None) -> Sequence[dict[str, Any]]:
+  """Records of dataset `name` (see the module docstring) for `split`.
+
+  `data_dir` is the folder holding the source files; default `paths.default_data_dir()`
+  ($EXPLORE_JAX_DATA, else ../shared/data next to the checkout). `synthetic_config` sets the
+  difficulty of `synthetic_arithmetic` (default `synthetic.ArithmeticConfig()`).
+  """
+  if name == "synthetic_arithmetic":
+    return synthetic.load_split(split, synthetic_config or synthetic.ArithmeticConfig())
+  if name not in _BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(NAMES)} (or use load_file)")
+  cls = _BUILDERS[name]
+  if split not in cls.SPLIT_FILES:
+    raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(cls.SPLIT_FILES)}")
+  builder = builders.prepare(cls, data_dir or paths.default_data_dir())
+  _warn_skipped(name, builder.skipped)
+  return Records(builder.as_data_source(split), builder.skipped)
+
+
+def load_file(path: str, *, problem_field: str = "problem", answer_field: str = "answer",
+              id_field: str | None = None) -> Records:
+  """Records of a user's JSONL / JSON-array / parquet file (fields may be dotted paths).
+
+  Malformed rows (bad JSON, missing or empty problem/answer) are skipped, logged as warnings with
+  their line numbers, and listed in `.skipped`. Records also carry `line`, their source line.
+  """
+  path = os.path.abspath(path)
+  readers.file_format(path)  # fail early on an unknown extension
+  # One config per (file, fields): its name keys the TFDS directory layout.
+  key = hashlib.sha256(repr((path, problem_field, answer_field, id_field)).encode()).hexdigest()
+  config = builders.UserFileConfig(name=f"f{key[:12]}", path=path, problem_field=problem_field,
+                                   answer_field=answer_field, id_field=id_field)
+  builder = builders.prepare(builders.UserFile, os.path.dirname(path), config)
+  _warn_skipped(path, builder.skipped)
+  return Records(builder.as_data_source(config.split), builder.skipped)

@@ -1,0 +1,140 @@
+"""Every configuration key of a training run, with its default, in one place.
+
+`configs/*.py` start from `base_config()` and override what their experiment changes, so the config
+file is the record of the experiment and code never needs `config.get(key, default)`. Defaults are the
+paper's settings (Cheng et al., Table 4) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import types
+
+import ml_collections
+
+VARIANTS = ("entropy_adv", "baseline", "entropy_reg", "ppo", "ppo_baseline")
+
+
+def parse_arg(arg: str | None, **defaults) -> types.SimpleNamespace:
+  """`"variant=baseline,seeds=3"` -> namespace; unknown keys fail loudly."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in out:
+      raise ValueError(f"config argument {key!r} unknown; known: {sorted(out)}")
+    out[key] = type(out[key])(value) if out[key] is not None else value
+  return types.SimpleNamespace(**out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 500  # rollouts (each followed by its policy updates)
+  c.checkpoint_every = 20
+  c.keep_checkpoints = 3
+  c.log_every = 1
+  c.on_nonfinite = "raise"  # "raise": stop naming step and quantity; "skip": drop that update
+  c.dry_run = False  # build the state from shapes on the mesh, print per-device memory, exit
+  c.progress_bar = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""  # HF or orbax directory; empty = random init (+ pretrain.steps of SFT)
+  c.model.tokenizer = ""  # tokenizer directory; empty = model.path (or the tiny tokenizer)
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"
+  c.model.remat = False
+  # Architecture of a randomly initialised model (ignored when model.path is set).
+  c.model.hidden_size = 128
+  c.model.intermediate_size = 384
+  c.model.num_hidden_layers = 4
+  c.model.num_attention_heads = 4
+  c.model.num_key_value_heads = 2
+  c.model.rope_theta = 10000.0
+  c.model.tie_word_embeddings = True
+
+  # Supervised pre-training of a random model on the synthetic task (the CPU "base model").
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.steps = 0
+  c.pretrain.batch_size = 64
+  c.pretrain.lr = 3e-3
+  c.pretrain.seq_len = 96
+  c.pretrain.num_problems = 20000
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "dapo_math_17k"
+  c.data.split = "train"
+  c.data.data_dir = ""  # empty: ../shared/data next to the checkout (explore_jax.paths)
+  c.data.template = "dapo"  # see explore_jax.data.templates
+  c.data.prompts_per_step = 512
+  c.data.max_prompt_len = 1024
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.n = 8  # samples per prompt (the GRPO group)
+  c.rollout.max_new_tokens = 8192
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+  c.rollout.prompts_per_wave = 0  # prompts sampled at once (KV-cache memory); 0 = all of a step
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.method = "dapo"  # "dapo" | "math_verify"
+  c.reward.correct = 1.0
+  c.reward.incorrect = -1.0
+  c.reward.timeout_s = 5.0
+  c.reward.workers = 8
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.algorithm = "grpo"  # "grpo" | "ppo"
+  c.rl.entropy_advantage = True  # the paper's psi term
+  c.rl.alpha = 0.4
+  c.rl.kappa = 2.0
+  c.rl.entropy_coef = 0.0  # beta of the entropy regularizer -beta * H (Table 3 baseline)
+  c.rl.kl_coef = 0.0
+  c.rl.kl_kind = "k3"
+  c.rl.clip_low = 0.2
+  c.rl.clip_high = 0.28
+  c.rl.clip_c = 0.0  # dual-clip constant for A < 0; 0 = off (the paper's optional value is 3)
+  c.rl.agg = "token-mean"
+  c.rl.norm_by_std = True
+  c.rl.gamma = 1.0
+  c.rl.lam = 1.0
+  c.rl.whiten_advantages = True  # PPO: masked whitening of GAE advantages
+  c.rl.value_clip = 0.5
+  c.rl.epochs = 1  # passes over each rollout; updates per rollout = epochs * rollouts / mini_batch
+  c.rl.mini_batch_size = 256  # sequences per policy update
+  c.rl.micro_batch_size = 32  # sequences per forward/backward (gradient accumulation)
+  c.rl.critic_warmup_steps = 10  # PPO: critic-only rollouts before policy updates start
+  c.rl.logit_chunk = 1024  # tokens per chunk when projecting hidden states to the vocabulary
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-6
+  c.optim.critic_lr = 1e-5
+  c.optim.warmup_steps = 0  # optimizer updates of linear warm-up
+  c.optim.schedule = "constant"  # "constant" | "cosine"
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.max_grad_norm = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  c.mesh.rules = ()  # extra (logical, mesh axes) rules, taking precedence over the defaults
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator = ""  # host:port; empty = single process or TPU auto-detection
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.cpu_collectives = ""  # "gloo" to run several CPU processes on one machine
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+  """The paper's comparisons: the same experiment with and without the entropy term."""
+  if variant not in VARIANTS:
+    raise ValueError(f"variant={variant!r}; known: {VARIANTS}")
+  if variant.startswith("ppo"):
+    c.rl.algorithm = "ppo"
+    c.rl.alpha = 0.1
+  c.rl.entropy_advantage = variant in ("entropy_adv", "ppo")
+  if variant == "entropy_reg":
+    c.rl.entropy_coef = 0.001

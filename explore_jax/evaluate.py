@@ -1,0 +1,402 @@
+"""Benchmark evaluation: n samples per problem, avg@n, unbiased pass@k, length and repetition.
+
+Launch (the config file's docstring has the protocol it encodes):
+
+  python -m explore_jax.evaluate --config configs/eval_paper.py --config.model=/ckpt/qwen \
+      --workdir /tmp/eval
+  # several models, one line each in passk.png:
+  python -m explore_jax.evaluate --config configs/eval_paper.py \
+      --config.models="('/ckpt/grpo', '/ckpt/grpo_entropy')" --workdir /tmp/eval
+
+For every model and every benchmark in `config.benchmarks`, each problem gets `n` responses sampled
+with the config's temperature / top-p / max_new_tokens (`explore_jax.sampling.generate`), graded by
+`explore_jax.rewards.score`, and summarised as:
+
+  avg@n            mean over problems of c/n (c = correct responses of the problem)
+  pass@k           mean over problems of the unbiased estimator 1 - C(n-c, k) / C(n, k)
+                   (Chen et al. 2021) for k = 1, 2, 4, ..., n (and n itself)
+  mean_length      mean number of generated tokens per response (the sampler's `lengths`)
+  repetition_rate  `repetition_rate` below, averaged over responses: the fraction of a response's
+                   token 4-grams that repeat a 4-gram seen earlier in the same response
+  truncated_frac   fraction of responses that hit max_new_tokens without an end-of-sequence token
+
+Workdir layout (label: the model directory's basename, made unique):
+  config.json                          the resolved config
+  results.json                         {"models": {label: {"path", "benchmarks": {name: summary}}}}
+  per_problem.csv                      one row per (model, benchmark, problem)
+  passk.png                            pass@k curves, one panel per benchmark, a line per model
+  <label>/<benchmark>/responses.jsonl  every response with its grade, appended per batch
+
+Resume: a problem whose n responses are all in responses.jsonl is not sampled again; a problem
+with fewer (an interrupted write) is dropped from the file and sampled again. So a long evaluation
+killed and restarted, or one run first with `max_problems` and then without, only does new work.
+The sampling key of a batch folds in its first problem's index, so a resumed run draws what an
+uninterrupted one would have drawn (given the same batch boundaries).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import zlib
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------------
+# Config schema (configs/eval_*.py start from these and override)
+# --------------------------------------------------------------------------------------------------
+
+
+def benchmark(dataset: str, n: int, *, split: str = "test", template: str = "qwen_math",
+              reward_method: str = "math_verify", max_problems: int = -1):
+  """One entry of `config.benchmarks`: which data, how many samples, how prompts and grades work."""
+  import ml_collections
+  return ml_collections.ConfigDict(dict(
+      dataset=dataset,  # explore_jax.data.load name
+      split=split,
+      n=n,  # responses per problem; pass@k is reported for k = 1, 2, 4, ..., n
+      template=template,  # explore_jax.data.templates.apply_template name
+      reward_method=reward_method,  # explore_jax.rewards.score method
+      max_problems=max_problems,  # > 0: only the first max_problems problems
+  ))
+
+
+def base_config():
+  """Every key of an evaluation config, with the paper's sampling protocol as defaults."""
+  import ml_collections
+  c = ml_collections.ConfigDict()
+  c.model = ""  # HF or orbax directory
+  c.models = ()  # more directories: each gets its own line in passk.png
+  c.tokenizer = ""  # empty: the model directory
+  c.dtype = ""  # parameter and compute dtype ("bfloat16"); empty: float32 (HF), as saved (orbax)
+  c.data_dir = ""  # empty: ../shared/data next to the checkout
+  c.seed = 0
+  c.batch_size = 256  # sequences (prompts x samples) per generate call
+  c.prompt_bucket = 64  # prompts are left-padded to a multiple of this many tokens
+  c.save_tokens = True  # keep response token ids in responses.jsonl (for explore_jax.analyze)
+  c.reward_timeout_s = 10.0  # per response; past it the grading worker is killed, 'incorrect'
+  c.reward_workers = 0  # grading processes; 0: one per CPU
+  c.sampling = ml_collections.ConfigDict(dict(
+      temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=8192))
+  c.benchmarks = ml_collections.ConfigDict()
+  return c
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c, k: int):
+  """Unbiased pass@k = 1 - C(n-c, k) / C(n, k), vectorised over `c` (scalar or array of ints).
+
+  Computed as -expm1(sum_{i=n-c+1}^{n} log1p(-k/i)): the ratio C(n-c,k)/C(n,k) equals
+  prod_{i=n-c+1}^{n} (1 - k/i), and summing logs avoids both the huge binomials of n = 256 and the
+  cancellation of 1 - (a number close to 1) when pass@k is small. Where n - c < k every k-subset
+  holds a correct sample, so pass@k = 1.
+  """
+  n, k = int(n), int(k)
+  if n < 1 or not 1 <= k <= n:
+    raise ValueError(f"pass_at_k: need n >= 1 and 1 <= k <= n, got n={n}, k={k}")
+  c_arr = np.asarray(c)
+  if not np.issubdtype(c_arr.dtype, np.integer):
+    if np.any(c_arr != np.round(c_arr)):
+      raise ValueError(f"pass_at_k: c must be integer counts, got {c!r}")
+    c_arr = c_arr.astype(np.int64)
+  if np.any(c_arr < 0) or np.any(c_arr > n):
+    raise ValueError(f"pass_at_k: c must lie in [0, n={n}], got {c!r}")
+  i = np.arange(1, n + 1, dtype=np.float64)
+  # log(1 - k/i) is only needed for i > k (the terms that enter when n - c >= k).
+  terms = np.where(i > k, np.log1p(-k / np.maximum(i, k + 1)), -np.inf)
+  # suffix[c] = sum_{i=n-c+1}^{n} terms[i-1]; suffix[0] = 0.
+  suffix = np.concatenate([[0.0], np.cumsum(terms[::-1])])
+  log_ratio = suffix[c_arr]
+  out = np.where(n - c_arr < k, 1.0, -np.expm1(log_ratio)) + 0.0  # + 0.0: no -0.0 in outputs
+  return float(out) if out.ndim == 0 else out
+
+
+def k_values(n: int) -> list[int]:
+  """1, 2, 4, ... up to n, and n itself when it is not a power of two."""
+  ks = [2**i for i in range(int(math.log2(n)) + 1)]
+  return ks if ks[-1] == n else ks + [n]
+
+
+def repetition_rate(tokens: Sequence[int], ngram: int = 4) -> float:
+  """Fraction of the response's n-grams that already occurred earlier in it: 1 - distinct / total.
+
+  0 for a response with no repeated n-gram, -> 1 for a degenerate loop; 0 for responses shorter than
+  `ngram` tokens (they hold no n-gram to repeat).
+  """
+  tokens = list(tokens)
+  total = len(tokens) - ngram + 1
+  if total <= 0:
+    return 0.0
+  grams = {tuple(tokens[i:i + ngram]) for i in range(total)}
+  return 1.0 - len(grams) / total
+
+
+def summarize(correct_counts: np.ndarray, n: int, lengths: Iterable[float],
+              repetitions: Iterable[float], truncated: Iterable[bool]) -> dict[str, Any]:
+  """Benchmark summary from per-problem correct counts and per-response statistics."""
+  counts = np.asarray(correct_counts, np.int64)
+  return {
+      "n": n,
+      "num_problems": int(counts.size),
+      "avg@n": float(np.mean(counts / n)) if counts.size else float("nan"),
+      "pass@k": {str(k): float(np.mean(pass_at_k(n, counts, k))) if counts.size else float("nan")
+                 for k in k_values(n)},
+      "mean_length": float(np.mean(list(lengths))) if counts.size else float("nan"),
+      "repetition_rate": float(np.mean(list(repetitions))) if counts.size else float("nan"),
+      "truncated_frac": float(np.mean(list(truncated))) if counts.size else float("nan"),
+  }
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses file (the resume record)
+# --------------------------------------------------------------------------------------------------
+
+
+def load_graded(path: str, n: int) -> dict[str, list[dict]]:
+  """Problem id -> its n graded records; drops (and rewrites away) incomplete problems."""
+  if not os.path.exists(path):
+    return {}
+  by_problem: dict[str, list[dict]] = {}
+  dirty = False
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        dirty = True  # a line cut by a kill mid-write: its problem is resampled
+        continue
+      by_problem.setdefault(str(rec["problem_id"]), []).append(rec)
+  complete = {pid: recs for pid, recs in by_problem.items() if len(recs) == n}
+  if dirty or len(complete) != len(by_problem):
+    if any(len(recs) > n for recs in by_problem.values()):
+      raise ValueError(f"{path}: a problem has more than n={n} responses; was n changed? "
+                       "Use a fresh workdir.")
+    with open(path + ".tmp", "w") as f:
+      for recs in complete.values():
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    os.replace(path + ".tmp", path)
+  return complete
+
+
+def append_records(path: str, records: list[dict]) -> None:
+  with open(path, "a") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling and grading
+# --------------------------------------------------------------------------------------------------
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pad to a multiple of `bucket` (fewer distinct shapes -> fewer recompiles)."""
+  width = max(len(s) for s in seqs)
+  width = -(-width // bucket) * bucket
+  tokens = np.full((len(seqs), width), pad_id, np.int32)
+  mask = np.zeros((len(seqs), width), np.int32)
+  for row, s in enumerate(seqs):
+    tokens[row, width - len(s):] = s
+    mask[row, width - len(s):] = 1
+  return tokens, mask  # [B, P]
+
+
+def sample_and_grade(model_config, params, tokenizer, problems: list[dict], prompts: list[str],
+                     config, name: str, bench, rng, eos_id: int, pool) -> list[dict]:
+  """n graded responses for each problem of one batch; records ordered by problem then sample.
+
+  Every generate call has the same shape (prompts_per_call x n_call rows, bucketed prompt width):
+  a short last batch is filled with copies of its last prompt and the surplus rows are dropped, so
+  the sampler compiles once per prompt-width bucket instead of once per odd batch.
+  """
+  import jax
+  from explore_jax import sampling
+
+  n = bench.n
+  n_call = min(n, config.batch_size)  # samples per prompt per generate call
+  per_call = max(1, config.batch_size // n)
+  # No special tokens: a chat template already writes its own (as the trainer encodes prompts).
+  prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+  prompt_ids += [prompt_ids[-1]] * (per_call - len(prompt_ids))
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+  tokens, mask = _left_pad(prompt_ids, pad_id, config.prompt_bucket)
+  per_problem: list[list[tuple]] = [[] for _ in problems]
+  for chunk in range(-(-n // n_call)):
+    out = sampling.generate(
+        model_config, params, jax.numpy.asarray(tokens), jax.numpy.asarray(mask),
+        jax.random.fold_in(rng, chunk), max_new_tokens=config.sampling.max_new_tokens,
+        temperature=config.sampling.temperature, top_p=config.sampling.top_p,
+        top_k=config.sampling.top_k, eos_id=eos_id, n=n_call)
+    out_tokens, out_mask, out_len = (np.asarray(x) for x in (out.tokens, out.mask, out.lengths))
+    for row in range(out_tokens.shape[0]):
+      i = row // n_call
+      if i < len(problems) and len(per_problem[i]) < n:
+        generated = out_tokens[row][out_mask[row].astype(bool)].tolist()
+        per_problem[i].append((generated, int(out_len[row])))
+
+  texts, answers, records = [], [], []
+  for prob, prompt, samples in zip(problems, prompts, per_problem):
+    for s, (generated, length) in enumerate(samples):
+      finished = eos_id in generated
+      body = generated[:generated.index(eos_id)] if finished else generated
+      text = tokenizer.decode(body, skip_special_tokens=True)
+      texts.append(text)
+      answers.append(str(prob["answer"]))
+      records.append({
+          "benchmark": name, "problem_id": str(prob["id"]), "sample": s,
+          "prompt": prompt, "response": text, "answer": str(prob["answer"]),
+          "length": length, "finished": finished, "repetition": repetition_rate(body),
+          "tokens": generated if config.save_tokens else None})
+  scores = np.asarray(pool.score(texts, answers, method=bench.reward_method), np.float64)
+  for rec, score in zip(records, scores):
+    rec["reward"] = float(score)
+    rec["correct"] = bool(score > 0)
+  return records
+
+
+def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config, out_dir: str,
+                       eos_id: int, pool) -> tuple[dict, list[dict]]:
+  """Sample/grade what is not yet in out_dir/responses.jsonl; return (summary, per-problem rows)."""
+  import jax
+  from explore_jax import data
+  from explore_jax.data import templates
+
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "responses.jsonl")
+  problems = list(data.load(bench.dataset, bench.split, data_dir=config.data_dir or None))
+  if bench.max_problems > 0:
+    problems = problems[:bench.max_problems]
+  done = load_graded(path, bench.n)
+  todo = [(i, p) for i, p in enumerate(problems) if str(p["id"]) not in done]
+  per_call = max(1, config.batch_size // bench.n)
+  base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed),
+                                zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  for start in range(0, len(todo), per_call):
+    batch = todo[start:start + per_call]
+    probs = [p for _, p in batch]
+    prompts = [templates.apply_template(bench.template, p["problem"], tokenizer=tokenizer)
+               for p in probs]
+    # Fold in the problem's index in the full list, so a resumed run draws the same samples.
+    rng = jax.random.fold_in(base_rng, batch[0][0])
+    records = sample_and_grade(model_config, params, tokenizer, probs, prompts, config, name, bench,
+                               rng, eos_id, pool)
+    append_records(path, records)
+    for rec in records:
+      done.setdefault(rec["problem_id"], []).append(rec)
+    print(f"[evaluate] {name}: {min(start + per_call, len(todo))}/{len(todo)} problems "
+          f"sampled ({len(problems) - len(todo)} resumed)", flush=True)
+
+  ids = [str(p["id"]) for p in problems]
+  counts = np.array([sum(r["correct"] for r in done[pid]) for pid in ids], np.int64)
+  recs = [r for pid in ids for r in done[pid]]
+  summary = summarize(counts, bench.n, [r["length"] for r in recs], [r["repetition"] for r in recs],
+                      [not r["finished"] for r in recs])
+  rows = []
+  for pid, c in zip(ids, counts):
+    row = {"problem_id": pid, "n": bench.n, "num_correct": int(c), "avg@n": c / bench.n}
+    row.update({f"pass@{k}": float(pass_at_k(bench.n, int(c), k)) for k in k_values(bench.n)})
+    row["mean_length"] = float(np.mean([r["length"] for r in done[pid]]))
+    row["repetition_rate"] = float(np.mean([r["repetition"] for r in done[pid]]))
+    rows.append(row)
+  return summary, rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+
+
+def model_paths(config) -> list[str]:
+  paths = ([config.model] if config.model else []) + list(config.models)
+  if not paths:
+    raise ValueError("no model to evaluate: set --config.model=DIR or --config.models=(DIR, ...)")
+  for p in paths:
+    if not os.path.isdir(p):
+      raise FileNotFoundError(f"config.model(s): {p!r} is not a directory")
+  return paths
+
+
+def _labels(paths: list[str]) -> list[str]:
+  labels = []
+  for p in paths:
+    base = os.path.basename(os.path.normpath(p)) or "model"
+    labels.append(base if base not in labels else f"{base}_{len(labels)}")
+  return labels
+
+
+def run(config, workdir: str) -> dict:
+  """Evaluate every model on every benchmark of `config`; write the workdir files; return them."""
+  from transformers import AutoTokenizer
+
+  from explore_jax import checkpoint, plots, rewards
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  paths = model_paths(config)
+  if not config.benchmarks:
+    raise ValueError("config.benchmarks is empty: add evaluate.benchmark(...) entries")
+  results: dict[str, Any] = {"models": {}}
+  csv_rows = []
+  # One grading pool for the whole run: its workers import math-verify once.
+  pool = rewards.RewardPool(max_workers=config.reward_workers or None,
+                            timeout_s=config.reward_timeout_s)
+  for label, path in zip(_labels(paths), paths):
+    model_config, params = checkpoint.load_model(path, dtype=config.dtype or None)
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+      eos_id = model_config.eos_token_id
+    entry = results["models"][label] = {"path": os.path.abspath(path), "benchmarks": {}}
+    for name in config.benchmarks:
+      bench = config.benchmarks[name]
+      summary, rows = evaluate_benchmark(model_config, params, tokenizer, name, bench, config,
+                                         os.path.join(workdir, label, name), eos_id, pool)
+      entry["benchmarks"][name] = summary
+      csv_rows += [{"model": label, "benchmark": name, **r} for r in rows]
+      print(f"[evaluate] {label} {name}: avg@{bench.n}={summary['avg@n']:.4f} "
+            f"pass@{bench.n}={summary['pass@k'][str(bench.n)]:.4f}", flush=True)
+    del params
+  pool.close()
+
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  fields: list[str] = []
+  for row in csv_rows:
+    fields += [k for k in row if k not in fields]
+  with open(os.path.join(workdir, "per_problem.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(csv_rows)
+  curves = {label: {b: {int(k): v for k, v in s["pass@k"].items()}
+                    for b, s in entry["benchmarks"].items()}
+            for label, entry in results["models"].items()}
+  plots.plot_pass_at_k(curves, os.path.join(workdir, "passk.png"))
+  return results
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "eval config file (configs/eval_*.py)",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "output directory (results.json, responses, plots)")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

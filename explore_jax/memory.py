@@ -1,0 +1,432 @@
+"""Analytic per-device memory of an RL run: what must fit in one chip's HBM, component by component.
+
+A run goes through two phases on top of a resident train state:
+
+  state    actor params (+ an optional float32 master copy) and AdamW mu, nu; the same for the
+           critic (PPO); the frozen reference model when KL is on. Sharded like the parameters.
+  update   gradients (+ an accumulator when the mini-batch is split into micro-batches), the
+           activations of one micro-batch kept for the backward pass, and one chunk of logits.
+  rollout  the KV cache of the sequences decoding together, the compute-dtype copy of the actor's
+           weights that the sampler reads, one prefill layer's attention scores, the decode logits.
+
+  peak = state + max(update, rollout)
+
+Sizes per device come from the same logical-axis rules as the real arrays
+(`explore_jax.sharding.DEFAULT_RULES`): a logical name maps to mesh axes by flax's priority rules
+and a mesh axis that does not divide a dimension evenly is dropped (the dimension is replicated over
+it), exactly as `sharding.logical_to_mesh` does. So parameters and optimizer states are divided by
+up to fsdp * tensor, batches by up to data * fsdp, heads / MLP width / vocabulary by up to tensor.
+The parameter and optimizer figures equal the shard sizes of the eval_shape'd arrays (tested); the
+activation figures are estimates with these formulas (c = bytes of the compute dtype, b = sequences
+of the micro-batch on one device, T = sequence length, L layers, N/K query/kv heads, H head dim,
+D width, F MLP width, V vocabulary):
+
+  one layer's residuals   S1 = (6 [b,T,D] + [b,T,(N+2K)H] + 6 [b,T,F]) * c    (x, norms, q, k, v,
+                               + (13 + c) [b,N,T,T]         gate, up, silu, product; f32 scores,
+                                                            exp, probs, bool mask, probs in c;
+                                                            13 when c = 4)
+  one layer's gradients   G1 = (2 [b,T,D] + [b,T,(N+2K)H] + 2 [b,T,F]) * c + (4 + c) [b,N,T,T]
+  remat "full" (every decoder layer recomputed in the backward pass, `Qwen2Config.remat`):
+      saved  = (L + 1) [b,T,D] * c + [b,T,D] * 4   (embedding and layer outputs, the final norm's
+                                                    float32 input)
+      working = S1 + G1                (one layer recomputed and differentiated at a time)
+  remat "none": saved = L * S1 + the same (L + 1) [b,T,D] c + [b,T,D] 4 + the compute-dtype copies
+    of the layer weights (when they are stored in another dtype); working = G1.
+  flash_attention=True: the [b,N,T,T] terms become 4 [b,N,T] (f32 softmax statistics), no grads.
+  (The `saved` figure matches `jax.ad_checkpoint.print_saved_residuals` of the model; tested.)
+  logits: 2 * [b, chunk, V] * 4 (float32 logits of one chunk and their gradient).
+
+Without flash attention the [b, N, T, T] scores dominate at 8K tokens: the current model
+materialises them, so the plan says what a splash-attention kernel would save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from explore_jax.models.qwen2 import PRESETS, Qwen2Config
+from explore_jax.sharding import DEFAULT_RULES, MESH_AXES
+
+GiB = 2**30
+
+# HBM per chip (one JAX device per chip: v4 and v5p join their two TensorCores into one device),
+# from the public Cloud TPU system-architecture pages: v4 32 GiB HBM2, v5e 16 GiB HBM2,
+# v5p 95 GiB HBM2e, v6e (Trillium) 32 GiB.
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+
+# Slice sizes in chips and the accelerator-type name of each (v4 / v5p count TensorCores, two per
+# chip; v5e / v6e count chips).
+SLICE_CHIPS = {"v4": (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+               "v5e": (1, 4, 8, 16, 32, 64, 128, 256),
+               "v5p": (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+               "v6e": (1, 4, 8, 16, 32, 64, 128, 256)}
+_CORES_PER_CHIP = {"v4": 2, "v5e": 1, "v5p": 2, "v6e": 1}
+_TYPE_PREFIX = {"v4": "v4", "v5e": "v5litepod", "v5p": "v5p", "v6e": "v6e"}
+
+
+def accelerator_type(chip: str, chips: int) -> str:
+  """The `--accelerator-type` of a slice, e.g. ("v5p", 32) -> "v5p-64"."""
+  return f"{_TYPE_PREFIX[chip]}-{chips * _CORES_PER_CHIP[chip]}"
+
+
+def _dtype_bytes(name: str) -> int:
+  return int(np.dtype({"bfloat16": np.float16}.get(name, name)).itemsize)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters: shapes and logical axes written from the architecture, independent of the model code
+# --------------------------------------------------------------------------------------------------
+
+
+def param_table(config: Qwen2Config, critic: bool = False
+                ) -> list[tuple[str, tuple[int, ...], tuple[str | None, ...]]]:
+  """(name, shape, logical axes) of every parameter of the actor (or critic)."""
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  n, k, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+  table = [("embed_tokens", (v, d), ("vocab", "embed"))]
+  for i in range(config.num_hidden_layers):
+    table += [
+        (f"layers_{i}.q_proj", (d, n, h), ("embed", "q_heads", "head_dim")),
+        (f"layers_{i}.q_bias", (n, h), ("q_heads", "head_dim")),
+        (f"layers_{i}.k_proj", (d, k, h), ("embed", "kv_heads", "head_dim")),
+        (f"layers_{i}.k_bias", (k, h), ("kv_heads", "head_dim")),
+        (f"layers_{i}.v_proj", (d, k, h), ("embed", "kv_heads", "head_dim")),
+        (f"layers_{i}.v_bias", (k, h), ("kv_heads", "head_dim")),
+        (f"layers_{i}.o_proj", (n, h, d), ("q_heads", "head_dim", "embed")),
+        (f"layers_{i}.gate_proj", (d, f), ("embed", "mlp")),
+        (f"layers_{i}.up_proj", (d, f), ("embed", "mlp")),
+        (f"layers_{i}.down_proj", (f, d), ("mlp", "embed")),
+        (f"layers_{i}.input_layernorm", (d,), ("norm",)),
+        (f"layers_{i}.post_attention_layernorm", (d,), ("norm",)),
+    ]
+  table.append(("norm", (d,), ("norm",)))
+  if critic:
+    table += [("value_head", (d,), ("embed",)), ("value_bias", (), ())]
+  elif not config.tie_word_embeddings:
+    table.append(("lm_head", (d, v), ("embed", "vocab")))
+  return table
+
+
+def param_count(config: Qwen2Config, critic: bool = False) -> int:
+  return sum(math.prod(shape) for _, shape, _ in param_table(config, critic))
+
+
+def mesh_axes_of(names: Sequence[str | None], rules=DEFAULT_RULES) -> list[tuple[str, ...]]:
+  """Mesh axes of each dimension, by flax's rule priority (a mesh axis is used once per array)."""
+  result: list[Any] = [None] * len(names)
+  assigned = [False] * len(names)
+  used: set[str] = set()
+  for logical, mesh in rules:
+    if logical not in names:
+      continue
+    pos = list(names).index(logical)
+    axes = () if mesh is None else (mesh,) if isinstance(mesh, str) else tuple(mesh)
+    if assigned[pos] or used & set(axes):
+      continue
+    result[pos], assigned[pos] = axes, True
+    used |= set(axes)
+  return [() if r is None else r for r in result]
+
+
+def shard_shape(shape: Sequence[int], names: Sequence[str | None], mesh_shape: Sequence[int],
+                rules=DEFAULT_RULES) -> tuple[int, ...]:
+  """Per-device shape: mesh axes that do not divide a dimension evenly are dropped from it."""
+  sizes = dict(zip(MESH_AXES, mesh_shape))
+  out = []
+  for dim, axes in zip(shape, mesh_axes_of(names, rules) + [()] * (len(shape) - len(names))):
+    split = 1
+    for axis in axes:
+      if dim % (split * sizes[axis]) == 0:
+        split *= sizes[axis]
+    out.append(dim // split)
+  return tuple(out)
+
+
+def sharded_param_count(config: Qwen2Config, mesh_shape: Sequence[int], critic: bool = False,
+                        rules=DEFAULT_RULES) -> int:
+  """Parameters held by one device (the largest shard; shards of one array have equal sizes)."""
+  return sum(math.prod(shard_shape(shape, names, mesh_shape, rules))
+             for _, shape, names in param_table(config, critic))
+
+
+def measured_bytes(shapes: Any, shardings: Any) -> int:
+  """Bytes one device holds of a pytree of arrays / ShapeDtypeStructs under matching shardings.
+
+  For the trainer's dry run: `measured_bytes(jax.eval_shape(init, rng), state_shardings)`.
+  """
+  leaves = jax.tree.leaves(shapes)
+  specs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  if len(leaves) != len(specs):
+    raise ValueError(f"{len(leaves)} arrays but {len(specs)} shardings")
+  return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x, s in zip(leaves, specs))
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------
+
+
+def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "grpo",
+         param_dtype: str = "float32", compute_dtype: str = "bfloat16",
+         opt_dtype: str = "float32", nu_dtype: str | None = None,
+         master_dtype: str | None = None,
+         grad_dtype: str | None = None, grad_accum: bool = True,
+         micro_batch: int, seq_len: int, remat: str = "full", flash_attention: bool = False,
+         logits_chunk: int = 1024, reference: bool = False, reference_dtype: str = "bfloat16",
+         rollout_batch: int = 0, rollout_len: int | None = None, prompt_len: int = 1024,
+         kv_dtype: str = "bfloat16", rules=DEFAULT_RULES) -> dict:
+  """Bytes per device of every component of an RL run on a (data, fsdp, tensor) mesh.
+
+  To match a trainer's state exactly, pass its dtypes: `param_dtype` of the params, `opt_dtype`
+  of AdamW's mu (optax `mu_dtype`) and `nu_dtype` of nu (optax: the parameter dtype).
+  `micro_batch` and `rollout_batch` are GLOBAL sequence counts (one forward/backward micro-step;
+  sequences decoding together); each device holds its share along data * fsdp. Returns
+  {"components": {name: {"bytes", "divisor", "phase"}}, "totals": {phase: bytes, "peak": bytes},
+   "param_count": {...}, "bytes_per_param": ..., "per_device_micro_batch": ..., ...}.
+  """
+  if algorithm not in ("grpo", "ppo"):
+    raise ValueError(f"algorithm={algorithm!r}: use 'grpo' or 'ppo'")
+  if remat not in ("full", "none"):
+    raise ValueError(f"remat={remat!r}: use 'full' or 'none'")
+  if len(mesh_shape) != 3 or min(mesh_shape) < 1:
+    raise ValueError(f"mesh_shape={tuple(mesh_shape)}: need positive (data, fsdp, tensor)")
+  mesh_shape = tuple(int(m) for m in mesh_shape)
+  grad_dtype = grad_dtype or param_dtype
+  nu_dtype = nu_dtype or opt_dtype  # optax.adamw keeps nu in the parameter dtype: pass it here
+  rollout_len = seq_len if rollout_len is None else rollout_len
+  cfg = config
+  c = _dtype_bytes(compute_dtype)
+  L, D, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  comps: dict[str, dict] = {}
+
+  def add(name, elements_global, elements_device, nbytes, phase):
+    comps[name] = {"bytes": int(elements_device * nbytes), "phase": phase,
+                   "divisor": round(elements_global / max(elements_device, 1), 2)}
+
+  def act(shape, names):  # (global elements, per-device elements) of one activation
+    return math.prod(shape), math.prod(shard_shape(shape, names, mesh_shape, rules))
+
+  models = [("actor", False)] + ([("critic", True)] if algorithm == "ppo" else [])
+  counts = {}
+  for who, critic in models:
+    total, local = param_count(cfg, critic), sharded_param_count(cfg, mesh_shape, critic, rules)
+    counts[who] = total
+    add(f"{who}_params", total, local, _dtype_bytes(param_dtype), "state")
+    if master_dtype:
+      add(f"{who}_master", total, local, _dtype_bytes(master_dtype), "state")
+    add(f"{who}_adamw_mu_nu", total, local, _dtype_bytes(opt_dtype) + _dtype_bytes(nu_dtype),
+        "state")
+    add(f"{who}_grads", total, local, _dtype_bytes(grad_dtype), "update")
+    if grad_accum:
+      add(f"{who}_grad_accum", total, local, _dtype_bytes(grad_dtype), "update")
+  actor_total, actor_local = counts["actor"], sharded_param_count(cfg, mesh_shape, False, rules)
+  if reference:
+    add("reference_params", actor_total, actor_local, _dtype_bytes(reference_dtype), "state")
+
+  # Activations of one micro-batch (see the module docstring for the formulas).
+  b, T = micro_batch, seq_len
+  btd = act((b, T, D), ("activation_batch", "activation_length", "activation_embed"))[1]
+  btf = act((b, T, F), ("activation_batch", "activation_length", "activation_mlp"))[1]
+  btqkv = act((b, T, (N + 2 * K) * H), ("activation_batch", "activation_length", None))[1]
+  if flash_attention:  # only the f32 softmax statistics [b, N, T] are kept
+    bntt = act((b, N, T), ("activation_batch", "activation_heads", None))[1]
+    score_saved, score_grad = 4, 0
+  else:  # f32 masked scores, exp, probs and the bool mask (+ the probs cast to c)
+    bntt = act((b, N, T, T), ("activation_batch", "activation_heads", None, None))[1]
+    score_saved, score_grad = 13 + (c if c < 4 else 0), 4 + c
+  layer_saved = (6 * btd + btqkv + 6 * btf) * c + score_saved * bntt
+  layer_grads = (2 * btd + btqkv + 2 * btf) * c + score_grad * bntt
+  # The embedding output and every layer's output in c, the final norm's float32 input.
+  backbone_saved = (L + 1) * btd * c + btd * 4
+  if remat == "full":
+    saved, working = backbone_saved, layer_saved + layer_grads
+  else:
+    # Without remat the compute-dtype copies of the layer weights are residuals too.
+    casts = 0
+    if param_dtype != compute_dtype:
+      layer_local = sum(math.prod(shard_shape(shape, names, mesh_shape, rules))
+                        for name, shape, names in param_table(cfg) if name.startswith("layers_"))
+      casts = layer_local * c
+    saved, working = L * layer_saved + backbone_saved + casts, layer_grads
+  batch_div = round(math.prod((b, T, D)) / btd, 2)
+  comps["saved_activations"] = {"bytes": int(saved), "phase": "update", "divisor": batch_div}
+  comps["layer_working_set"] = {"bytes": int(working), "phase": "update", "divisor": batch_div}
+  logits = act((b, min(logits_chunk, T), V), ("activation_batch", "activation_length",
+                                              "activation_vocab"))
+  add("logits_chunk", *logits, 2 * 4, "update")
+
+  # Rollout: KV cache [L, B, S, K, H] x 2, the sampler's weight copy, prefill scores, decode logits.
+  if rollout_batch:
+    B, S = rollout_batch, rollout_len
+    kv = act((L, B, S, K, H), ("cache_layers", "cache_batch", "cache_length", "kv_heads",
+                               "head_dim"))
+    add("kv_cache", *kv, 2 * _dtype_bytes(kv_dtype), "rollout")
+    if param_dtype != compute_dtype:
+      add("rollout_weights", actor_total, actor_local, c, "rollout")
+    if flash_attention:
+      pre = act((B, N, prompt_len), ("activation_batch", "activation_heads", None))
+    else:
+      pre = act((B, N, prompt_len, prompt_len), ("activation_batch", "activation_heads", None,
+                                                  None))
+    add("prefill_scores", *pre, 4 + c, "rollout")
+    add("decode_logits", *act((B, V), ("activation_batch", "activation_vocab")), 4, "rollout")
+
+  totals = {p: sum(v["bytes"] for v in comps.values() if v["phase"] == p)
+            for p in ("state", "update", "rollout")}
+  totals["peak"] = totals["state"] + max(totals["update"], totals["rollout"])
+  per_param = (_dtype_bytes(param_dtype) + (_dtype_bytes(master_dtype) if master_dtype else 0)
+               + _dtype_bytes(opt_dtype) + _dtype_bytes(nu_dtype)
+               + _dtype_bytes(grad_dtype) * (1 + grad_accum))
+  return {"components": comps, "totals": totals, "param_count": counts,
+          "bytes_per_param": per_param, "mesh_shape": mesh_shape, "algorithm": algorithm,
+          "per_device_micro_batch": shard_shape((b,), ("activation_batch",), mesh_shape, rules)[0],
+          "per_device_rollout_batch": shard_shape((rollout_batch,), ("cache_batch",), mesh_shape,
+                                                  rules)[0]}
+
+
+def fits(p: dict, chip: str, headroom: float = 0.9) -> bool:
+  """Peak within `headroom` of the chip's HBM (XLA keeps the rest for scratch and fragmentation)."""
+  return p["totals"]["peak"] <= headroom * HBM_BYTES[chip]
+
+
+def smallest_slice(config: Qwen2Config, chip: str, *, seqs_per_device: int = 1,
+                   rollout_seqs_per_device: int = 16, mini_batch: int = 256,
+                   tensor_options: Sequence[int] = (1, 2, 4, 8), headroom: float = 0.9, **plan_kw):
+  """The fewest chips (and the mesh) on which the plan fits, or None.
+
+  The mesh is (1, chips / tensor, tensor): FSDP first, since the state dominates. Each batch shard
+  holds `seqs_per_device` sequences per micro-step and `rollout_seqs_per_device` in the rollout.
+  """
+  for chips in SLICE_CHIPS[chip]:
+    best = None
+    for t in tensor_options:
+      if chips % t:
+        continue
+      mesh = (1, chips // t, t)
+      micro = seqs_per_device * chips // t
+      if micro > mini_batch or mini_batch % micro:
+        continue
+      p = plan(config, mesh_shape=mesh, micro_batch=micro,
+               rollout_batch=rollout_seqs_per_device * chips // t, **plan_kw)
+      if fits(p, chip, headroom) and (best is None or
+                                      p["totals"]["peak"] < best[1]["totals"]["peak"]):
+        best = (mesh, p)
+    if best:
+      return chips, best[0], best[1]
+  return None
+
+
+def plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]) -> dict:
+  """The plan of a trainer config (`configs/*.py`) on a resolved (data, fsdp, tensor) mesh.
+
+  Reads the trainer's own settings, so its numbers line up with `--config.dry_run`: optax.adamw
+  keeps mu and nu in the parameter dtype; the rollout decodes every row of a step at once.
+  """
+  rl, rows = config.rl, config.data.prompts_per_step * config.rollout.n
+  rules = tuple(tuple(r) for r in config.mesh.rules) + tuple(DEFAULT_RULES)
+  return plan(model_config, mesh_shape=mesh_shape, algorithm=rl.algorithm,
+              param_dtype=model_config.param_dtype, compute_dtype=model_config.dtype,
+              opt_dtype=model_config.param_dtype, micro_batch=rl.micro_batch_size,
+              grad_accum=rl.micro_batch_size < rl.mini_batch_size,
+              seq_len=config.data.max_prompt_len + config.rollout.max_new_tokens,
+              remat="full" if model_config.remat else "none", logits_chunk=rl.logit_chunk,
+              reference=bool(rl.kl_coef), reference_dtype=model_config.param_dtype,
+              rollout_batch=rows, prompt_len=config.data.max_prompt_len,
+              kv_dtype=model_config.dtype, rules=rules)
+
+
+def print_plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]) -> dict:
+  """Print `plan_for_config` as a table; returns the plan."""
+  p = plan_for_config(config, model_config, mesh_shape)
+  print(f"analytic plan (explore_jax.memory), mesh {tuple(mesh_shape)}; *_params and "
+        "*_adamw_mu_nu equal the measured state less AdamW's step counters:")
+  print(format_plan(p, unit="MiB"))
+  return p
+
+
+def format_plan(p: dict, chip: str | None = None, unit: str = "GiB") -> str:
+  scale = {"GiB": GiB, "MiB": 2**20}[unit]
+  rows = [f"{'component':<22}{'phase':<9}{'divisor':>9}{unit + '/device':>12}"]
+  for name, v in p["components"].items():
+    rows.append(f"{name:<22}{v['phase']:<9}{v['divisor']:>9g}{v['bytes'] / scale:>12.2f}")
+  for name, v in p["totals"].items():
+    rows.append(f"{'total ' + name:<40}{v / scale:>12.2f}")
+  if chip:
+    verdict = "fits" if fits(p, chip) else "does NOT fit"
+    rows.append(f"{chip}: {HBM_BYTES[chip] / GiB:g} GiB HBM per chip -> {verdict} (90% usable)")
+  return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  ap = argparse.ArgumentParser(prog="python -m explore_jax.memory",
+                               description=__doc__.split("\n")[0])
+  ap.add_argument("--preset", default="qwen2.5-7b", choices=sorted(PRESETS))
+  ap.add_argument("--mesh", default="1,4,4", help="data,fsdp,tensor (one -1 = --chips / rest)")
+  ap.add_argument("--chips", type=int, default=None, help="devices, to resolve a -1 in --mesh")
+  ap.add_argument("--chip", choices=sorted(HBM_BYTES), default=None)
+  ap.add_argument("--find_slice", default=None,
+                  help="chips, e.g. v4,v5e,v5p: print the smallest slice of each")
+  ap.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
+  ap.add_argument("--param_dtype", default="float32")
+  ap.add_argument("--compute_dtype", default="bfloat16")
+  ap.add_argument("--opt_dtype", default="float32", help="AdamW mu (and nu unless --nu_dtype)")
+  ap.add_argument("--nu_dtype", default=None)
+  ap.add_argument("--master_dtype", default=None)
+  ap.add_argument("--grad_dtype", default=None)
+  ap.add_argument("--seq_len", type=int, default=9216)
+  ap.add_argument("--prompt_len", type=int, default=1024)
+  ap.add_argument("--micro_batch", type=int, default=None, help="global; default 1 per batch shard")
+  ap.add_argument("--rollout_batch", type=int, default=None, help="global; default 16 per shard")
+  ap.add_argument("--logits_chunk", type=int, default=1024)
+  ap.add_argument("--remat", choices=("full", "none"), default="full")
+  ap.add_argument("--flash_attention", action="store_true")
+  ap.add_argument("--reference", action="store_true")
+  a = ap.parse_args(argv)
+  config = PRESETS[a.preset]
+  kw = dict(algorithm=a.algorithm, param_dtype=a.param_dtype, compute_dtype=a.compute_dtype,
+            opt_dtype=a.opt_dtype, nu_dtype=a.nu_dtype, master_dtype=a.master_dtype,
+            grad_dtype=a.grad_dtype,
+            seq_len=a.seq_len, prompt_len=a.prompt_len, logits_chunk=a.logits_chunk,
+            remat=a.remat, flash_attention=a.flash_attention, reference=a.reference)
+  if a.find_slice:
+    print("| chip | HBM/chip | smallest slice | chips | mesh (data,fsdp,tensor) | peak GiB/chip |")
+    print("|---|---|---|---|---|---|")
+    chips = a.find_slice.split(",")
+    unknown = sorted(set(chips) - set(HBM_BYTES))
+    if unknown:
+      ap.error(f"--find_slice: unknown chip(s) {unknown}; known: {sorted(HBM_BYTES)}")
+    for chip in chips:
+      found = smallest_slice(config, chip, **kw)
+      if found is None:
+        print(f"| {chip} | {HBM_BYTES[chip] / GiB:g} GiB | none up to {SLICE_CHIPS[chip][-1]} chips"
+              " | | | |")
+        continue
+      chips, mesh, p = found
+      print(f"| {chip} | {HBM_BYTES[chip] / GiB:g} GiB | {accelerator_type(chip, chips)} | {chips} "
+            f"| {mesh} | {p['totals']['peak'] / GiB:.1f} |")
+    return
+  mesh = [int(m) for m in a.mesh.split(",")]
+  if -1 in mesh:
+    if a.chips is None:
+      sys.exit(f"--mesh {a.mesh} has -1: give --chips")
+    mesh[mesh.index(-1)] = a.chips // -math.prod(mesh)
+  shards = mesh[0] * mesh[1]
+  p = plan(config, mesh_shape=mesh, micro_batch=a.micro_batch or shards,
+           rollout_batch=a.rollout_batch if a.rollout_batch is not None else 16 * shards, **kw)
+  print(f"{a.preset} {a.algorithm} mesh={tuple(mesh)} seq_len={a.seq_len} "
+        f"params actor={p['param_count']['actor']:,}"
+        + (f" critic={p['param_count']['critic']:,}" if "critic" in p["param_count"] else "")
+        + f", {p['bytes_per_param']} bytes/param for params+opt+grads")
+  print(format_plan(p, a.chip))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,170 @@
+"""The CPU default's "base model": a tiny Qwen2 pre-trained (SFT) on worked arithmetic solutions.
+
+The paper starts RL from a base model that can already solve part of its problems. On a laptop we
+make one: a random Qwen2-architecture model with a small tokenizer, trained for `pretrain.steps`
+steps of teacher-forced cross-entropy on the synthetic task's worked solutions, then saved in
+Hugging Face format (config.json, safetensors, tokenizer) with its held-out greedy accuracy in
+`pretrain.json`. The directory is keyed by a hash of every setting that shapes it, so a second run
+(or another variant of the same experiment) reuses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from explore_jax import checkpoint, paths, sampling
+from explore_jax import rewards as rewards_lib
+from explore_jax.data import synthetic, templates
+from explore_jax.data import tokenizer as tokenizer_lib
+from explore_jax.models import qwen2
+
+FORMAT_VERSION = 1  # bump when the recipe below changes, so stale cached models are not reused
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int, eos_id: int
+                 ) -> qwen2.Qwen2Config:
+  m = config.model
+  return qwen2.Qwen2Config(
+      vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+      num_key_value_heads=m.num_key_value_heads, rope_theta=m.rope_theta,
+      tie_word_embeddings=m.tie_word_embeddings, max_position_embeddings=4096,
+      bos_token_id=eos_id, eos_token_id=eos_id)
+
+
+def _key(config: ml_collections.ConfigDict) -> str:
+  fields = {"model": config.model.to_dict(), "pretrain": config.pretrain.to_dict(),
+            "template": config.data.template, "seed": config.seed, "version": FORMAT_VERSION}
+  for k in ("path", "tokenizer", "param_dtype", "dtype", "remat"):
+    fields["model"].pop(k, None)
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_model(config: ml_collections.ConfigDict, root: str | None = None) -> str:
+  """Directory of the pre-trained tiny base model for this config; built on first use."""
+  path = os.path.join(root or paths.cache_dir("base_models"), _key(config))
+  if os.path.exists(os.path.join(path, "pretrain.json")):
+    logging.info("using cached base model %s", path)
+    return path
+  tmp = path + f".tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  build(config, tmp)
+  if os.path.exists(path):  # another process finished first: keep theirs
+    shutil.rmtree(tmp)
+  else:
+    os.replace(tmp, path)
+  return path
+
+
+def _sequences(records, tokenizer, template: str, seq_len: int, eos_id: int):
+  """Right-padded [n, seq_len] tokens, attention mask and loss mask (completion tokens only)."""
+  n = len(records)
+  tokens = np.full((n, seq_len), eos_id, np.int32)
+  attn = np.zeros((n, seq_len), np.int32)
+  loss = np.zeros((n, seq_len), np.float32)
+  skipped = 0
+  for i, r in enumerate(records):
+    prompt = tokenizer(templates.apply_template(template, r["problem"], tokenizer),
+                       add_special_tokens=False)["input_ids"]
+    completion = tokenizer(synthetic.completion_text(r), add_special_tokens=False)["input_ids"]
+    ids = prompt + completion + [eos_id]
+    if len(ids) > seq_len:
+      skipped += 1
+      continue
+    tokens[i, :len(ids)] = ids
+    attn[i, :len(ids)] = 1
+    loss[i, len(prompt):len(ids)] = 1  # position j is scored on predicting token j
+  if skipped:
+    logging.warning("pretrain: %d of %d sequences longer than pretrain.seq_len=%d were dropped",
+                    skipped, n, seq_len)
+  return tokens, attn, loss
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tx"), donate_argnames=("params", "opt"))
+def _sft_step(params, opt, tokens, attn, loss_mask, *, cfg, tx):
+  def loss_fn(p):
+    logits = qwen2.forward(p, tokens[:, :-1], cfg, attn[:, :-1])  # [B, T-1, V]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    w = loss_mask[:, 1:]
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt = tx.update(grads, opt, params)
+  return optax.apply_updates(params, updates), opt, loss
+
+
+def greedy_accuracy(cfg, params, tokenizer, records, template: str, eos_id: int, *,
+                    max_new_tokens: int = 64, batch: int = 100) -> float:
+  """Share of records whose greedy response is graded correct (math-verify)."""
+  correct = 0
+  pool = rewards_lib.RewardPool(timeout_s=5.0)
+  for i in range(0, len(records), batch):
+    chunk = records[i:i + batch]
+    ids = [tokenizer(templates.apply_template(template, r["problem"], tokenizer),
+                     add_special_tokens=False)["input_ids"] for r in chunk]
+    width = max(map(len, ids))
+    toks = np.array([[eos_id] * (width - len(x)) + x for x in ids], np.int32)
+    mask = np.array([[0] * (width - len(x)) + [1] * len(x) for x in ids], np.int32)
+    out = sampling.generate(cfg, params, toks, mask, jax.random.PRNGKey(0),
+                            max_new_tokens=max_new_tokens, temperature=0.0, eos_id=eos_id)
+    lengths = np.asarray(out.lengths)
+    texts = tokenizer.batch_decode([t[:n] for t, n in zip(np.asarray(out.tokens).tolist(),
+                                                          lengths.tolist())],
+                                   skip_special_tokens=True)
+    scores = pool.score(texts, [r["answer"] for r in chunk], method="math_verify")
+    correct += int(np.sum(scores > 0))
+  pool.close()
+  return correct / max(len(records), 1)
+
+
+def build(config: ml_collections.ConfigDict, path: str) -> dict:
+  """Tokenizer + random model + SFT, saved to `path` in Hugging Face format."""
+  os.makedirs(path, exist_ok=True)
+  tokenizer = tokenizer_lib.build_tiny_tokenizer(path)
+  eos_id = tokenizer.eos_token_id
+  vocab = -(-len(tokenizer) // 64) * 64  # round up: friendlier shapes, as real vocabularies are
+  cfg = model_config(config, vocab, eos_id)
+  pre = config.pretrain
+  params = qwen2.init_params(cfg, jax.random.PRNGKey(config.seed))
+  train = synthetic.load_split("train")[:pre.num_problems]
+  tokens, attn, loss_mask = _sequences(train, tokenizer, config.data.template, pre.seq_len,
+                                       eos_id)
+  steps = pre.steps
+  schedule = optax.warmup_cosine_decay_schedule(0.0, pre.lr, min(50, steps // 10 + 1),
+                                                max(steps, 2), pre.lr * 0.05)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+  opt = tx.init(params)
+  rng = np.random.default_rng(config.seed)
+  t0 = time.perf_counter()
+  losses = []
+  for step in range(steps):
+    idx = rng.integers(0, len(train), pre.batch_size)
+    params, opt, loss = _sft_step(params, opt, tokens[idx], attn[idx], loss_mask[idx], cfg=cfg,
+                                  tx=tx)
+    if step % 100 == 0 or step == steps - 1:
+      losses.append((step, float(loss)))
+      logging.info("pretrain step %d/%d: loss %.4f", step + 1, steps, float(loss))
+  train_s = time.perf_counter() - t0
+  test = synthetic.load_split("test")[:200]
+  acc = greedy_accuracy(cfg, params, tokenizer, test, config.data.template, eos_id)
+  logging.info("pretrained base model: held-out greedy accuracy %.3f (%d problems)", acc,
+               len(test))
+  checkpoint.save_hf(cfg, params, path)  # the tokenizer is already in `path`
+  summary = {"steps": steps, "train_seconds": train_s, "loss_curve": losses,
+             "heldout_greedy_accuracy": acc, "heldout_problems": len(test),
+             "num_params": int(sum(x.size for x in jax.tree.leaves(params)))}
+  with open(os.path.join(path, "pretrain.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary

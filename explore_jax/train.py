@@ -1,0 +1,383 @@
+r"""RL fine-tuning with GRPO or PPO and the entropy-based advantage: the training loop.
+
+    python -m explore_jax.train --config configs/tiny_cpu.py --workdir /tmp/run \
+        [--config.rl.alpha=0.2 ...]
+
+Each step: sample a rollout of `rollout.n` responses per prompt -> grade them -> score the rollout
+with the trainer's own forward pass (old log-probs, values, advantages) -> several mini-batch updates
+(the actor loss adds the paper's psi to every token's advantage when `rl.entropy_advantage`) ->
+metrics, checkpoints. Running the same command on the same workdir resumes from the newest complete
+checkpoint. SIGTERM saves at the next step boundary and exits cleanly.
+
+Sections, top to bottom: flags; distributed + mesh; model and tokenizer; state from shapes; data and
+rewards; resume; the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from explore_jax import checkpoint, sharding, train_state, train_step
+from explore_jax import data as data_lib
+from explore_jax import rewards as rewards_lib
+from explore_jax import sampling
+from explore_jax.data import pipeline, templates
+from explore_jax.models import qwen2
+from explore_jax.rl import actor_loss
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (local or gs://).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
+  """Multi-controller start-up: explicit coordinator, or TPU-pod auto-detection ("auto")."""
+  if dist.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+  if dist.coordinator == "auto":
+    jax.distributed.initialize()
+  elif dist.coordinator:
+    jax.distributed.initialize(coordinator_address=dist.coordinator,
+                               num_processes=dist.num_processes, process_id=dist.process_id)
+
+
+def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
+                ) -> train_step.StepConfig:
+  rl = config.rl
+  loss = actor_loss.LossConfig(
+      clip_low=rl.clip_low, clip_high=rl.clip_high, clip_c=rl.clip_c or None, agg=rl.agg,
+      entropy_advantage=rl.entropy_advantage, alpha=rl.alpha, kappa=rl.kappa,
+      entropy_coef=rl.entropy_coef, kl_coef=rl.kl_coef, kl_kind=rl.kl_kind)
+  rows = config.data.prompts_per_step * config.rollout.n
+  if rl.algorithm not in ("grpo", "ppo"):
+    raise ValueError(f"config.rl.algorithm={rl.algorithm!r}: use 'grpo' or 'ppo'")
+  if rows % rl.mini_batch_size or rl.mini_batch_size % rl.micro_batch_size:
+    raise ValueError(
+        f"config: rollout rows ({config.data.prompts_per_step} prompts x {config.rollout.n} = "
+        f"{rows}) must be a multiple of rl.mini_batch_size={rl.mini_batch_size}, itself a multiple "
+        f"of rl.micro_batch_size={rl.micro_batch_size}")
+  wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
+  if config.data.prompts_per_step % wave or wave % jax.process_count():
+    raise ValueError(
+        f"config: data.prompts_per_step={config.data.prompts_per_step} must be a multiple of "
+        f"rollout.prompts_per_wave={wave}, itself a multiple of the {jax.process_count()} "
+        "processes")
+  return train_step.StepConfig(
+      model=model_cfg, loss=loss, algorithm=rl.algorithm, group_size=config.rollout.n,
+      norm_by_std=rl.norm_by_std, gamma=rl.gamma, lam=rl.lam,
+      whiten_advantages=rl.whiten_advantages, value_clip=rl.value_clip, epochs=rl.epochs,
+      mini_batch_size=rl.mini_batch_size, micro_batch_size=rl.micro_batch_size,
+      logit_chunk=rl.logit_chunk, on_nonfinite=config.on_nonfinite)
+
+
+def resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(model dir, tokenizer dir); an empty model.path means the cached tiny pre-trained base."""
+  if config.model.path:
+    return config.model.path, config.model.tokenizer or config.model.path
+  from explore_jax import pretrain  # the CPU default only
+  path = pretrain.base_model(config)
+  return path, config.model.tokenizer or path
+
+
+def encode_prompts(tokenizer, texts: list[str], max_len: int, pad_id: int):
+  """Left-padded [B, max_len] tokens and mask; over-long prompts keep their last tokens."""
+  ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+  tokens = np.full((len(ids), max_len), pad_id, np.int32)
+  mask = np.zeros((len(ids), max_len), np.int32)
+  truncated = 0
+  for i, row in enumerate(ids):
+    truncated += len(row) > max_len
+    row = row[-max_len:]
+    tokens[i, max_len - len(row):] = row
+    mask[i, max_len - len(row):] = 1
+  return tokens, mask, truncated / max(len(ids), 1)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global order."""
+  shards = {s.index[0].start or 0: s for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)], axis=0)
+
+
+def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, rules, rng,
+                     eos_id: int, pad_id: int):
+  """Sample `rollout.n` responses per prompt, in waves of `rollout.prompts_per_wave` prompts (the
+  KV cache of a whole 7B rollout does not fit at once), and grade them.
+
+  Every process tokenizes and grades only its own prompts' rows; the rollout and the rewards are
+  global arrays, rows prompt-major within each wave and waves in order.
+  """
+  n = config.rollout.n
+  wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
+  local_wave = wave // jax.process_count()
+  rollouts, scores, truncated, timing = [], [], [], {"rollout": 0.0, "reward": 0.0}
+  for w, first in enumerate(range(0, len(records), local_wave)):
+    chunk = records[first:first + local_wave]
+    t0 = time.perf_counter()
+    texts = [templates.apply_template(config.data.template, r["problem"], tokenizer)
+             for r in chunk]
+    tokens, mask, trunc = encode_prompts(tokenizer, texts, config.data.max_prompt_len, pad_id)
+    rows_sharding = sharding.logical_sharding(("batch",), (wave,), mesh, rules)
+    put = lambda x: jax.make_array_from_process_local_data(rows_sharding, x)
+    rollout = sampling.generate(
+        model_cfg, params, put(tokens), put(mask), jax.random.fold_in(rng, w),
+        max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p, top_k=config.rollout.top_k, eos_id=eos_id, n=n, mesh=mesh)
+    jax.block_until_ready(rollout.tokens)
+    t1 = time.perf_counter()
+    resp_tokens, resp_len = local_rows(rollout.tokens), local_rows(rollout.lengths)
+    responses = tokenizer.batch_decode(
+        [row[:k] for row, k in zip(resp_tokens.tolist(), resp_len.tolist())],
+        skip_special_tokens=True)
+    answers = [r["answer"] for r in chunk for _ in range(n)]
+    local = pool.score(responses, answers, method=config.reward.method,
+                       correct_reward=config.reward.correct,
+                       incorrect_reward=config.reward.incorrect)
+    scores.append(jax.make_array_from_process_local_data(
+        sharding.logical_sharding(("batch",), (wave * n,), mesh, rules),
+        np.asarray(local, np.float32)))
+    rollouts.append(rollout)
+    truncated.append(trunc)
+    timing["rollout"] += t1 - t0
+    timing["reward"] += time.perf_counter() - t1
+  if len(rollouts) == 1:
+    return rollouts[0], scores[0], truncated[0], timing
+  cat = lambda *xs: jnp.concatenate(xs, axis=0)
+  return (jax.tree.map(cat, *rollouts), cat(*scores), float(np.mean(truncated)), timing)
+
+
+class MetricsLog:
+  """metrics.jsonl (one JSON object per step, with `step`) and TensorBoard, on process 0."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.rows = []
+    if self.enabled and os.path.exists(self.path):
+      with open(self.path) as f:  # steps past the checkpoint were not saved: they will be redone
+        self.rows = [r for r in map(json.loads, filter(None, f.read().splitlines()))
+                     if r["step"] <= resume_step]
+    self.tb = None
+    if self.enabled and "://" not in workdir:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    self.rows.append({"step": step, **metrics})
+    with open(self.path + ".tmp", "w") as f:
+      f.write("".join(json.dumps(r) + "\n" for r in self.rows))
+    os.replace(self.path + ".tmp", self.path)
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(k, v, step)
+      self.tb.flush()
+
+
+def check_finite(step: int, metrics: dict, mode: str) -> None:
+  bad = [k for k, v in metrics.items() if not np.isfinite(v) or (k.endswith("update_finite")
+                                                                   and v < 1)]
+  if bad and mode == "raise":
+    raise FloatingPointError(
+        f"step {step}: non-finite {', '.join(bad)} (the update was not applied). Set "
+        "--config.on_nonfinite=skip to drop such updates and go on.")
+  if bad:
+    logging.warning("step %d: non-finite %s; update skipped", step, bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> None:
+  initialize_distributed(config.distributed)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # Mesh and logical-axis rules.
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = tuple(tuple(r) for r in config.mesh.rules) + sharding.DEFAULT_RULES
+  logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
+
+  # Model and tokenizer.
+  model_dir, tokenizer_dir = resolve_model(config)
+  import transformers
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  model_cfg = qwen2.Qwen2Config.from_hf_json(model_dir) if os.path.exists(
+      os.path.join(model_dir, "config.json")) else checkpoint.load_config(model_dir)
+  model_cfg = model_cfg.replace(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
+                                remat=config.model.remat)
+  eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_id
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+  cfg = step_config(config, model_cfg)
+  ppo = cfg.algorithm == "ppo"
+
+  # Optimizers and the state, from shapes.
+  rows = config.data.prompts_per_step * config.rollout.n
+  updates_per_step = config.rl.epochs * rows // config.rl.mini_batch_size
+  actor_lr = train_state.lr_schedule(config.optim.lr, config.optim,
+                                     updates_per_step * config.total_steps)
+  critic_lr = train_state.lr_schedule(config.optim.critic_lr, config.optim,
+                                      updates_per_step * config.total_steps)
+  actor_tx = train_state.make_optimizer(actor_lr, config.optim)
+  critic_tx = train_state.make_optimizer(critic_lr, config.optim)
+  shapes, specs = train_state.abstract_state(model_cfg, actor_tx, critic_tx, ppo)
+  shardings = train_state.state_shardings(shapes, specs, mesh, rules)
+  if config.dry_run:
+    report_memory(config, model_cfg, shapes, shardings, mesh)
+    return
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    ckpt = train_state.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shardings)
+    restored = ckpt.restore_latest(abstract)
+    ref_params = None
+    if restored is None or config.rl.kl_coef:
+      _, params = checkpoint.load_model(model_dir, dtype=jnp.dtype(model_cfg.param_dtype),
+                                        shardings=shardings.actor)
+      ref_params = params if config.rl.kl_coef else None
+    if restored is None:
+      state = train_state.init_state(model_cfg, params, actor_tx, critic_tx, ppo, config.seed,
+                                     shardings)
+      data_state = None
+    else:
+      state, data_state = restored
+    start = int(state.step)
+
+    # Data: this process's shard of the prompts, batched, with a checkpointable iterator.
+    records = data_lib.load(config.data.name, config.data.split, config.data.data_dir or None)
+    local_prompts = config.data.prompts_per_step // jax.process_count()
+    prompts = pipeline.prompt_batches(records, batch_size=local_prompts, seed=config.seed,
+                                      shard_index=jax.process_index(),
+                                      shard_count=jax.process_count())
+    if data_state is not None:
+      prompts.set_state(data_state)
+
+    log = MetricsLog(workdir, start)
+    stop = {"sigterm": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    bar = None
+    if is_main and config.progress_bar:
+      import tqdm
+      bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", dynamic_ncols=True)
+
+    with rewards_lib.RewardPool(max_workers=config.reward.workers,
+                                timeout_s=config.reward.timeout_s) as pool:
+      for step in range(start + 1, config.total_steps + 1):
+        t0 = time.perf_counter()
+        rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+        rollout, scores, prompt_trunc, timing = sample_and_grade(
+            config, model_cfg, state.actor, next(prompts), tokenizer, pool, mesh, rules, rng,
+            eos_id, pad_id)
+        t2 = time.perf_counter()
+
+        batch, metrics = train_step.score_rollout(state, ref_params, rollout, scores, cfg=cfg)
+        train_actor = not ppo or step > config.rl.critic_warmup_steps
+        state, update_metrics = train_step.update(state, batch, cfg=cfg, actor_tx=actor_tx,
+                                                  critic_tx=critic_tx, train_actor=train_actor)
+        metrics.update(update_metrics)
+        metrics.update(rollout_metrics(rollout, scores, config))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        t3 = time.perf_counter()
+
+        actor_updates = updates_per_step * (step - (0 if not ppo else
+                                                    min(step, config.rl.critic_warmup_steps)))
+        n_generated = metrics["rollout/response_length_mean"] * rows
+        metrics.update({
+            "optim/actor_lr": float(actor_lr(max(actor_updates - 1, 0))),
+            "rollout/prompt_truncated_frac": prompt_trunc,
+            "perf/rollout_s": timing["rollout"], "perf/reward_s": timing["reward"],
+            "perf/update_s": t3 - t2, "perf/step_s": t3 - t0,
+            "perf/rollout_tokens_per_s": n_generated / max(timing["rollout"], 1e-9),
+            # Padded [P + N] positions, the compute the update really does.
+            "perf/update_tokens_per_s": config.rl.epochs * rows * (
+                config.data.max_prompt_len + config.rollout.max_new_tokens) / max(t3 - t2, 1e-9),
+        })
+        if ppo:
+          metrics["optim/critic_lr"] = float(critic_lr(max(updates_per_step * step - 1, 0)))
+        check_finite(step, metrics, config.on_nonfinite)
+        log.write(step, metrics)
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                          acc=f"{metrics['reward/accuracy']:.2f}",
+                          len=f"{metrics['rollout/response_length_mean']:.0f}",
+                          H=f"{metrics['rollout/entropy']:.3f}")
+
+        last = step == config.total_steps
+        if last or stop["sigterm"] or step % config.checkpoint_every == 0:
+          ckpt.save(step, state, prompts.get_state())
+        if stop["sigterm"] and not last:
+          ckpt.close()
+          logging.warning("SIGTERM: saved step %d, exiting", step)
+          if bar is not None:
+            bar.close()
+          return
+    ckpt.close()
+    if bar is not None:
+      bar.close()
+
+
+@jax.jit
+def _rollout_stats(lengths, finish_reason, scores, n_max, correct):
+  lengths = lengths.astype(jnp.float32)
+  return {
+      "rollout/response_length_mean": jnp.mean(lengths),
+      "rollout/response_length_max": jnp.max(lengths),
+      "rollout/truncated_frac": jnp.mean((finish_reason == sampling.FINISH_LENGTH)
+                                         .astype(jnp.float32)),
+      "reward/mean": jnp.mean(scores),
+      "reward/accuracy": jnp.mean((scores >= correct).astype(jnp.float32)),
+  }
+
+
+def rollout_metrics(rollout, scores, config) -> dict:
+  return _rollout_stats(rollout.lengths, rollout.finish_reason, scores,
+                        config.rollout.max_new_tokens, config.reward.correct)
+
+
+def report_memory(config, model_cfg, shapes, shardings, mesh) -> None:
+  """--config.dry_run: per-device bytes of the sharded train state, and the analytic plan."""
+  parts = {k: train_state.bytes_per_device(getattr(shapes, k), getattr(shardings, k))
+           for k in ("actor", "actor_opt", "critic", "critic_opt")}
+  total = sum(parts.values())
+  print(f"mesh {dict(mesh.shape)}; train state per device (from shapes, nothing allocated):")
+  for k, v in parts.items():
+    print(f"  {k:<12s} {v / 2**20:12.2f} MiB")
+  print(f"  {'total':<12s} {total / 2**20:12.2f} MiB")
+  from explore_jax import memory
+  memory.print_plan_for_config(config, model_cfg, tuple(mesh.shape.values()))
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Launch explore_jax on a Cloud TPU VM or pod slice: the same command on every worker.
+#
+#   ./launch_tpu.sh create --project P --zone us-central2-b --accelerator-type v4-32 --name rl-7b
+#   ./launch_tpu.sh setup  --project P --zone us-central2-b --name rl-7b   # copy code, pip install
+#   ./launch_tpu.sh run    --project P --zone us-central2-b --name rl-7b \
+#       --bucket gs://my-bucket/explore_jax --config configs/ppo_qwen25_7b.py -- --config.seed=1
+#   ./launch_tpu.sh logs   ... --worker 3 [--follow]    ./launch_tpu.sh stop ...    delete ...
+#
+# Every worker runs `python -m explore_jax.train` itself; on a pod, jax.distributed.initialize()
+# in the trainer finds the other workers from the TPU metadata, so no coordinator flags are needed.
+# Checkpoints and metrics go to a gs:// workdir that every worker reaches; each worker keeps its own
+# log in ~/explore_jax_logs/train.log. `--dry-run` prints each command (one per line, shell-quoted)
+# instead of running it, and needs no gcloud.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch_tpu.sh COMMAND [flags] [-- extra args]
+
+commands:
+  create   create the TPU VM / pod slice (reused when it already exists)
+  setup    copy this checkout (or --repo URL --ref REF) to every worker and pip install it
+           with the TPU JAX extra into ~/explore_jax_venv
+  run      start `python -m explore_jax.train --config CONFIG --workdir WORKDIR [args after --]`
+           on every worker in the background; per-worker log ~/explore_jax_logs/train.log
+  logs     print (or --follow) the log of one worker (--worker N, default 0; or all)
+  stop     send SIGTERM to the trainer on every worker (it checkpoints and exits); --force: SIGKILL
+  delete   delete the TPU VM / pod slice
+  ssh      open a shell on --worker N, or run the command given after -- on --worker (default all)
+  status   describe the TPU
+
+flags (environment variable in brackets):
+  --project P            GCP project [TPU_PROJECT]                       (required)
+  --zone Z               zone, e.g. us-central2-b [TPU_ZONE]             (required)
+  --name N               TPU name [TPU_NAME]                             (required)
+  --accelerator-type T   e.g. v4-32, v5p-64, v5litepod-16 [TPU_ACCELERATOR_TYPE] (create)
+  --version V            TPU runtime version [TPU_VERSION]; default from the accelerator:
+                         v4 tpu-ubuntu2204-base, v5e v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5,
+                         v6e v2-alpha-tpuv6e
+  --spot                 create a Spot (preemptible) TPU [TPU_SPOT=1]
+  --bucket gs://B/PATH   where run workdirs live [TPU_BUCKET]; workdir = BUCKET/NAME/CONFIG-NAME
+  --workdir gs://...     the run's workdir, overriding --bucket [TPU_WORKDIR]
+  --config PATH[:ARG]    trainer config, relative to the checkout [TPU_CONFIG]
+                         (default configs/grpo_qwen25_7b.py)
+  --repo URL --ref REF   setup clones URL at REF (default main) instead of copying this checkout
+                         [TPU_REPO, TPU_REF]
+  --jax SPEC             pip requirement for JAX on TPU [TPU_JAX_SPEC] (default 'jax[tpu]')
+  --python EXE           Python on the workers [TPU_PYTHON] (default python3.11, apt-installed)
+  --env KEY=VALUE        extra environment for the trainer (repeatable)
+  --worker W             worker for logs / ssh: an index, a comma list, or all
+  --follow, -f           logs: keep following
+  --force                stop: SIGKILL instead of SIGTERM
+  --dry-run              print the commands, run nothing [TPU_DRY_RUN=1]
+  -h, --help             this text
+EOF
+}
+
+die() {
+  echo "launch_tpu.sh: error: $*" >&2
+  exit 2
+}
+
+# ---- arguments -----------------------------------------------------------------------------------
+
+[[ $# -gt 0 ]] || { usage >&2; exit 2; }
+case "$1" in
+  -h|--help) usage; exit 0 ;;
+  create|setup|run|logs|stop|delete|ssh|status) cmd="$1"; shift ;;
+  *) die "unknown command '$1' (expected create, setup, run, logs, stop, delete, ssh, status)" ;;
+esac
+
+project="${TPU_PROJECT:-}"
+zone="${TPU_ZONE:-}"
+name="${TPU_NAME:-}"
+accel="${TPU_ACCELERATOR_TYPE:-}"
+version="${TPU_VERSION:-}"
+spot="${TPU_SPOT:-0}"
+bucket="${TPU_BUCKET:-}"
+workdir="${TPU_WORKDIR:-}"
+config="${TPU_CONFIG:-configs/grpo_qwen25_7b.py}"
+repo="${TPU_REPO:-}"
+ref="${TPU_REF:-main}"
+jax_spec="${TPU_JAX_SPEC:-jax[tpu]}"
+python="${TPU_PYTHON:-python3.11}"
+dry_run="${TPU_DRY_RUN:-0}"
+worker=""
+follow=0
+force=0
+envs=()
+extra=()
+
+need_value() {
+  [[ $# -ge 2 && -n "$2" ]] || die "flag $1 needs a value"
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --project) need_value "$@"; project="$2"; shift 2 ;;
+    --zone) need_value "$@"; zone="$2"; shift 2 ;;
+    --name) need_value "$@"; name="$2"; shift 2 ;;
+    --accelerator-type) need_value "$@"; accel="$2"; shift 2 ;;
+    --version) need_value "$@"; version="$2"; shift 2 ;;
+    --spot) spot=1; shift ;;
+    --bucket) need_value "$@"; bucket="$2"; shift 2 ;;
+    --workdir) need_value "$@"; workdir="$2"; shift 2 ;;
+    --config) need_value "$@"; config="$2"; shift 2 ;;
+    --repo) need_value "$@"; repo="$2"; shift 2 ;;
+    --ref) need_value "$@"; ref="$2"; shift 2 ;;
+    --jax) need_value "$@"; jax_spec="$2"; shift 2 ;;
+    --python) need_value "$@"; python="$2"; shift 2 ;;
+    --env) need_value "$@"; [[ "$2" == *=* ]] || die "--env $2: expected KEY=VALUE"
+      envs+=("$2"); shift 2 ;;
+    --worker) need_value "$@"; worker="$2"; shift 2 ;;
+    --follow|-f) follow=1; shift ;;
+    --force) force=1; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    --*=*) die "use '${1%%=*} VALUE', not '$1'" ;;
+    *) die "unknown argument '$1' for '$cmd' (see --help)" ;;
+  esac
+done
+
+[[ -n "$project" ]] || die "missing --project (or \$TPU_PROJECT)"
+[[ -n "$zone" ]] || die "missing --zone (or \$TPU_ZONE)"
+[[ -n "$name" ]] || die "missing --name (or \$TPU_NAME)"
+[[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] \
+  || die "--name '$name': use lowercase letters, digits and hyphens, starting with a letter"
+[[ "$worker" =~ ^(all|[0-9]+(,[0-9]+)*)?$ ]] || die "--worker '$worker': an index, a list or all"
+
+# ---- running or printing -------------------------------------------------------------------------
+
+# One word for a shell: as is when it is plain, else in single quotes (' written as '\'').
+quote() {
+  if [[ "$1" =~ ^[-A-Za-z0-9_./=:,@%+]+$ ]]; then
+    printf '%s' "$1"
+  else
+    local q="'\\''"
+    printf "'%s'" "${1//\'/$q}"
+  fi
+}
+
+# Words quoted and joined by spaces: a command line for a shell (local or a worker's).
+join_quoted() {
+  local out="" arg
+  for arg in "$@"; do
+    out+="$(quote "$arg") "
+  done
+  printf '%s' "${out% }"
+}
+
+# Run a command, or in dry-run mode print it shell-quoted on one line of stdout.
+do_cmd() {
+  if [[ "$dry_run" == 1 ]]; then
+    join_quoted "$@"
+    echo
+  else
+    echo "+ $*" >&2
+    "$@"
+  fi
+}
+
+tpu_flags=(--zone="$zone" --project="$project")
+
+ssh_workers() {  # ssh_workers WORKERS COMMAND_STRING
+  do_cmd gcloud compute tpus tpu-vm ssh "$name" "${tpu_flags[@]}" --worker="$1" --command="$2"
+}
+
+default_version() {
+  case "$1" in
+    v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) die "no default --version for accelerator '$1'; give --version" ;;
+  esac
+}
+
+# Paths on the workers, expanded by their shell (hence the literal $HOME).
+# shellcheck disable=SC2016
+home='$HOME'
+logs_dir="$home/explore_jax_logs" code_dir="$home/explore_jax" venv_dir="$home/explore_jax_venv"
+
+# ---- commands ------------------------------------------------------------------------------------
+
+cmd_create() {
+  [[ -n "$accel" ]] || die "create: missing --accelerator-type (or \$TPU_ACCELERATOR_TYPE)"
+  [[ "$accel" =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] \
+    || die "--accelerator-type '$accel': expected e.g. v4-32, v5p-64, v5litepod-16"
+  [[ -n "$version" ]] || version="$(default_version "$accel")"
+  local create=(gcloud compute tpus tpu-vm create "$name" "${tpu_flags[@]}"
+                --accelerator-type="$accel" --version="$version")
+  if [[ "$spot" == 1 ]]; then create+=(--spot); fi
+  if [[ "$dry_run" == 1 ]]; then
+    do_cmd gcloud compute tpus tpu-vm describe "$name" "${tpu_flags[@]}" --format='value(state)'
+    do_cmd "${create[@]}"
+  elif state="$(gcloud compute tpus tpu-vm describe "$name" "${tpu_flags[@]}" \
+                  --format='value(state)' 2>/dev/null)"; then
+    echo "launch_tpu.sh: reusing TPU '$name' in $zone (state $state)" >&2
+  else
+    do_cmd "${create[@]}"
+  fi
+}
+
+cmd_setup() {
+  local fetch
+  if [[ -n "$repo" ]]; then
+    fetch="rm -rf $code_dir && git clone --quiet $(join_quoted "$repo") $code_dir"
+    fetch+=" && git -C $code_dir checkout --quiet $(join_quoted "$ref")"
+  else
+    # Ship the working tree (uncommitted edits included) without the venv, git data and caches.
+    local root tarball
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    tarball="${TMPDIR:-/tmp}/explore_jax_${name}.tar.gz"
+    do_cmd tar -czf "$tarball" -C "$root" --exclude=./.venv --exclude=./.git \
+      --exclude=__pycache__ --exclude=.pytest_cache --exclude='*.egg-info' --exclude=./shared .
+    do_cmd gcloud compute tpus tpu-vm scp "$tarball" "$name:explore_jax.tar.gz" \
+      "${tpu_flags[@]}" --worker=all
+    do_cmd rm -f "$tarball"
+    fetch="rm -rf $code_dir && mkdir -p $code_dir && tar -xzf $home/explore_jax.tar.gz -C $code_dir"
+  fi
+  # Qwen2 code needs Python >= 3.11; Ubuntu 22.04 TPU images ship 3.10, so apt brings 3.11.
+  local install="set -e; $fetch"
+  install+=" && (command -v $(join_quoted "$python") >/dev/null || (sudo apt-get update -qq"
+  install+=" && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
+  install+=" $(join_quoted "$python") $(join_quoted "$python-venv")))"
+  install+=" && ([ -x $venv_dir/bin/python ] || $(join_quoted "$python") -m venv $venv_dir)"
+  install+=" && $venv_dir/bin/pip install -q --upgrade pip"
+  install+=" && cd $code_dir && $venv_dir/bin/pip install -q -e . $(join_quoted "$jax_spec")"
+  install+=" && $venv_dir/bin/python -c 'import jax; print(jax.process_index(), jax.devices())'"
+  ssh_workers all "$install"
+}
+
+workdir_for_run() {
+  if [[ -z "$workdir" ]]; then
+    [[ -n "$bucket" ]] \
+      || die "run: missing --workdir gs://... or --bucket gs://... (or \$TPU_BUCKET)"
+    local run_name
+    run_name="$(basename "${config%%:*}" .py)"
+    if [[ "$config" == *:* ]]; then run_name+="-${config#*:}"; fi
+    run_name="${run_name//[^A-Za-z0-9._=-]/_}"
+    workdir="${bucket%/}/$name/$run_name"
+  fi
+  [[ "$workdir" == gs://?* ]] \
+    || die "workdir '$workdir': must be a gs:// path that every worker can reach"
+}
+
+cmd_run() {
+  workdir_for_run
+  local args=(-m explore_jax.train --config "$config" --workdir "$workdir"
+              ${extra[@]+"${extra[@]}"})
+  # The venv path must expand on the worker (~), so it stays unquoted.
+  local line
+  line="$venv_dir/bin/python $(join_quoted "${args[@]}")"
+  if [[ ${#envs[@]} -gt 0 ]]; then
+    line="env $(join_quoted "${envs[@]}") $line"
+  fi
+  local start="set -e; mkdir -p $logs_dir; cd $code_dir"
+  start+="; if [ -f $logs_dir/train.pid ] && kill -0 \"\$(cat $logs_dir/train.pid)\" 2>/dev/null;"
+  start+=" then echo \"\$(hostname): already running (pid \$(cat $logs_dir/train.pid))\" >&2;"
+  start+=" exit 1; fi"
+  start+="; nohup $line > $logs_dir/train.log 2>&1 < /dev/null &"
+  start+=" echo \$! > $logs_dir/train.pid; echo \"\$(hostname): started pid \$!\""
+  ssh_workers all "$start"
+  echo "launch_tpu.sh: workdir $workdir; logs: $0 logs --name $name --worker 0 -f" >&2
+}
+
+cmd_logs() {
+  local tail_cmd="tail -n 200"
+  if [[ "$follow" == 1 ]]; then tail_cmd="tail -n 200 -F"; fi
+  # Prefix lines with the host so that logs of several workers stay apart.
+  ssh_workers "${worker:-0}" "$tail_cmd $logs_dir/train.log | sed -u \"s/^/[\$(hostname)] /\""
+}
+
+cmd_stop() {
+  local sig=TERM
+  if [[ "$force" == 1 ]]; then sig=KILL; fi
+  local stop="if [ -f $logs_dir/train.pid ]; then kill -$sig \"\$(cat $logs_dir/train.pid)\""
+  stop+=" 2>/dev/null && echo \"\$(hostname): sent SIG$sig\" || echo \"\$(hostname): not running\";"
+  stop+=" else echo \"\$(hostname): no run\"; fi"
+  ssh_workers "${worker:-all}" "$stop"
+}
+
+cmd_delete() {
+  do_cmd gcloud compute tpus tpu-vm delete "$name" "${tpu_flags[@]}" --quiet
+}
+
+cmd_ssh() {
+  if [[ ${#extra[@]} -gt 0 ]]; then
+    ssh_workers "${worker:-all}" "${extra[*]}"
+  else
+    do_cmd gcloud compute tpus tpu-vm ssh "$name" "${tpu_flags[@]}" --worker="${worker:-0}"
+  fi
+}
+
+cmd_status() {
+  do_cmd gcloud compute tpus tpu-vm describe "$name" "${tpu_flags[@]}"
+}
+
+if [[ "$dry_run" != 1 ]] && ! command -v gcloud >/dev/null; then
+  die "gcloud not found: install the Google Cloud CLI, or use --dry-run"
+fi
+"cmd_$cmd"

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random Hugging Face Qwen2 models and their explore_jax parameters.
+
+`make_tiny_hf(**overrides)` builds a `transformers.Qwen2ForCausalLM` with random weights (biases and
+norm weights randomised too, since they initialise to 0 / 1 and would hide layout bugs) and converts
+it with the checkpoint rename table. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=1e-6,
+            tie_word_embeddings=False, max_position_embeddings=128, bos_token_id=1,
+            eos_token_id=2, initializer_range=0.1)  # 0.1: logits of O(1), so errors show
+
+
+@dataclasses.dataclass
+class TinyHF:
+  hf: Any  # transformers.Qwen2ForCausalLM in eval mode, float32
+  config: Any  # explore_jax Qwen2Config
+  params: dict  # explore_jax params (float32 jax arrays)
+
+  def hf_logits(self, tokens: np.ndarray) -> np.ndarray:
+    """Reference logits [B, T, V] float32 from transformers, no padding."""
+    import torch
+    with torch.no_grad():
+      return self.hf(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def make_tiny_hf(seed: int = 0, **overrides) -> TinyHF:
+  """A random tiny HF Qwen2 (overrides: transformers.Qwen2Config fields) and explore_jax params."""
+  import jax
+  import torch
+  import transformers
+
+  from explore_jax import checkpoint
+  from explore_jax.models.qwen2 import Qwen2Config
+
+  kw = {**TINY, **overrides}
+  torch.manual_seed(seed)
+  hf_cfg = transformers.Qwen2Config(**kw, attn_implementation="eager")
+  hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if name.endswith("bias"):
+        p.normal_(0.0, 0.5)
+      elif "norm" in name:
+        p.uniform_(0.5, 1.5)
+  config = Qwen2Config.from_hf_dict(hf_cfg.to_dict())
+  state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  params = jax.tree.map(jax.numpy.asarray, checkpoint.params_from_hf_state(state, config))
+  return TinyHF(hf, config, params)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model() -> TinyHF:
+  """Untied, 4 query heads over 2 kv heads, 2 layers, width 64."""
+  return make_tiny_hf()

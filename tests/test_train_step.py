@@ -1,0 +1,137 @@
+"""The jitted RL step on a tiny random model: batch layout, accumulation, PPO, non-finite guard."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from explore_jax import defaults, sampling, sharding, train_state, train_step
+from explore_jax.models import qwen2
+from explore_jax.rl import actor_loss
+
+MODEL = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          rope_theta=1e4, tie_word_embeddings=True)
+
+
+def _cfg(algorithm="grpo", micro=4, **loss):
+  return train_step.StepConfig(
+      model=MODEL, loss=actor_loss.LossConfig(entropy_advantage=True, **loss),
+      algorithm=algorithm, group_size=4, norm_by_std=True, gamma=1.0, lam=1.0,
+      whiten_advantages=False, value_clip=0.5, epochs=1, mini_batch_size=8,
+      micro_batch_size=micro, logit_chunk=8, on_nonfinite="raise")
+
+
+def _setup(algorithm="grpo", lr=1e-3):
+  optim = defaults.base_config().optim
+  tx = train_state.make_optimizer(train_state.lr_schedule(lr, optim, 100), optim)
+  shapes, specs = train_state.abstract_state(MODEL, tx, tx, algorithm == "ppo")
+  mesh = sharding.make_mesh((1, -1, 1))
+  shard = train_state.state_shardings(shapes, specs, mesh, sharding.DEFAULT_RULES)
+  params = qwen2.init_params(MODEL, jax.random.PRNGKey(0))
+  state = train_state.init_state(MODEL, params, tx, tx, algorithm == "ppo", 0, shard)
+  prompts = np.random.RandomState(0).randint(1, 64, (4, 6)).astype(np.int32)
+  pmask = np.ones_like(prompts)
+  pmask[0, :2] = 0
+  rollout = sampling.generate(MODEL, state.actor, prompts, pmask, jax.random.PRNGKey(1),
+                              max_new_tokens=10, eos_id=0, n=4)
+  scores = jnp.asarray([1., -1., -1., 1., 1., 1., 1., 1., -1., -1., 1., -1., 1., 1., -1., -1.])
+  return state, tx, rollout, scores
+
+
+@pytest.fixture(scope="module")
+def grpo_setup():
+  return _setup("grpo")
+
+
+def test_score_rollout_layout_and_advantages(grpo_setup):
+  state, _, rollout, scores = grpo_setup
+  batch, metrics = train_step.score_rollout(state, None, rollout, scores, cfg=_cfg())
+  # The trainer's own log-probs of the sampled tokens match the sampler's (same weights, f32).
+  mask = np.asarray(rollout.mask).astype(bool)
+  np.testing.assert_allclose(np.asarray(batch["old_logprobs"])[mask],
+                             np.asarray(rollout.logprobs)[mask], atol=2e-5)
+  assert float(metrics["rollout/logprob_gap"]) < 2e-5
+  # GRPO: one advantage per response, on its tokens only; group 1 (all +1) gets exactly 0.
+  adv = np.asarray(batch["advantages"])
+  assert np.all(adv[~mask] == 0)
+  assert np.all(adv[4:8] == 0)
+  r = np.asarray(scores[:4])
+  expect = (r - r.mean()) / (r.std(ddof=1) + 1e-6)
+  for i in range(4):
+    np.testing.assert_allclose(adv[i][mask[i]], expect[i], rtol=1e-5)
+  assert batch["tokens"].shape == (16, 6 + 10)
+
+
+def test_micro_batching_gives_the_same_update(grpo_setup):
+  state, _, rollout, scores = grpo_setup
+  tx = optax.sgd(1.0)  # the update is the gradient itself (Adam would hide a scale error)
+  state = state.replace(actor_opt=tx.init(state.actor))
+  outs = []
+  for micro in (8, 2):
+    cfg = _cfg(micro=micro)
+    batch, _ = train_step.score_rollout(state, None, rollout, scores, cfg=cfg)
+    copy = jax.tree.map(jnp.copy, state)  # update donates its state
+    new, metrics = train_step.update(copy, batch, cfg=cfg, actor_tx=tx, critic_tx=tx,
+                                     train_actor=True)
+    outs.append((new, metrics))
+  for new, metrics in outs[1:]:
+    np.testing.assert_allclose(float(metrics["actor/loss"]), float(outs[0][1]["actor/loss"]),
+                               rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(new.actor), jax.tree.leaves(outs[0][0].actor)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # And the update did change the actor.
+  delta = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(outs[0][0].actor), jax.tree.leaves(state.actor)))
+  assert delta > 1e-5
+  assert int(outs[0][0].step) == int(state.step) + 1
+
+
+def test_first_update_loss_is_the_shaped_advantage_mean(grpo_setup):
+  """Ratio = 1 on the first mini-batch, so its loss is -mean(A + psi) over its tokens."""
+  state, tx, rollout, scores = grpo_setup
+  cfg = dataclasses.replace(_cfg(), mini_batch_size=16, micro_batch_size=8)
+  batch, _ = train_step.score_rollout(state, None, rollout, scores, cfg=cfg)
+  logp, ent = train_step.response_logprobs(state.actor, batch["tokens"], batch["attn_mask"],
+                                           batch["targets"], cfg)
+  mask = np.asarray(batch["mask"]).astype(bool)
+  a = np.asarray(batch["advantages"])
+  psi = np.minimum(0.4 * np.asarray(ent), np.abs(a) / 2.0)
+  expect = -np.sum(np.where(mask, a + psi, 0)) / mask.sum()
+  _, metrics = train_step.update(jax.tree.map(jnp.copy, state), batch, cfg=cfg, actor_tx=tx,
+                                 critic_tx=tx, train_actor=True)
+  np.testing.assert_allclose(float(metrics["actor/loss"]), expect, rtol=1e-4)
+
+
+def test_ppo_trains_the_critic_toward_the_returns():
+  state, tx, rollout, scores = _setup("ppo", lr=3e-3)
+  cfg = _cfg("ppo")
+  losses_seen = []
+  for _ in range(6):
+    batch, m = train_step.score_rollout(state, None, rollout, scores, cfg=cfg)
+    state, um = train_step.update(state, batch, cfg=cfg, actor_tx=tx, critic_tx=tx,
+                                  train_actor=False)
+    losses_seen.append(float(um["critic/vf_loss"]))
+    assert "actor/loss" not in um  # critic warm-up: the actor is not updated
+  # GAE with gamma = lambda = 1: returns are the sequence reward on every response token.
+  mask = np.asarray(batch["mask"]).astype(bool)
+  ret = np.asarray(batch["returns"])
+  np.testing.assert_allclose(ret[mask], np.repeat(np.asarray(scores), mask.sum(1)), atol=1e-6)
+  assert losses_seen[-1] < 0.8 * losses_seen[0]
+
+
+def test_nonfinite_update_is_not_applied(grpo_setup):
+  state, tx, rollout, scores = grpo_setup
+  cfg = _cfg()
+  batch, _ = train_step.score_rollout(state, None, rollout, scores, cfg=cfg)
+  # Every mini-batch sees a NaN advantage (a NaN in one row only would skip one mini-batch).
+  batch = dict(batch, advantages=batch["advantages"].at[:, 0].set(jnp.nan))
+  before = jax.tree.map(np.asarray, state.actor)
+  new, metrics = train_step.update(jax.tree.map(jnp.copy, state), batch, cfg=cfg, actor_tx=tx,
+                                   critic_tx=tx, train_actor=True)
+  assert float(metrics["actor/update_finite"]) == 0.0
+  for a, b in zip(jax.tree.leaves(new.actor), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(np.asarray(a), b)
