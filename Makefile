@@ -9,8 +9,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: venv test test-fast
+.PHONY: venv test test-fast demo demo-seeds
 venv: $(VENV)/.installed
+
+# The paper's comparison at CPU scale: base model, 3 RL variants, pass@k, report (runs/demo).
+demo: $(VENV)/.installed
+	$(PY) -m explore_jax.demo --config configs/demo.py --workdir runs/demo
+
+# The same comparison over 3 seeds with a longer budget; means and 95% intervals.
+demo-seeds: $(VENV)/.installed
+	$(PY) -m explore_jax.demo --config configs/demo.py:seeds=3,steps=60 --workdir runs/demo_seeds \
+	    --config.base_model_dir=runs/demo/base_model
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --durations=15 tests

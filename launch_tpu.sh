@@ -7,8 +7,8 @@
 #       --bucket gs://my-bucket/explore_jax --config configs/ppo_qwen25_7b.py -- --config.seed=1
 #   ./launch_tpu.sh logs   ... --worker 3 [--follow]    ./launch_tpu.sh stop ...    delete ...
 #
-# Every worker runs `python -m explore_jax.train` itself; on a pod, jax.distributed.initialize()
-# in the trainer finds the other workers from the TPU metadata, so no coordinator flags are needed.
+# Every worker runs `python -m explore_jax.train ... --config.distributed.coordinator=auto`; the
+# trainer's jax.distributed.initialize() then finds the other workers from the TPU metadata.
 # Checkpoints and metrics go to a gs:// workdir that every worker reaches; each worker keeps its own
 # log in ~/explore_jax_logs/train.log. `--dry-run` prints each command (one per line, shell-quoted)
 # instead of running it, and needs no gcloud.
@@ -248,8 +248,9 @@ workdir_for_run() {
 
 cmd_run() {
   workdir_for_run
+  # coordinator=auto: jax.distributed.initialize() reads the pod's workers from the TPU metadata.
   local args=(-m explore_jax.train --config "$config" --workdir "$workdir"
-              ${extra[@]+"${extra[@]}"})
+              --config.distributed.coordinator=auto ${extra[@]+"${extra[@]}"})
   # The venv path must expand on the worker (~), so it stays unquoted.
   local line
   line="$venv_dir/bin/python $(join_quoted "${args[@]}")"

@@ -6,6 +6,7 @@
 
 The tiny "base model" is first pre-trained (SFT) on worked solutions of the synthetic task and cached
 (see `explore_jax/pretrain.py`), then RL-trained through exactly the code path of the 7B configs.
+`:size=test` shrinks everything to a one-digit addition task and a 2-layer model, for tests.
 Variants: `entropy_adv` (default, the paper), `baseline` (plain GRPO), `entropy_reg` (the
 -beta * H regularizer of the paper's Table 3), `ppo` (PPO + entropy advantage, alpha 0.1).
 """
@@ -14,12 +15,13 @@ from explore_jax import defaults as common
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, variant="entropy_adv")
+  args = common.parse_arg(arg, variant="entropy_adv", size="demo")
   c = common.base_config()
 
   c.total_steps = 30
   c.checkpoint_every = 10
   c.seed = 0
+  c.export_hf = True
 
   c.model.path = ""  # empty: the tiny pre-trained base model below (built once, then cached)
   c.model.hidden_size = 128
@@ -55,5 +57,33 @@ def get_config(arg: str | None = None):
   c.rl.critic_warmup_steps = 2
 
   c.mesh.shape = (1, -1, 1)
+  if args.size == "test":  # seconds per step: the trainer's own tests
+    shrink_for_tests(c)
+  elif args.size != "demo":
+    raise ValueError(f"size={args.size!r}: use 'demo' or 'test'")
   common.apply_variant(c, args.variant)
   return c
+
+
+def shrink_for_tests(c):
+  c.total_steps = 4
+  c.checkpoint_every = 2
+  c.progress_bar = False
+  c.model.hidden_size = 32
+  c.model.intermediate_size = 64
+  c.model.num_hidden_layers = 2
+  c.pretrain.steps = 300
+  c.pretrain.lr = 1e-2
+  c.pretrain.batch_size = 32
+  c.pretrain.seq_len = 32
+  c.data.synthetic.update(dict(min_operands=2, max_operands=2, max_number=9, ops="+",
+                               train_size=60, test_size=5))
+  c.data.prompts_per_step = 4
+  c.data.max_prompt_len = 16
+  c.rollout.n = 4
+  c.rollout.max_new_tokens = 24
+  c.rl.mini_batch_size = 8
+  c.rl.micro_batch_size = 4
+  c.rl.logit_chunk = 8
+  c.reward.workers = 1
+  c.optim.lr = 1e-3

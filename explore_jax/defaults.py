@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = "raise"  # "raise": stop naming step and quantity; "skip": drop that update
   c.dry_run = False  # build the state from shapes on the mesh, print per-device memory, exit
   c.progress_bar = True
+  c.export_hf = False  # at the end, write the actor to WORKDIR/hf in Hugging Face format
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # HF or orbax directory; empty = random init (+ pretrain.steps of SFT)
@@ -57,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrain.batch_size = 64
   c.pretrain.lr = 3e-3
   c.pretrain.seq_len = 96
-  c.pretrain.num_problems = 20000
+  c.pretrain.seed = 0  # the base model is shared by every RL seed of an experiment
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "dapo_math_17k"
@@ -66,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.template = "dapo"  # see explore_jax.data.templates
   c.data.prompts_per_step = 512
   c.data.max_prompt_len = 1024
+  # Difficulty of the synthetic_arithmetic task (explore_jax.data.synthetic.ArithmeticConfig).
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      min_operands=2, max_operands=4, max_number=19, max_value=999, ops="+-*", train_size=20000,
+      test_size=500))
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.n = 8  # samples per prompt (the GRPO group)

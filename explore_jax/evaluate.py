@@ -81,6 +81,11 @@ def base_config():
   c.reward_workers = 0  # grading processes; 0: one per CPU
   c.sampling = ml_collections.ConfigDict(dict(
       temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=8192))
+  # Difficulty of synthetic_arithmetic (explore_jax.data.synthetic.ArithmeticConfig fields); it
+  # must match the training run's `data.synthetic` for its held-out split to be the same task.
+  c.synthetic = ml_collections.ConfigDict(dict(
+      min_operands=2, max_operands=4, max_number=19, max_value=999, ops="+-*", train_size=20000,
+      test_size=500))
   c.benchmarks = ml_collections.ConfigDict()
   return c
 
@@ -273,7 +278,9 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
 
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "responses.jsonl")
-  problems = list(data.load(bench.dataset, bench.split, data_dir=config.data_dir or None))
+  from explore_jax.data import synthetic
+  problems = list(data.load(bench.dataset, bench.split, data_dir=config.data_dir or None,
+                            synthetic_config=synthetic.ArithmeticConfig(**config.synthetic)))
   if bench.max_problems > 0:
     problems = problems[:bench.max_problems]
   done = load_graded(path, bench.n)

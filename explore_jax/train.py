@@ -15,6 +15,7 @@ rewards; resume; the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,13 +34,10 @@ from explore_jax import checkpoint, sharding, train_state, train_step
 from explore_jax import data as data_lib
 from explore_jax import rewards as rewards_lib
 from explore_jax import sampling
-from explore_jax.data import pipeline, templates
+from explore_jax.data import pipeline, synthetic, templates
 from explore_jax.models import qwen2
 from explore_jax.rl import actor_loss
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (local or gs://).")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,6 +85,10 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
       logit_chunk=rl.logit_chunk, on_nonfinite=config.on_nonfinite)
 
 
+def synthetic_config(config: ml_collections.ConfigDict) -> synthetic.ArithmeticConfig:
+  return synthetic.ArithmeticConfig(**config.data.synthetic)
+
+
 def resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
   """(model dir, tokenizer dir); an empty model.path means the cached tiny pre-trained base."""
   if config.model.path:
@@ -110,6 +112,12 @@ def encode_prompts(tokenizer, texts: list[str], max_len: int, pad_id: int):
   return tokens, mask, truncated / max(len(ids), 1)
 
 
+def process_slice(batch: list) -> list:
+  """This process's contiguous share of a global batch (the rows its devices hold)."""
+  local = len(batch) // jax.process_count()
+  return batch[jax.process_index() * local:(jax.process_index() + 1) * local]
+
+
 def local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in global order."""
   shards = {s.index[0].start or 0: s for s in x.addressable_shards}
@@ -121,15 +129,15 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
   """Sample `rollout.n` responses per prompt, in waves of `rollout.prompts_per_wave` prompts (the
   KV cache of a whole 7B rollout does not fit at once), and grade them.
 
-  Every process tokenizes and grades only its own prompts' rows; the rollout and the rewards are
-  global arrays, rows prompt-major within each wave and waves in order.
+  `records` is the global batch. Every process tokenizes and grades only its own slice of each
+  wave; the rollout and the rewards are global arrays whose rows are prompt-major in the order of
+  `records`, however many processes share the work.
   """
   n = config.rollout.n
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
-  local_wave = wave // jax.process_count()
   rollouts, scores, truncated, timing = [], [], [], {"rollout": 0.0, "reward": 0.0}
-  for w, first in enumerate(range(0, len(records), local_wave)):
-    chunk = records[first:first + local_wave]
+  for w, first in enumerate(range(0, len(records), wave)):
+    chunk = process_slice(records[first:first + wave])
     t0 = time.perf_counter()
     texts = [templates.apply_template(config.data.template, r["problem"], tokenizer)
              for r in chunk]
@@ -232,6 +240,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_id
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
   cfg = step_config(config, model_cfg)
+  # Scoring a rollout does not depend on the loss: one compilation serves every variant.
+  score_cfg = dataclasses.replace(cfg, loss=actor_loss.LossConfig())
   ppo = cfg.algorithm == "ppo"
 
   # Optimizers and the state, from shapes.
@@ -267,12 +277,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
       state, data_state = restored
     start = int(state.step)
 
-    # Data: this process's shard of the prompts, batched, with a checkpointable iterator.
-    records = data_lib.load(config.data.name, config.data.split, config.data.data_dir or None)
-    local_prompts = config.data.prompts_per_step // jax.process_count()
-    prompts = pipeline.prompt_batches(records, batch_size=local_prompts, seed=config.seed,
-                                      shard_index=jax.process_index(),
-                                      shard_count=jax.process_count())
+    # Data: every process walks the same shuffled stream of global batches and keeps its own
+    # slice of each, so a run's batches do not depend on how many processes share it.
+    records = data_lib.load(config.data.name, config.data.split, config.data.data_dir or None,
+                            synthetic_config=synthetic_config(config))
+    prompts = pipeline.prompt_batches(records, batch_size=config.data.prompts_per_step,
+                                      seed=config.seed)
     if data_state is not None:
       prompts.set_state(data_state)
 
@@ -294,7 +304,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
             eos_id, pad_id)
         t2 = time.perf_counter()
 
-        batch, metrics = train_step.score_rollout(state, ref_params, rollout, scores, cfg=cfg)
+        batch, metrics = train_step.score_rollout(state, ref_params, rollout, scores,
+                                                  cfg=score_cfg)
         train_actor = not ppo or step > config.rl.critic_warmup_steps
         state, update_metrics = train_step.update(state, batch, cfg=cfg, actor_tx=actor_tx,
                                                   critic_tx=critic_tx, train_actor=train_actor)
@@ -339,6 +350,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     ckpt.close()
     if bar is not None:
       bar.close()
+    if config.export_hf:
+      export_hf(model_cfg, state.actor, os.path.join(workdir, "hf"), tokenizer_dir)
 
 
 @jax.jit
@@ -357,6 +370,16 @@ def _rollout_stats(lengths, finish_reason, scores, n_max, correct):
 def rollout_metrics(rollout, scores, config) -> dict:
   return _rollout_stats(rollout.lengths, rollout.finish_reason, scores,
                         config.rollout.max_new_tokens, config.reward.correct)
+
+
+def export_hf(model_cfg, params, path: str, tokenizer_dir: str) -> None:
+  """The trained actor as a Hugging Face directory (single host: it gathers every tensor)."""
+  if jax.process_count() > 1:
+    logging.warning("export_hf: skipped on %d processes; convert the checkpoint instead",
+                    jax.process_count())
+    return
+  checkpoint.save_hf(model_cfg, params, path, tokenizer_dir=tokenizer_dir)
+  logging.info("exported the trained actor to %s", path)
 
 
 def report_memory(config, model_cfg, shapes, shardings, mesh) -> None:
@@ -379,5 +402,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that other entry points (the demo) can import train.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics (local or gs://).")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

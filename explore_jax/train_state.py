@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import flax.struct
@@ -148,9 +149,14 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-      except Exception as e:  # a torn or foreign directory: say so and try the one before it
-        logging.warning("checkpoint step %d in %s is incomplete or unreadable (%s: %s); trying "
-                        "an older one", step, self.directory, type(e).__name__, str(e)[:200])
+      except Exception as e:  # a torn or foreign directory: set it aside, try the one before
+        torn = os.path.join(self.directory, f"torn_{step}_{int(time.time())}")
+        logging.warning("checkpoint step %d in %s is incomplete or unreadable (%s: %s); moved it "
+                        "to %s and trying an older one", step, self.directory, type(e).__name__,
+                        str(e)[:200], torn)
+        if "://" not in self.directory:
+          os.rename(os.path.join(self.directory, str(step)), torn)
+          self.manager.reload()
         continue
       logging.info("restored checkpoint step %d from %s", step, self.directory)
       return restored.state, dict(restored.data)

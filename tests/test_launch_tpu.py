@@ -125,7 +125,8 @@ RUN_ARGS = BASE + ["--bucket", "gs://bkt/exp/",
                    "--env", "TPU_STDERR_LOG_LEVEL=2", "--", "--config.seed=3",
                    "--config.rl.note=it's quoted"]
 TRAIN_ARGV = ["-m", "explore_jax.train", "--config", "configs/ppo_qwen25_7b.py:variant=baseline",
-              "--workdir", "gs://bkt/exp/rl-7b/ppo_qwen25_7b-variant=baseline", "--config.seed=3",
+              "--workdir", "gs://bkt/exp/rl-7b/ppo_qwen25_7b-variant=baseline",
+              "--config.distributed.coordinator=auto", "--config.seed=3",
               "--config.rl.note=it's quoted"]
 
 

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# GPU figures of explore_jax, in under 8 minutes including install and compiles:
+#   (a) train-step MFU at Qwen2.5-0.5B shapes (bf16, sequence 2048, remat)   target >= 45%
+#   (b) decode throughput at batch 256 as a fraction of the HBM roofline      target >= 50%
+# The measuring code and the FLOP / byte formulas are in benchmarks/gpu_bench.py.
+#
+#   bash benchmarks/gpu.sh            # on a machine with an NVIDIA GPU (H100 / H200 / A100)
+#   bash benchmarks/gpu.sh --smoke    # anywhere, on CPU: tiny float32 model, proves the script runs
+#
+# Environment:
+#   PYTHON                 interpreter; default: the first of python3, .venv/bin/python whose jax
+#                          has a GPU backend (with --smoke: .venv/bin/python, else python3)
+#   GPU_BENCH_INSTALL=0    never install. Otherwise (default 1), when no interpreter has a GPU jax,
+#                          create $GPU_BENCH_VENV and `pip install -e . 'jax[cuda12]'` into it
+#   GPU_BENCH_VENV         default ${TMPDIR:-/tmp}/explore_jax_gpu_venv (outside the checkout)
+#   GPU_BENCH_BUDGET_S     total wall-clock budget in seconds, default 470
+# Arguments after the first are passed to gpu_bench.py (e.g. --rows 8 --micro 4).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$SECONDS
+BUDGET=${GPU_BENCH_BUDGET_S:-470}
+left() { echo $(( BUDGET - (SECONDS - START) )); }
+cap() { local l; l=$(left); (( l < $1 )) && echo "$l" || echo "$1"; }  # min(cap, time left)
+has_gpu_jax() { "$1" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/dev/null; }
+
+SMOKE=""
+if [[ "${1:-}" == "--smoke" ]]; then
+  SMOKE=1
+  shift
+fi
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+
+if [[ -n "$SMOKE" ]]; then
+  PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
+  # A CPU has no entry in the chip table: nominal peaks, only so that the MFU / roofline
+  # arithmetic runs end to end. The smoke figures mean nothing.
+  ARGS=(--smoke --peak_tflops 0.1 --hbm_tbps 0.02)
+else
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+  PY=${PYTHON:-}
+  if [[ -z "$PY" ]]; then
+    for candidate in python3 .venv/bin/python "${GPU_BENCH_VENV:-${TMPDIR:-/tmp}/explore_jax_gpu_venv}/bin/python"; do
+      if command -v "$candidate" >/dev/null && has_gpu_jax "$candidate"; then PY=$candidate; break; fi
+    done
+  fi
+  if [[ -z "$PY" ]]; then
+    if [[ "${GPU_BENCH_INSTALL:-1}" == "0" ]]; then
+      echo "no python with a GPU jax found and GPU_BENCH_INSTALL=0: set PYTHON=..." >&2
+      exit 1
+    fi
+    VENV=${GPU_BENCH_VENV:-${TMPDIR:-/tmp}/explore_jax_gpu_venv}
+    echo "== installing jax[cuda12] + explore_jax into $VENV (GPU_BENCH_INSTALL=0 skips)"
+    python3 -m venv "$VENV" \
+      && timeout "$(cap 200)" "$VENV/bin/pip" install -q -e . 'jax[cuda12]' \
+      || { echo "install failed or timed out" >&2; exit 1; }
+    PY=$VENV/bin/python
+    has_gpu_jax "$PY" || { echo "$PY: jax still has no GPU backend" >&2; exit 1; }
+  fi
+  ARGS=()
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+fi
+echo "== python: $PY ($(left) s of the budget left)"
+
+# Separate processes, so that the decode phase starts with the memory of the train phase freed
+# and a hung or out-of-memory phase cannot take the other down.
+echo "== (a) train step"
+timeout --kill-after=10 "$(cap 260)" "$PY" benchmarks/gpu_bench.py train "${ARGS[@]}" "$@" \
+  2>&1 | tee -a "$LOG"
+rc_a=${PIPESTATUS[0]}
+(( rc_a == 124 )) && echo "(a) timed out" | tee -a "$LOG"
+echo "== (b) decode ($(left) s left)"
+timeout --kill-after=10 "$(cap 240)" "$PY" benchmarks/gpu_bench.py decode "${ARGS[@]}" "$@" \
+  2>&1 | tee -a "$LOG"
+rc_b=${PIPESTATUS[0]}
+(( rc_b == 124 )) && echo "(b) timed out" | tee -a "$LOG"
+
+echo "== summary ($(( SECONDS - START )) s in all)"
+grep -E "^device|MFU|of roofline|timed out" "$LOG" | sort -u
+exit $(( rc_a != 0 || rc_b != 0 ))

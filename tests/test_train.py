@@ -1,0 +1,184 @@
+"""The trainer end to end, as a user runs it: `python -m explore_jax.train --config ... --workdir`.
+
+Every run uses `configs/tiny_cpu.py:size=test` (a 2-layer Qwen2 pre-trained on one-digit additions,
+cached for the session) in a subprocess, with a persistent compilation cache shared by the runs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "tiny_cpu.py")
+
+REQUIRED_METRICS = (
+    "reward/mean", "reward/accuracy", "rollout/response_length_mean",
+    "rollout/response_length_max", "rollout/truncated_frac", "rollout/entropy", "actor/entropy",
+    "actor/psi_mean", "actor/psi_over_abs_adv", "actor/clip_frac", "actor/approx_kl",
+    "actor/grad_norm", "optim/actor_lr", "rollout/logprob_gap", "perf/rollout_s", "perf/reward_s",
+    "perf/update_s", "perf/rollout_tokens_per_s", "perf/update_tokens_per_s")
+
+
+@pytest.fixture(scope="session")
+def train_env(tmp_path_factory):
+  root = tmp_path_factory.getbasetemp().parent  # shared by xdist workers of this session
+  env = dict(os.environ)
+  env.update(EXPLORE_JAX_CACHE=str(root / "explore_jax_cache"),
+             JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _command(workdir, variant="entropy_adv", overrides=()):
+  return [sys.executable, "-m", "explore_jax.train",
+          f"--config={CONFIG}:size=test,variant={variant}", f"--workdir={workdir}",
+          *overrides]
+
+
+def run_train(env, workdir, variant="entropy_adv", overrides=(), devices=1, check=True):
+  env = dict(env)
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  proc = subprocess.run(_command(workdir, variant, overrides), env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
+  if check and proc.returncode:
+    raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def comparable(rows):
+  """Every metric but timings, which differ from run to run."""
+  return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def test_metrics_config_and_export(train_env, tmp_path):
+  workdir = tmp_path / "run"
+  run_train(train_env, workdir, overrides=["--config.total_steps=2"])
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 2]
+  for row in rows:
+    missing = [k for k in REQUIRED_METRICS if k not in row]
+    assert not missing, missing
+    assert all(np.isfinite(v) for v in row.values())
+    assert -1.0 <= row["reward/mean"] <= 1.0
+    assert 0 < row["rollout/response_length_mean"] <= 24
+  # The first update of a rollout has ratio 1: the trainer's log-probs equal the sampler's.
+  assert rows[0]["rollout/logprob_gap"] < 1e-4
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["rl"]["entropy_advantage"] is True and config["rl"]["alpha"] == 0.4
+  assert (workdir / "hf" / "config.json").exists()  # the trained actor in HF format
+  assert any((workdir / "tb").iterdir())
+
+
+def test_mistyped_override_fails(train_env, tmp_path):
+  proc = run_train(train_env, tmp_path / "run", overrides=["--config.rl.alhpa=0.2"], check=False)
+  assert proc.returncode != 0
+  assert "alhpa" in proc.stderr
+
+
+@pytest.mark.slow
+def test_reward_rises(train_env, tmp_path):
+  workdir = tmp_path / "run"
+  run_train(train_env, workdir, variant="baseline", overrides=[
+      "--config.total_steps=60", "--config.data.prompts_per_step=16", "--config.rollout.n=8",
+      "--config.rl.mini_batch_size=32", "--config.rl.micro_batch_size=32",
+      "--config.checkpoint_every=60"])
+  reward = np.array([r["reward/mean"] for r in read_metrics(workdir)])
+  first, last = reward[:20].mean(), reward[-20:].mean()
+  assert last > first + 0.1, (first, last, reward.round(2).tolist())
+
+
+@pytest.mark.slow
+def test_one_device_equals_eight_fake_devices(train_env, tmp_path):
+  """Same losses on one CPU device and on a 2 x 2 x 2 (data, fsdp, tensor) mesh of fake devices."""
+  overrides = ["--config.total_steps=3", "--config.export_hf=False"]
+  run_train(train_env, tmp_path / "one", variant="entropy_reg", overrides=overrides)
+  run_train(train_env, tmp_path / "eight", variant="entropy_reg",
+            overrides=overrides + ["--config.mesh.shape=(2,2,2)"], devices=8)
+  one, eight = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "eight")
+  assert len(one) == len(eight) == 3
+  for a, b in zip(one, eight):
+    for key in ("actor/loss", "actor/entropy", "actor/grad_norm", "reward/mean",
+                "rollout/response_length_mean", "actor/psi_mean"):
+      np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
+  assert one[-1]["actor/grad_norm"] > 0
+
+
+def _wait_for_step(workdir, step, proc, timeout=600):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"train exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+    if os.path.exists(path) and any(json.loads(l)["step"] >= step
+                                    for l in open(path).read().splitlines() if l):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"step {step} never logged")
+
+
+@pytest.mark.slow
+def test_resume_is_exact_after_sigterm_and_sigkill(train_env, tmp_path):
+  overrides = ["--config.total_steps=5", "--config.checkpoint_every=2", "--config.export_hf=False"]
+  reference = tmp_path / "reference"
+  run_train(train_env, reference, variant="entropy_reg", overrides=overrides)
+  expected = comparable(read_metrics(reference))
+  assert len(expected) == 5
+
+  # SIGTERM (TPU preemption): saves at the next step boundary and exits 0; the rerun resumes.
+  workdir = tmp_path / "sigterm"
+  proc = subprocess.Popen(_command(workdir, "entropy_reg", overrides), env=train_env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(workdir, 1, proc)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 0
+  stopped_at = len(read_metrics(workdir))
+  assert stopped_at < 5
+  run_train(train_env, workdir, variant="entropy_reg", overrides=overrides)
+  assert comparable(read_metrics(workdir)) == expected
+
+  # SIGKILL after step 3 (checkpoint at 2): the rerun redoes step 3 from the step-2 checkpoint.
+  workdir = tmp_path / "sigkill"
+  proc = subprocess.Popen(_command(workdir, "entropy_reg", overrides), env=train_env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(workdir, 3, proc)
+  # Orbax writes checkpoints asynchronously; kill only once step 2's is committed (renamed from
+  # its temporary name), so that the rerun has exactly one complete checkpoint to find.
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / "2").is_dir() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait()
+  proc = run_train(train_env, workdir, variant="entropy_reg", overrides=overrides)
+  assert "restored checkpoint step" in proc.stderr
+  assert comparable(read_metrics(workdir)) == expected
+
+
+def test_torn_and_missing_checkpoints(train_env, tmp_path):
+  workdir = tmp_path / "run"
+  overrides = ["--config.total_steps=2", "--config.checkpoint_every=1", "--config.export_hf=False",
+               "--config.keep_checkpoints=3"]
+  proc = run_train(train_env, workdir, overrides=overrides)
+  assert "no complete checkpoint" in proc.stderr  # a fresh workdir says it starts fresh
+  ckpts = workdir / "checkpoints"
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["1", "2"]
+  # Tear the newest checkpoint: its state item loses its files, as a crash mid-write would.
+  for f in (ckpts / "2" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"")
+  proc = run_train(train_env, workdir, overrides=["--config.total_steps=3"] + overrides[1:])
+  assert "checkpoint step 2" in proc.stderr and "restored checkpoint step 1" in proc.stderr
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
