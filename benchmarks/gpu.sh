@@ -39,9 +39,13 @@ if [[ -n "$SMOKE" ]]; then
 else
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
   PY=${PYTHON:-}
+  VENV=${GPU_BENCH_VENV:-${TMPDIR:-/tmp}/explore_jax_gpu_venv}
   if [[ -z "$PY" ]]; then
-    for candidate in python3 .venv/bin/python "${GPU_BENCH_VENV:-${TMPDIR:-/tmp}/explore_jax_gpu_venv}/bin/python"; do
-      if command -v "$candidate" >/dev/null && has_gpu_jax "$candidate"; then PY=$candidate; break; fi
+    for candidate in python3 .venv/bin/python "$VENV/bin/python"; do
+      if command -v "$candidate" >/dev/null && has_gpu_jax "$candidate"; then
+        PY=$candidate
+        break
+      fi
     done
   fi
   if [[ -z "$PY" ]]; then
@@ -49,7 +53,6 @@ else
       echo "no python with a GPU jax found and GPU_BENCH_INSTALL=0: set PYTHON=..." >&2
       exit 1
     fi
-    VENV=${GPU_BENCH_VENV:-${TMPDIR:-/tmp}/explore_jax_gpu_venv}
     echo "== installing jax[cuda12] + explore_jax into $VENV (GPU_BENCH_INSTALL=0 skips)"
     python3 -m venv "$VENV" \
       && timeout "$(cap 200)" "$VENV/bin/pip" install -q -e . 'jax[cuda12]' \
@@ -76,5 +79,5 @@ rc_b=${PIPESTATUS[0]}
 (( rc_b == 124 )) && echo "(b) timed out" | tee -a "$LOG"
 
 echo "== summary ($(( SECONDS - START )) s in all)"
-grep -E "^device|MFU|of roofline|timed out" "$LOG" | sort -u
+grep -E "^device|MFU|of roofline|timed out" "$LOG" | awk '!seen[$0]++'
 exit $(( rc_a != 0 || rc_b != 0 ))

@@ -1,7 +1,7 @@
 """GPU figures of merit: train-step MFU at Qwen2.5-0.5B shapes, decode throughput vs HBM roofline.
 
   bash benchmarks/gpu.sh                                    # on an NVIDIA GPU (see gpu.sh)
-  python benchmarks/gpu_bench.py train  [--rows 16 --micro 8 --prompt 512 --response 1536]
+  python benchmarks/gpu_bench.py train  [--rows 16 --micro 4 --prompt 512 --response 1536]
   python benchmarks/gpu_bench.py decode [--decode_batch 256 --decode_prompt 128 --decode_new 512]
   python benchmarks/gpu_bench.py both --smoke               # CPU: tiny, float32, a few steps
 
@@ -249,7 +249,7 @@ def main() -> None:
                       help="tiny model, float32, small shapes: runs on CPU in about a minute")
   parser.add_argument("--preset", default="qwen2.5-0.5b")
   parser.add_argument("--rows", type=int, default=16)
-  parser.add_argument("--micro", type=int, default=8, help="rows per forward/backward")
+  parser.add_argument("--micro", type=int, default=4, help="rows per forward/backward")
   parser.add_argument("--prompt", type=int, default=512)
   parser.add_argument("--response", type=int, default=1536)
   parser.add_argument("--steps", type=int, default=5, help="timed train steps after the first")

@@ -1,4 +1,4 @@
-"""Tokens/s of one GRPO update step: explore_jax's trainer vs the same loss in PyTorch, same weights.
+"""Tokens/s of one GRPO update step: the explore_jax trainer vs the same loss in PyTorch.
 
   .venv/bin/python benchmarks/train_step.py                     # both configs
   .venv/bin/python benchmarks/train_step.py --configs tiny --steps 10 --torch_threads 2

@@ -12,7 +12,6 @@ printed (without the prompt) up to and without its EOS token, under a header lin
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -20,23 +19,6 @@ import jax
 import numpy as np
 
 from explore_jax import checkpoint, sampling
-
-
-def _load(model_dir: str):
-  if hasattr(checkpoint, "load_model"):
-    return checkpoint.load_model(model_dir)
-  # Older checkouts: a Hugging Face directory with safetensors only.
-  import glob
-  from safetensors.numpy import load_file
-  from explore_jax.models.qwen2 import Qwen2Config
-  config = Qwen2Config.from_hf_json(model_dir)
-  files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-  if not files:
-    raise FileNotFoundError(f"{model_dir}: no *.safetensors file")
-  state = {}
-  for f in files:
-    state.update(load_file(f))
-  return config, checkpoint.params_from_hf_state(state, config)
 
 
 def encode_left_padded(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
   import transformers  # imported late: it is slow and only the CLI needs it
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-  config, params = _load(args.model)
+  config, params = checkpoint.load_model(args.model)
   eos_id = args.eos_id
   if eos_id is None:
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id

@@ -327,14 +327,17 @@ def smallest_slice(config: Qwen2Config, chip: str, *, seqs_per_device: int = 1,
 def plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]) -> dict:
   """The plan of a trainer config (`configs/*.py`) on a resolved (data, fsdp, tensor) mesh.
 
-  Reads the trainer's own settings, so its numbers line up with `--config.dry_run`: optax.adamw
-  keeps mu and nu in the parameter dtype; the rollout decodes every row of a step at once.
+  Reads the trainer's own settings, so its numbers line up with `--config.dry_run`: the trainer's
+  AdamW keeps mu in float32 and nu in the parameter dtype; the rollout decodes one wave of
+  `rollout.prompts_per_wave` prompts at a time.
   """
-  rl, rows = config.rl, config.data.prompts_per_step * config.rollout.n
+  rl = config.rl
+  rows = (config.rollout.prompts_per_wave or config.data.prompts_per_step) * config.rollout.n
   rules = tuple(tuple(r) for r in config.mesh.rules) + tuple(DEFAULT_RULES)
   return plan(model_config, mesh_shape=mesh_shape, algorithm=rl.algorithm,
               param_dtype=model_config.param_dtype, compute_dtype=model_config.dtype,
-              opt_dtype=model_config.param_dtype, micro_batch=rl.micro_batch_size,
+              opt_dtype="float32", nu_dtype=model_config.param_dtype,
+              micro_batch=rl.micro_batch_size,
               grad_accum=rl.micro_batch_size < rl.mini_batch_size,
               seq_len=config.data.max_prompt_len + config.rollout.max_new_tokens,
               remat="full" if model_config.remat else "none", logits_chunk=rl.logit_chunk,

@@ -388,9 +388,8 @@ def report_memory(config, model_cfg, shapes, shardings, mesh) -> None:
            for k in ("actor", "actor_opt", "critic", "critic_opt")}
   total = sum(parts.values())
   print(f"mesh {dict(mesh.shape)}; train state per device (from shapes, nothing allocated):")
-  for k, v in parts.items():
-    print(f"  {k:<12s} {v / 2**20:12.2f} MiB")
-  print(f"  {'total':<12s} {total / 2**20:12.2f} MiB")
+  for k, v in {**parts, "total": total}.items():
+    print(f"  {k:<12s} {v:>16,d} bytes {v / 2**20:12.2f} MiB")
   from explore_jax import memory
   memory.print_plan_for_config(config, model_cfg, tuple(mesh.shape.values()))
 

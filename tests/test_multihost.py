@@ -50,21 +50,21 @@ def run_two_processes(env, workdir, overrides):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noqa: F811
-  base = ["--config.total_steps=3", "--config.export_hf=False", "--config.checkpoint_every=2"]
-  run_train(train_env, tmp_path / "one", variant="entropy_reg", overrides=base, devices=4)
-  run_two_processes(train_env, tmp_path / "two", base)
-  one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+  base = ["--config.export_hf=False", "--config.checkpoint_every=2"]
+  run_train(train_env, tmp_path / "one", variant="entropy_reg",
+            overrides=["--config.total_steps=4"] + base, devices=4)
+  one = read_metrics(tmp_path / "one")
+  run_two_processes(train_env, tmp_path / "two", ["--config.total_steps=3"] + base)
+  two = read_metrics(tmp_path / "two")
   assert [r["step"] for r in two] == [1, 2, 3]
   for a, b in zip(one, two):
     for key in KEYS:
       np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
   # Both processes wrote the step-2 and final checkpoints together; extend the run by one step:
-  # the 2 processes restore step 3 and the new step matches a 1-process run extended the same way.
-  longer = ["--config.total_steps=4"] + base[1:]
-  errs = run_two_processes(train_env, tmp_path / "two", longer)
+  # the 2 processes restore step 3, and step 4 matches the uninterrupted 1-process run.
+  errs = run_two_processes(train_env, tmp_path / "two", ["--config.total_steps=4"] + base)
   assert any("restored checkpoint step 3" in e for e in errs)
-  run_train(train_env, tmp_path / "one", variant="entropy_reg", overrides=longer, devices=4)
-  one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+  two = read_metrics(tmp_path / "two")
   assert [r["step"] for r in two] == [1, 2, 3, 4]
   for key in KEYS:
     np.testing.assert_allclose(two[3][key], one[3][key], rtol=2e-4, atol=2e-5, err_msg=key)

@@ -1,7 +1,6 @@
 """The JAX sampler against transformers' Qwen2 generate, the teacher-forced forward pass and
 transformers' logits warpers (chi-square on many draws)."""
 
-import json
 import os
 import subprocess
 import sys

@@ -182,3 +182,34 @@ def test_torn_and_missing_checkpoints(train_env, tmp_path):
   proc = run_train(train_env, workdir, overrides=["--config.total_steps=3"] + overrides[1:])
   assert "checkpoint step 2" in proc.stderr and "restored checkpoint step 1" in proc.stderr
   assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
+
+
+def test_dry_run_prints_the_memory_plan(train_env, tmp_path):
+  """--config.dry_run builds the state from shapes on an 8-device (1, 4, 2) mesh, allocates
+  nothing, and its measured per-device bytes equal explore_jax.memory's analytic plan."""
+  import importlib.util
+  import re
+  from explore_jax import memory, pretrain
+  from explore_jax.models import qwen2
+
+  env = dict(train_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  overrides = ["--config.dry_run=True", "--config.mesh.shape=(1,4,2)"]
+  proc = run_train(env, tmp_path / "run", variant="ppo", overrides=overrides)
+  measured = {m[1]: int(m[2].replace(",", "")) for m in
+              re.finditer(r"^\s+(\w+)\s+([\d,]+) bytes", proc.stdout, re.M)}
+  assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, nothing saved
+
+  spec = importlib.util.spec_from_file_location("tiny_cpu", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("size=test,variant=ppo")
+  os.environ["EXPLORE_JAX_CACHE"] = train_env["EXPLORE_JAX_CACHE"]
+  model_cfg = qwen2.Qwen2Config.from_hf_json(pretrain.base_model(config))
+  plan = memory.plan_for_config(config, model_cfg, (1, 4, 2))["components"]
+  assert measured["actor"] == plan["actor_params"]["bytes"]
+  assert measured["critic"] == plan["critic_params"]["bytes"]
+  # AdamW's mu and nu, plus its step counters (a few int32 scalars).
+  assert 0 <= measured["actor_opt"] - plan["actor_adamw_mu_nu"]["bytes"] <= 64
+  assert 0 <= measured["critic_opt"] - plan["critic_adamw_mu_nu"]["bytes"] <= 64
+  assert measured["total"] == sum(measured[k] for k in ("actor", "actor_opt", "critic",
+                                                       "critic_opt"))
