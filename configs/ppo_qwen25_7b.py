@@ -15,22 +15,10 @@ def get_config(arg: str | None = None):
   if not args.variant.startswith("ppo"):
     raise ValueError(f"variant={args.variant!r}: this config takes 'ppo' or 'ppo_baseline'")
   c = common.base_config()
-  c.total_steps = 500
-  c.checkpoint_every = 10
-  c.model.path = "Qwen2.5-7B"
-  c.model.param_dtype = "float32"
-  c.model.dtype = "bfloat16"
-  c.model.remat = True
-  c.data.name = "dapo_math_17k"
+  common.paper_7b(c, "Qwen2.5-7B")
   c.data.template = "dapo"
-  c.rollout.max_new_tokens = 8192
   c.reward.method = "dapo"
-  c.rl.mini_batch_size = 256
-  c.rl.micro_batch_size = 64  # global; a multiple of data x fsdp (one sequence per chip on 64)
-  c.rollout.prompts_per_wave = 64  # 512 rollout rows at once bound the KV cache
   c.rl.critic_warmup_steps = 10
-  c.optim.lr = 1e-6
   c.optim.critic_lr = 1e-5
-  c.mesh.shape = (1, -1, 4)
   common.apply_variant(c, args.variant)
   return c

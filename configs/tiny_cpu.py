@@ -6,9 +6,11 @@
 
 The tiny "base model" is first pre-trained (SFT) on worked solutions of the synthetic task and cached
 (see `explore_jax/pretrain.py`), then RL-trained through exactly the code path of the 7B configs.
-`:size=test` shrinks everything to a one-digit addition task and a 2-layer model, for tests.
+It is the experiment of `configs/demo.py` (`defaults.tiny_config`), one variant at a time.
 Variants: `entropy_adv` (default, the paper), `baseline` (plain GRPO), `entropy_reg` (the
--beta * H regularizer of the paper's Table 3), `ppo` (PPO + entropy advantage, alpha 0.1).
+-beta * H regularizer of the paper's Table 3), `ppo` (PPO + entropy advantage, alpha 0.1),
+`ppo_baseline`. `:size=test` shrinks everything to a one-digit addition task and a 2-layer,
+32-wide model, for the trainer's own tests.
 """
 
 from explore_jax import defaults as common
@@ -16,47 +18,9 @@ from explore_jax import defaults as common
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, variant="entropy_adv", size="demo")
-  c = common.base_config()
-
-  c.total_steps = 30
-  c.checkpoint_every = 10
-  c.seed = 0
-  c.export_hf = True
-
-  c.model.path = ""  # empty: the tiny pre-trained base model below (built once, then cached)
-  c.model.hidden_size = 128
-  c.model.intermediate_size = 384
-  c.model.num_hidden_layers = 4
-  c.model.num_attention_heads = 4
-  c.model.num_key_value_heads = 2
-  c.model.rope_theta = 10000.0
-  c.model.tie_word_embeddings = True
-
-  c.pretrain.steps = 600
-  c.pretrain.batch_size = 64
-  c.pretrain.lr = 3e-3
-
-  c.data.name = "synthetic_arithmetic"
-  c.data.split = "train"
-  c.data.template = "synthetic"
-  c.data.prompts_per_step = 16
-  c.data.max_prompt_len = 32
-
-  c.rollout.n = 8
-  c.rollout.max_new_tokens = 64
-  c.rollout.temperature = 1.0
-
-  c.reward.method = "math_verify"
-  c.reward.workers = 2
-
-  c.rl.mini_batch_size = 64  # sequences: 128 rollouts / 64 = 2 policy updates per rollout
-  c.rl.micro_batch_size = 32
-  c.optim.lr = 2e-4
-  c.optim.warmup_steps = 2
-  c.optim.critic_lr = 1e-3
+  c = common.tiny_config()
   c.rl.critic_warmup_steps = 2
-
-  c.mesh.shape = (1, -1, 1)
+  c.optim.critic_lr = 1e-3
   if args.size == "test":  # seconds per step: the trainer's own tests
     shrink_for_tests(c)
   elif args.size != "demo":
@@ -71,7 +35,6 @@ def shrink_for_tests(c):
   c.progress_bar = False
   c.model.hidden_size = 32
   c.model.intermediate_size = 64
-  c.model.num_hidden_layers = 2
   c.pretrain.steps = 300
   c.pretrain.lr = 1e-2
   c.pretrain.batch_size = 32
@@ -87,3 +50,4 @@ def shrink_for_tests(c):
   c.rl.logit_chunk = 8
   c.reward.workers = 1
   c.optim.lr = 1e-3
+  c.optim.warmup_steps = 2

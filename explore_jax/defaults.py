@@ -133,6 +133,66 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def tiny_config() -> ml_collections.ConfigDict:
+  """The CPU-scale experiment (configs/tiny_cpu.py, configs/demo.py): a 2-layer Qwen2 pre-trained on
+  the synthetic task, then GRPO on it; a few minutes on 2 cores."""
+  c = base_config()
+  c.total_steps = 30
+  c.checkpoint_every = 10
+  c.export_hf = True
+  c.progress_bar = True
+
+  c.model.hidden_size = 64
+  c.model.intermediate_size = 192
+  c.model.num_hidden_layers = 2
+  c.model.num_attention_heads = 4
+  c.model.num_key_value_heads = 2
+  c.model.rope_theta = 10000.0
+  c.model.tie_word_embeddings = True
+
+  c.pretrain.steps = 500
+  c.pretrain.batch_size = 64
+  c.pretrain.seq_len = 64
+  c.pretrain.lr = 3e-3
+
+  c.data.name = "synthetic_arithmetic"
+  c.data.template = "synthetic"
+  # Additions and subtractions of 2-3 one-digit numbers: the pre-trained base solves about half of
+  # the held-out problems greedily, so RL has signal in most groups of 8.
+  c.data.synthetic.update(dict(min_operands=2, max_operands=3, max_number=9, ops="+-",
+                               train_size=2000, test_size=100))
+  c.data.prompts_per_step = 16
+  c.data.max_prompt_len = 24
+  c.rollout.n = 8
+  c.rollout.max_new_tokens = 48
+  c.reward.method = "math_verify"
+  c.reward.workers = 2
+  c.rl.mini_batch_size = 32  # 128 rollouts -> 4 policy updates per step
+  c.rl.micro_batch_size = 32
+  c.rl.logit_chunk = 64
+  # Adam's first steps move every weight by about lr; above ~3e-4 one rollout's updates already
+  # cost this tiny model most of its accuracy (measured), so RL here is slow and careful.
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 4
+  return c
+
+
+def paper_7b(c: ml_collections.ConfigDict, model_path: str) -> None:
+  """Settings shared by the 7B configs (Cheng et al., Table 4) on a TPU pod slice."""
+  c.total_steps = 500
+  c.checkpoint_every = 10
+  c.model.path = model_path  # a local HF directory of the released checkpoint
+  c.model.param_dtype = "float32"  # master weights and AdamW states in float32
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.data.name = "dapo_math_17k"
+  c.rl.mini_batch_size = 256
+  c.rl.micro_batch_size = 64  # global; a multiple of data x fsdp (one sequence per chip on 64)
+  c.rollout.prompts_per_wave = 64  # 512 rollout rows at once bound the KV cache
+  c.optim.lr = 1e-6
+  c.mesh.shape = (1, -1, 4)  # FSDP over the slice, 4-way tensor parallelism (4 kv heads)
+
+
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
   """The paper's comparisons: the same experiment with and without the entropy term."""
   if variant not in VARIANTS:
