@@ -128,7 +128,7 @@ def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg:
       adv = adv_lib.whiten(adv, mask)
     batch.update(advantages=jnp.where(mask, adv, 0.0), old_values=values, returns=returns)
     metrics["critic/explained_variance"] = _explained_variance(values, returns, mask)
-    metrics["critic/values_mean"] = losses.masked_mean(values, mask)
+    metrics["critic/old_values_mean"] = losses.masked_mean(values, mask)  # before this update
   metrics["rollout/advantage_abs_mean"] = losses.masked_mean(jnp.abs(batch["advantages"]), mask)
   return batch, metrics
 
