@@ -204,18 +204,6 @@ def append_records(path: str, records: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, bucket: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pad to a multiple of `bucket` (fewer distinct shapes -> fewer recompiles)."""
-  width = max(len(s) for s in seqs)
-  width = -(-width // bucket) * bucket
-  tokens = np.full((len(seqs), width), pad_id, np.int32)
-  mask = np.zeros((len(seqs), width), np.int32)
-  for row, s in enumerate(seqs):
-    tokens[row, width - len(s):] = s
-    mask[row, width - len(s):] = 1
-  return tokens, mask  # [B, P]
-
-
 def sample_and_grade(model_config, params, tokenizer, problems: list[dict], prompts: list[str],
                      config, name: str, bench, rng, eos_id: int, pool) -> list[dict]:
   """n graded responses for each problem of one batch; records ordered by problem then sample.
@@ -234,7 +222,10 @@ def sample_and_grade(model_config, params, tokenizer, problems: list[dict], prom
   prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
   prompt_ids += [prompt_ids[-1]] * (per_call - len(prompt_ids))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-  tokens, mask = _left_pad(prompt_ids, pad_id, config.prompt_bucket)
+  # Width rounded up to a multiple of prompt_bucket: fewer distinct shapes, fewer recompiles.
+  bucket = config.prompt_bucket
+  tokens, mask = sampling.left_pad(prompt_ids, pad_id,
+                                   -(-max(len(s) for s in prompt_ids) // bucket) * bucket)
   per_problem: list[list[tuple]] = [[] for _ in problems]
   for chunk in range(-(-n // n_call)):
     out = sampling.generate(

@@ -27,13 +27,7 @@ def encode_left_padded(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.nd
   empty = [i for i, x in enumerate(ids) if not x]
   if empty:
     raise ValueError(f"--prompt number(s) {empty} encode to no tokens")
-  width = max(len(x) for x in ids)
-  tokens = np.zeros((len(ids), width), np.int32)
-  mask = np.zeros((len(ids), width), np.int32)
-  for row, x in enumerate(ids):
-    tokens[row, width - len(x):] = x
-    mask[row, width - len(x):] = 1
-  return tokens, mask
+  return sampling.left_pad(ids, 0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -115,9 +115,7 @@ def greedy_accuracy(cfg, params, tokenizer, records, template: str, eos_id: int,
     chunk = records[i:i + batch]
     ids = [tokenizer(templates.apply_template(template, r["problem"], tokenizer),
                      add_special_tokens=False)["input_ids"] for r in chunk]
-    width = max(map(len, ids))
-    toks = np.array([[eos_id] * (width - len(x)) + x for x in ids], np.int32)
-    mask = np.array([[0] * (width - len(x)) + [1] * len(x) for x in ids], np.int32)
+    toks, mask = sampling.left_pad(ids, eos_id)
     out = sampling.generate(cfg, params, toks, mask, jax.random.PRNGKey(0),
                             max_new_tokens=max_new_tokens, temperature=0.0, eos_id=eos_id)
     lengths = np.asarray(out.lengths)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Sequence
 
 import flax.struct
 import jax
@@ -336,6 +337,21 @@ def _decode(params, state: DecodeState, eos_id, *, config, sampler, mesh, segmen
     state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), body, state)
     full = _write_back(full, state.cache)
   return _constrain(state.replace(cache=full), mesh)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids and mask [B, width] in the sampler's layout: padding on the left. `width`
+  defaults to the longest row; every row must fit in it."""
+  width = max(len(s) for s in seqs) if width is None else width
+  tokens = np.full((len(seqs), width), pad_id, np.int32)
+  mask = np.zeros((len(seqs), width), np.int32)
+  for row, s in enumerate(seqs):
+    if len(s) > width:
+      raise ValueError(f"left_pad: row {row} has {len(s)} tokens, more than width={width}")
+    tokens[row, width - len(s):] = s
+    mask[row, width - len(s):] = 1
+  return tokens, mask
 
 
 def _check_prompts(prompt_tokens, prompt_mask) -> None:

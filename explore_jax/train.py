@@ -30,7 +30,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from explore_jax import checkpoint, sharding, train_state, train_step
+from explore_jax import checkpoint, memory, sharding, train_state, train_step
 from explore_jax import data as data_lib
 from explore_jax import rewards as rewards_lib
 from explore_jax import sampling
@@ -101,14 +101,8 @@ def resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
 def encode_prompts(tokenizer, texts: list[str], max_len: int, pad_id: int):
   """Left-padded [B, max_len] tokens and mask; over-long prompts keep their last tokens."""
   ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-  tokens = np.full((len(ids), max_len), pad_id, np.int32)
-  mask = np.zeros((len(ids), max_len), np.int32)
-  truncated = 0
-  for i, row in enumerate(ids):
-    truncated += len(row) > max_len
-    row = row[-max_len:]
-    tokens[i, max_len - len(row):] = row
-    mask[i, max_len - len(row):] = 1
+  truncated = sum(len(row) > max_len for row in ids)
+  tokens, mask = sampling.left_pad([row[-max_len:] for row in ids], pad_id, max_len)
   return tokens, mask, truncated / max(len(ids), 1)
 
 
@@ -384,13 +378,12 @@ def export_hf(model_cfg, params, path: str, tokenizer_dir: str) -> None:
 
 def report_memory(config, model_cfg, shapes, shardings, mesh) -> None:
   """--config.dry_run: per-device bytes of the sharded train state, and the analytic plan."""
-  parts = {k: train_state.bytes_per_device(getattr(shapes, k), getattr(shardings, k))
+  parts = {k: memory.measured_bytes(getattr(shapes, k), getattr(shardings, k))
            for k in ("actor", "actor_opt", "critic", "critic_opt")}
   total = sum(parts.values())
   print(f"mesh {dict(mesh.shape)}; train state per device (from shapes, nothing allocated):")
   for k, v in {**parts, "total": total}.items():
     print(f"  {k:<12s} {v:>16,d} bytes {v / 2**20:12.2f} MiB")
-  from explore_jax import memory
   memory.print_plan_for_config(config, model_cfg, tuple(mesh.shape.values()))
 
 

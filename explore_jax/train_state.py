@@ -109,18 +109,6 @@ def init_state(model_cfg, actor_params, actor_tx, critic_tx, ppo: bool, seed: in
   return jax.jit(build, out_shardings=shardings)(actor_params)
 
 
-def bytes_per_device(shapes: Any, shardings: Any) -> int:
-  """Bytes of the largest per-device shard sum, from shapes and shardings only."""
-  total = 0
-  for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)):
-    shard = s.shard_shape(x.shape)
-    n = 1
-    for d in shard:
-      n *= d
-    total += n * jnp.dtype(x.dtype).itemsize
-  return total
-
-
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------

@@ -54,12 +54,15 @@ def _batch_constraint(x: Array) -> Array:
   return nn.with_logical_constraint(x, names)
 
 
+def _split(batch: dict, micro: int) -> dict:
+  """[R, ...] -> [R / micro, micro, ...]: micro-batches to loop over."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // micro, micro, *x.shape[1:]), batch)
+
+
 def _micro_map(fn, batch: dict, micro: int):
   """fn over micro-batches of `micro` rows (sequentially, to bound memory); results concatenated."""
-  rows = jax.tree.leaves(batch)[0].shape[0]
-  split = jax.tree.map(lambda x: x.reshape(rows // micro, micro, *x.shape[1:]), batch)
-  out = jax.lax.map(fn, split)
-  return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
+  out = jax.lax.map(fn, _split(batch, micro))
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
 
 
 def response_hidden(params, tokens: Array, attn_mask: Array, cfg: StepConfig, n: int) -> Array:
@@ -135,8 +138,7 @@ def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg:
 
 def _accumulate(loss_fn, params, batch: dict, micro: int):
   """Sum of grads and losses over micro-batches; metrics weighted by each micro-batch's tokens."""
-  rows = batch["mask"].shape[0]
-  split = jax.tree.map(lambda x: x.reshape(rows // micro, micro, *x.shape[1:]), batch)
+  split = _split(batch, micro)
   total = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
