@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -304,18 +305,24 @@ class RewardPool:
   def _run(self, tasks: list[tuple[int, str, str]]) -> dict[int, bool]:
     """math-verify over (index, extracted, gold); a timed-out or crashed task is False."""
     results: dict[int, bool] = {}
-    pending = list(reversed(tasks))
     while len(self._workers) < min(self.max_workers, len(tasks)):
       self._workers.append(_Worker())
-    while pending or any(w.task is not None for w in self._workers):
-      for w in self._workers:
-        if w.ready and w.task is None and pending:
-          task_id, extracted, gold = pending.pop()
+    # Tasks queue at the worker their reference answer hashes to, so each worker parses (and
+    # caches) each reference once: a group's n responses share one. An idle worker whose queue
+    # is empty takes from the longest other queue, so no worker idles while tasks wait.
+    queues: list[list[tuple[int, str, str]]] = [[] for _ in self._workers]
+    for task in reversed(tasks):
+      queues[zlib.crc32(task[2].encode()) % len(queues)].append(task)
+    while any(queues) or any(w.task is not None for w in self._workers):
+      for j, w in enumerate(self._workers):
+        if w.ready and w.task is None and any(queues):
+          queue = queues[j] if queues[j] else max(queues, key=len)
+          task_id, extracted, gold = queue.pop()
           try:
             w.conn.send((task_id, extracted, gold, self.timeout_s))
             w.task, w.deadline = task_id, time.monotonic() + self.timeout_s
           except OSError:  # died while idle: the deadline check below replaces it
-            pending.append((task_id, extracted, gold))
+            queue.append((task_id, extracted, gold))
             w.deadline = 0.0
       waiting = [w for w in self._workers if w.task is not None or not w.ready]
       wait_s = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
