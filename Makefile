@@ -16,9 +16,9 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m explore_jax.demo --config configs/demo.py --workdir runs/demo
 
-# The same comparison over 3 seeds with a longer budget; means and 95% intervals.
+# The same comparison over 3 seeds; means and 95% intervals.
 demo-seeds: $(VENV)/.installed
-	$(PY) -m explore_jax.demo --config configs/demo.py:seeds=3,steps=60 --workdir runs/demo_seeds \
+	$(PY) -m explore_jax.demo --config configs/demo.py:seeds=3 --workdir runs/demo_seeds \
 	    --config.base_model_dir=runs/demo/base_model
 
 test: $(VENV)/.installed

@@ -1,7 +1,7 @@
 r"""The main job: the paper's comparison at CPU scale (see explore_jax/demo.py).
 
     python -m explore_jax.demo --config configs/demo.py --workdir runs/demo          # one seed
-    python -m explore_jax.demo --config configs/demo.py:seeds=3,steps=60 --workdir runs/demo3
+    python -m explore_jax.demo --config configs/demo.py:seeds=3 --workdir runs/demo3
 
 A tiny Qwen2 is pre-trained on worked arithmetic solutions (the "base model"), then trained with
 GRPO (baseline), GRPO + entropy advantage (the paper) and GRPO + entropy regularizer, with the same
@@ -15,7 +15,7 @@ from explore_jax import evaluate
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, seeds=1, steps=30, problems=100)
+  args = common.parse_arg(arg, seeds=1, steps=25, problems=100)
   c = ml_collections.ConfigDict()
   c.train = common.tiny_config()
   c.train.total_steps = args.steps

@@ -137,8 +137,8 @@ def tiny_config() -> ml_collections.ConfigDict:
   """The CPU-scale experiment (configs/tiny_cpu.py, configs/demo.py): a 2-layer Qwen2 pre-trained on
   the synthetic task, then GRPO on it; a few minutes on 2 cores."""
   c = base_config()
-  c.total_steps = 30
-  c.checkpoint_every = 10
+  c.total_steps = 25
+  c.checkpoint_every = 5
   c.export_hf = True
   c.progress_bar = True
 
@@ -157,22 +157,24 @@ def tiny_config() -> ml_collections.ConfigDict:
 
   c.data.name = "synthetic_arithmetic"
   c.data.template = "synthetic"
-  # Additions and subtractions of 2-3 one-digit numbers: the pre-trained base solves about half of
-  # the held-out problems greedily, so RL has signal in most groups of 8.
+  # Additions and subtractions of 2-3 one-digit numbers: the pre-trained base solves most held-out
+  # problems greedily (0.92) but under half when sampling at temperature 1, so RL has signal.
   c.data.synthetic.update(dict(min_operands=2, max_operands=3, max_number=9, ops="+-",
                                train_size=2000, test_size=100))
-  c.data.prompts_per_step = 16
+  c.data.prompts_per_step = 64
   c.data.max_prompt_len = 24
   c.rollout.n = 8
   c.rollout.max_new_tokens = 48
   c.reward.method = "math_verify"
   c.reward.workers = 2
-  c.rl.mini_batch_size = 32  # 128 rollouts -> 4 policy updates per step
-  c.rl.micro_batch_size = 32
+  # 512 rollouts -> 2 policy updates of 32 prompts x 8 per step. Measured on this model (README):
+  # an Adam update on a few prompts is mostly noise, and at lr 1e-4 with 4 prompts per update
+  # (like SFT with batch 4) held-out accuracy falls within 20 steps; 32 prompts per update at
+  # lr 3e-5 is the least harmful setting found.
+  c.rl.mini_batch_size = 256
+  c.rl.micro_batch_size = 64
   c.rl.logit_chunk = 64
-  # Adam's first steps move every weight by about lr; above ~3e-4 one rollout's updates already
-  # cost this tiny model most of its accuracy (measured), so RL here is slow and careful.
-  c.optim.lr = 1e-4
+  c.optim.lr = 3e-5
   c.optim.warmup_steps = 4
   return c
 

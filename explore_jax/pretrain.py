@@ -30,7 +30,7 @@ from explore_jax.data import synthetic, templates
 from explore_jax.data import tokenizer as tokenizer_lib
 from explore_jax.models import qwen2
 
-FORMAT_VERSION = 1  # bump when the recipe below changes, so stale cached models are not reused
+FORMAT_VERSION = 2  # bump when the recipe below or the task's text changes: stale bases are not reused
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, eos_id: int

@@ -34,6 +34,30 @@ def test_answers_and_steps_match_python_eval(train):
     assert lines[-2].endswith(f"= {r['answer']}")
 
 
+def _post_order(node):
+  """Steps of Python's own parse of an expression, as "a op b = c" lines (independent of
+  synthetic.parse/solve)."""
+  if isinstance(node, ast.Constant):
+    return node.value, []
+  a, left = _post_order(node.left)
+  b, right = _post_order(node.right)
+  op = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}[type(node.op)]
+  c = eval(f"{a} {op} {b}")  # pylint: disable=eval-used
+  return c, left + right + [f"{a} {op} {b} = {c}"]
+
+
+def test_solution_steps_follow_the_printed_expression(train):
+  """The step order is a function of the problem text: "Compute 4 + 9 + 1." is solved
+  "4 + 9 = 13", "13 + 1 = 14" whatever tree it was drawn from."""
+  chained = 0
+  for r in train:
+    expr = r["problem"][len("Compute "):-1]
+    _, steps = _post_order(ast.parse(expr, mode="eval").body)
+    assert r["solution"].split("\n")[:-1] == steps, (r["problem"], r["solution"])
+    chained += bool(re.search(r"\d [+*] \d+ [+*] \d", expr))
+  assert chained > 100  # the case where a drawn tree and the printed one can differ is common
+
+
 def test_minimal_parentheses(train):
   # Dropping any one pair of parentheses must change the parse tree (else it was not needed);
   # Python's grammar has the same precedence and left-associativity.

@@ -2,7 +2,8 @@
 
 A problem is a random expression tree over small positive integers, printed with the fewest
 parentheses ("Compute (3 + 4) * 5 - 2."). Its worked solution evaluates one operation per line in
-post-order and ends with the answer in `\\boxed{}`:
+post-order of the expression as printed (usual precedence, left to right) and ends with the answer
+in `\\boxed{}`:
 
     3 + 4 = 7
     7 * 5 = 35
@@ -21,6 +22,7 @@ problem into training. Within a split problems are unique; generation is determi
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -102,8 +104,28 @@ def split_of(problem: str, test_percent: int) -> str:
   return "test" if bucket < test_percent else "train"
 
 
+_AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
+
+
+def parse(text: str):
+  """The tree a reader sees in an expression: usual precedence, left-associative ("1 + 2 + 3"
+  is (1 + 2) + 3). A worked solution follows this tree, never the one the text was drawn from:
+  "4 + 9 + 1" from the draw 4 + (9 + 1) would otherwise start with "9 + 1 = 10", a step order
+  the problem text cannot predict."""
+
+  def tree(node):
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+      return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
+      return (_AST_OPS[type(node.op)], tree(node.left), tree(node.right))
+    raise ValueError(f"not an arithmetic expression of + - * over integers: {text!r}")
+
+  return tree(ast.parse(text, mode="eval").body)
+
+
 def make_example(tree, index: int, split: str) -> dict[str, Any]:
-  return _example(f"Compute {render(tree)}.", *solve(tree), index, split)
+  text = render(tree)
+  return _example(f"Compute {text}.", *solve(parse(text)), index, split)
 
 
 def _example(problem: str, value: int, steps: list[str], index: int, split: str):
@@ -135,11 +157,11 @@ def generate(split: str, size: int | None = None,
       raise ValueError(f"could only generate {len(examples)} unique {split} problems of the "
                        f"{size} asked for with {config}; widen the difficulty range")
     n = config.min_operands + int(rng.random() * (config.max_operands - config.min_operands + 1))
-    tree = _random_tree(rng, n, config)
-    problem = f"Compute {render(tree)}."
+    text = render(_random_tree(rng, n, config))
+    problem = f"Compute {text}."
     if problem in seen or split_of(problem, config.test_percent) != split:
       continue
-    value, steps = solve(tree)
+    value, steps = solve(parse(text))
     if not _in_range(steps, config):
       continue
     seen.add(problem)

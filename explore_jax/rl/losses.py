@@ -110,8 +110,10 @@ def token_logprobs_and_entropy(hidden: Array, w_out: Array, targets: Array, *,
   """
   def one_chunk(xs):
     h, tgt = xs  # [B, c, D], [B, c]
-    logits = jnp.einsum("BcD,DV->BcV", h, w_out.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    # One 2-D matmul over all B * c rows (faster on CPU than a batched contraction, see
+    # explore_jax.models.qwen2._project), accumulated in float32.
+    logits = jnp.matmul(h.reshape(-1, h.shape[-1]), w_out.astype(h.dtype),
+                        preferred_element_type=jnp.float32).reshape(*h.shape[:-1], -1)
     return logprobs_and_entropy(logits, tgt)
 
   if chunk is None:
