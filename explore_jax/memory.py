@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from explore_jax.models.qwen2 import PRESETS, Qwen2Config
+from explore_jax.models.qwen2 import CACHE_AXES, PRESETS, Qwen2Config
 from explore_jax.sharding import DEFAULT_RULES, MESH_AXES
 
 GiB = 2**30
@@ -263,11 +263,10 @@ def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "gr
                                               "activation_vocab"))
   add("logits_chunk", *logits, 2 * 4, "update")
 
-  # Rollout: KV cache [L, B, S, K, H] x 2, the sampler's weight copy, prefill scores, decode logits.
+  # Rollout: KV cache [L, B, K, S, H] x 2, the sampler's weight copy, prefill scores, decode logits.
   if rollout_batch:
     B, S = rollout_batch, rollout_len
-    kv = act((L, B, S, K, H), ("cache_layers", "cache_batch", "cache_length", "kv_heads",
-                               "head_dim"))
+    kv = act((L, B, K, S, H), CACHE_AXES)
     add("kv_cache", *kv, 2 * _dtype_bytes(kv_dtype), "rollout")
     if param_dtype != compute_dtype:
       add("rollout_weights", actor_total, actor_local, c, "rollout")

@@ -237,8 +237,7 @@ def _constrain(state: DecodeState, mesh: Mesh | None) -> DecodeState:
   c = state.cache
   shard = lambda x, names: jax.lax.with_sharding_constraint(
       x, logical_sharding(names, x.shape, mesh))
-  kv_names = ("cache_layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
-  cache = c.replace(k=shard(c.k, kv_names), v=shard(c.v, kv_names),
+  cache = c.replace(k=shard(c.k, qwen2.CACHE_AXES), v=shard(c.v, qwen2.CACHE_AXES),
                     mask=shard(c.mask, ("cache_batch", "cache_length")))
   rows = ("batch", None)
   return state.replace(cache=cache, tokens=shard(state.tokens, rows),
@@ -279,7 +278,7 @@ def _segment_ends(max_new_tokens: int, segments: int) -> list[int]:
 
 def _with_slots(cache: KVCache, slots: int) -> KVCache:
   """The first `slots` slots of the cache (a copy, unless that is all of them)."""
-  return cache.replace(k=cache.k[:, :, :slots], v=cache.v[:, :, :slots],
+  return cache.replace(k=cache.k[:, :, :, :slots], v=cache.v[:, :, :, :slots],
                        mask=cache.mask[:, :slots])
 
 

@@ -91,10 +91,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
             out.append(dict(name=name, mesh=mesh_shape, critic=critic, dtype=dtype,
                             params=memory.measured_bytes(shapes, shards), mu_nu=mu_nu))
         for batch in (8, 6, 3):
-          shape = (cfg.num_hidden_layers, batch, 16, cfg.num_key_value_heads, cfg.head_dim)
           cache = jax.eval_shape(lambda: qwen2.init_cache(cfg, batch, 16, "bfloat16"))
-          names = ("cache_layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
-          s = sharding.logical_sharding(names, shape, mesh)
+          s = sharding.logical_sharding(qwen2.CACHE_AXES, cache.k.shape, mesh)
           out.append(dict(name=name, mesh=mesh_shape, batch=batch,
                           kv=memory.measured_bytes([cache.k, cache.v], [s, s])))
     print(json.dumps(out))

@@ -29,6 +29,11 @@ def run_two_processes(env, workdir, overrides):
   procs = []
   for pid in range(2):
     penv = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # Each process compiles its own programs: a CI run hung once in the resumed run's first step
+    # with both processes sharing the persistent compilation cache (one may load a cached
+    # executable while the other compiles afresh; their collectives must match). Suspected, not
+    # proven: the same runs by hand without the shared cache passed.
+    penv.pop("JAX_COMPILATION_CACHE_DIR", None)
     cmd = _command(workdir, "entropy_reg", list(overrides) + [
         f"--config.distributed.coordinator=127.0.0.1:{port}",
         "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
@@ -38,7 +43,7 @@ def run_two_processes(env, workdir, overrides):
   errs = []
   for p in procs:
     try:
-      _, err = p.communicate(timeout=900)
+      _, err = p.communicate(timeout=600)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()

@@ -203,16 +203,21 @@ def preset(name: str, **overrides) -> Qwen2Config:
 # --------------------------------------------------------------------------------------------------
 
 
+# Heads before slots: a decode step's attention is then two plain batched matmuls over [B, K]
+# that read the cache as it lies (with slots before heads, every step transposed the whole cache).
+CACHE_AXES = ("cache_layers", "cache_batch", "kv_heads", "cache_length", "head_dim")
+
+
 @flax.struct.dataclass
 class KVCache:
-  k: Array  # [L, B, S, K, H]
-  v: Array  # [L, B, S, K, H]
+  k: Array  # [L, B, K, S, H] (CACHE_AXES)
+  v: Array  # [L, B, K, S, H]
   mask: Array  # [B, S] bool: the slot holds a real (non-padding) token
   index: Array  # [] int32: the next slot to write
 
 
 def init_cache(config: Qwen2Config, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
-  shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+  shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
   dtype = jnp.dtype(dtype or config.dtype)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                  mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
@@ -232,17 +237,15 @@ def _cast(x, config: Qwen2Config):
   return jnp.asarray(x, jnp.dtype(config.dtype))
 
 
-def _project(x: Array, w: Array, n_in: int) -> Array:
-  """x [..., *in] @ w [*in, *out] -> [..., *out], as ONE 2-D matmul [rows, in] @ [in, out].
+def _project(rows: Array, w: Array, n_in: int) -> Array:
+  """rows [R, *in] @ w [*in, *out] -> [R, *out]: one 2-D matmul over all rows.
 
-  The same contraction as an einsum, but XLA:CPU runs the backward pass of a 2-D matmul (weight
-  gradient = x^T @ dy over all rows at once) several times faster than that of a batched
-  [B, T, D] contraction (benchmarks/train_step.py); on TPU/GPU the two compile alike.
+  Callers flatten [B, T, ...] activations to rows first (once per input, however many weights
+  read it): XLA:CPU runs the backward pass of a 2-D matmul (weight gradient = rows^T @ dy) several
+  times faster than that of a batched [B, T, D] contraction (benchmarks/train_step.py); on
+  TPU/GPU the two compile alike. The weight keeps its shape, so no reshaped copy of it is saved.
   """
-  in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
-  lead = x.shape[:x.ndim - n_in]
-  y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1)
-  return y.reshape(*lead, *out_shape)
+  return jnp.tensordot(rows, w, axes=n_in)
 
 
 _dense_init = nn.initializers.normal(stddev=0.02)
@@ -288,34 +291,36 @@ class Attention(nn.Module):
     wo = _param(self, "o_proj", (n, h, d), ("q_heads", "head_dim", "embed"), _dense_init, cfg)
     c = lambda w: _cast(w, cfg)
 
-    q = _project(x, c(wq), 1) + c(bq)  # [B, T, N, H]
-    key = _project(x, c(wk), 1) + c(bk)  # [B, T, K, H]
-    val = _project(x, c(wv), 1) + c(bv)
+    b, t = x.shape[:2]
+    rows = x.reshape(b * t, d)
+    q = (_project(rows, c(wq), 1) + c(bq)).reshape(b, t, n, h)
+    key = (_project(rows, c(wk), 1) + c(bk)).reshape(b, t, k, h)
+    val = (_project(rows, c(wv), 1) + c(bv)).reshape(b, t, k, h)
     q = rope(q, positions, cfg.rope_theta)
-    key = rope(key, positions, cfg.rope_theta)
+    key = rope(key, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, H]
+    val = val.transpose(0, 2, 1, 3)
 
     if cache is not None:
       # Write this step's keys and values into their slots; attend over the whole cache.
-      start = (self.layer, 0, cache.index, 0, 0)
+      start = (self.layer, 0, 0, cache.index, 0)
       new_k = jax.lax.dynamic_update_slice(cache.k, key.astype(cache.k.dtype)[None], start)
       new_v = jax.lax.dynamic_update_slice(cache.v, val.astype(cache.v.dtype)[None], start)
-      key, val = c(new_k[self.layer]), c(new_v[self.layer])  # [B, S, K, H]
+      key, val = c(new_k[self.layer]), c(new_v[self.layer])  # [B, K, S, H]
       cache = cache.replace(k=new_k, v=new_v)
 
-    b, t = x.shape[:2]
-    s, g = key.shape[1], cfg.group_size
+    s, g = key.shape[2], cfg.group_size
     # Heads first, so that both products are plain batched matmuls over [B, K] (the G query heads
-    # of a kv head share its keys): [B, K, G*T, H] @ [B, K, H, S]. XLA:CPU runs these, and their
+    # of a kv head share its keys): [B, K, G*T, H] x [B, K, S, H]. XLA:CPU runs these, and their
     # gradients, faster than the same einsum over [B, T, K, G, H].
     q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-    scores = jnp.matmul(q, key.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BKQH,BKSH->BKQS", q, key, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, k, g, t, s) / jnp.sqrt(jnp.float32(h))
     allowed = key_mask[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slots[None, :, None])
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)  # [B,K,G,T,S]
     probs = jax.nn.softmax(scores, axis=-1).astype(val.dtype).reshape(b, k, g * t, s)
-    out = jnp.matmul(probs, val.transpose(0, 2, 1, 3))  # [B, K, G*T, H]
-    out = out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-    return _project(out, c(wo), 2), cache
+    out = jnp.matmul(probs, val)  # [B, K, G*T, H]
+    out = out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, n, h)
+    return _project(out, c(wo), 2).reshape(b, t, d), cache
 
 
 class MLP(nn.Module):
@@ -329,10 +334,11 @@ class MLP(nn.Module):
     up = _param(self, "up_proj", (d, f), ("embed", "mlp"), _dense_init, cfg)
     down = _param(self, "down_proj", (f, d), ("mlp", "embed"), _dense_init, cfg)
     c = lambda w: _cast(w, cfg)
-    hidden = nn.silu(_project(x, c(gate), 1)) * _project(x, c(up), 1)  # [B, T, F]
-    hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length",
-                                                 "activation_mlp"))
-    return _project(hidden, c(down), 1)
+    rows = x.reshape(-1, d)
+    hidden = nn.silu(_project(rows, c(gate), 1)) * _project(rows, c(up), 1)  # [B * T, F]
+    hidden = nn.with_logical_constraint(hidden.reshape(*x.shape[:-1], f), (
+        "activation_batch", "activation_length", "activation_mlp"))
+    return _project(hidden.reshape(-1, f), c(down), 1).reshape(x.shape)
 
 
 class DecoderLayer(nn.Module):
