@@ -15,26 +15,6 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("baseline", "entropy_adv", "entropy_reg")
 
-# configs/tiny_cpu.py:size=test (a 32-wide model on one-digit additions), so that the base model
-# pre-trained for tests/test_train.py in this session's cache is reused.
-SHRINK = {
-    "train.total_steps": 2, "train.checkpoint_every": 2, "train.progress_bar": False,
-    "train.model.hidden_size": 32, "train.model.intermediate_size": 64,
-    "train.pretrain.steps": 300, "train.pretrain.lr": 1e-2, "train.pretrain.batch_size": 32,
-    "train.pretrain.seq_len": 32, "train.data.synthetic.min_operands": 2,
-    "train.data.synthetic.max_operands": 2, "train.data.synthetic.ops": "+",
-    "train.data.synthetic.train_size": 60, "train.data.synthetic.test_size": 5,
-    "train.data.prompts_per_step": 4, "train.data.max_prompt_len": 16, "train.rollout.n": 4,
-    "train.rollout.max_new_tokens": 24, "train.rl.mini_batch_size": 8,
-    "train.rl.micro_batch_size": 4, "train.rl.logit_chunk": 8, "train.reward.workers": 1,
-    "train.optim.lr": 1e-3, "train.optim.warmup_steps": 2,
-    "eval.benchmarks.heldout.n": 8, "eval.benchmarks.heldout.max_problems": 5,
-    "eval.sampling.max_new_tokens": 24, "eval.synthetic.min_operands": 2,
-    "eval.synthetic.max_operands": 2, "eval.synthetic.ops": "+",
-    "eval.synthetic.train_size": 60, "eval.synthetic.test_size": 5, "eval.reward_workers": 1,
-    "heatmap_responses": 2,
-}
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -44,10 +24,11 @@ def demo(tmp_path_factory):
              JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.pop("XLA_FLAGS", None)
-  cmd = [sys.executable, "-m", "explore_jax.demo", "--config=configs/demo.py:seeds=2",
-         f"--workdir={workdir}",
+  # size=test: the trainer tests' model and task, so the base model that tests/test_train.py
+  # pre-trains in this session's cache is reused.
+  cmd = [sys.executable, "-m", "explore_jax.demo",
+         "--config=configs/demo.py:seeds=2,steps=2,problems=5,size=test", f"--workdir={workdir}",
          f"--config.base_model_dir={root / 'explore_jax_cache' / 'base_models'}"]
-  cmd += [f"--config.{k}={v}" for k, v in SHRINK.items()]
   proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir, proc.stdout

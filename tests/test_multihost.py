@@ -32,7 +32,7 @@ def run_two_processes(env, workdir, overrides):
     # Each process compiles its own programs: a CI run hung once in the resumed run's first step
     # with both processes sharing the persistent compilation cache (one may load a cached
     # executable while the other compiles afresh; their collectives must match). Suspected, not
-    # proven: the same runs by hand without the shared cache passed.
+    # proven: the same runs by hand passed, with and without a shared cache on a loaded machine.
     penv.pop("JAX_COMPILATION_CACHE_DIR", None)
     cmd = _command(workdir, "entropy_reg", list(overrides) + [
         f"--config.distributed.coordinator=127.0.0.1:{port}",

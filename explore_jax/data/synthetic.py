@@ -123,11 +123,6 @@ def parse(text: str):
   return tree(ast.parse(text, mode="eval").body)
 
 
-def make_example(tree, index: int, split: str) -> dict[str, Any]:
-  text = render(tree)
-  return _example(f"Compute {text}.", *solve(parse(text)), index, split)
-
-
 def _example(problem: str, value: int, steps: list[str], index: int, split: str):
   return {
       "id": f"arith-{split}-{index}",

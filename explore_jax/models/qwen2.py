@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 from typing import Any
 
@@ -204,7 +203,7 @@ def preset(name: str, **overrides) -> Qwen2Config:
 
 
 # Heads before slots: a decode step's attention is then two plain batched matmuls over [B, K]
-# that read the cache as it lies (with slots before heads, every step transposed the whole cache).
+# that read each layer's cache without a transpose.
 CACHE_AXES = ("cache_layers", "cache_batch", "kv_heads", "cache_length", "head_dim")
 
 
