@@ -24,7 +24,6 @@ import torch
 import transformers
 
 from explore_jax import checkpoint, sampling
-from explore_jax.models import qwen2
 
 CONFIGS = {
     "a": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -42,8 +41,7 @@ def _models(spec):
                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)
   hf = transformers.Qwen2ForCausalLM(hcfg).float().eval()
   hf.generation_config.eos_token_id = None
-  cfg = qwen2.Qwen2Config.from_hf_dict(hcfg.to_dict())
-  params = checkpoint.params_from_hf_state({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+  cfg, params = checkpoint.from_hf_model(hf)
   return hf, cfg, jax.device_put(params)
 
 

@@ -65,9 +65,7 @@ def make_models(spec: dict):
         p.normal_(0.0, 0.1)
       elif "norm" in name:
         p.uniform_(0.8, 1.2)
-  cfg = qwen2.Qwen2Config.from_hf_dict(hcfg.to_dict())
-  params = checkpoint.params_from_hf_state(
-      {k: v.detach().numpy() for k, v in hf.state_dict().items()}, cfg)
+  cfg, params = checkpoint.from_hf_model(hf)
   return hf, cfg, jax.tree.map(jnp.asarray, params)
 
 

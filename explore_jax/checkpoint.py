@@ -97,6 +97,13 @@ def params_from_hf_state(state: dict[str, np.ndarray], config: Qwen2Config) -> P
   return params
 
 
+def from_hf_model(model) -> tuple[Qwen2Config, Params]:
+  """(config, numpy params) of an in-memory transformers Qwen2ForCausalLM (torch, float32)."""
+  config = Qwen2Config.from_hf_dict(model.config.to_dict())
+  state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  return config, params_from_hf_state(state, config)
+
+
 def hf_state_from_params(params: Params, config: Qwen2Config) -> dict[str, np.ndarray]:
   return {name: to_hf(np.asarray(_get_path(params, path)))
           for name, (path, _, _, to_hf) in _hf_layout(config).items()}

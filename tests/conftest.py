@@ -39,7 +39,6 @@ def make_tiny_hf(seed: int = 0, **overrides) -> TinyHF:
   import transformers
 
   from explore_jax import checkpoint
-  from explore_jax.models.qwen2 import Qwen2Config
 
   kw = {**TINY, **overrides}
   torch.manual_seed(seed)
@@ -51,10 +50,8 @@ def make_tiny_hf(seed: int = 0, **overrides) -> TinyHF:
         p.normal_(0.0, 0.5)
       elif "norm" in name:
         p.uniform_(0.5, 1.5)
-  config = Qwen2Config.from_hf_dict(hf_cfg.to_dict())
-  state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  params = jax.tree.map(jax.numpy.asarray, checkpoint.params_from_hf_state(state, config))
-  return TinyHF(hf, config, params)
+  config, params = checkpoint.from_hf_model(hf)
+  return TinyHF(hf, config, jax.tree.map(jax.numpy.asarray, params))
 
 
 @pytest.fixture(scope="session")

@@ -49,8 +49,7 @@ def model():
   torch.manual_seed(0)
   hcfg = _hf_config()
   hf = _randomise(transformers.Qwen2ForCausalLM(hcfg).float().eval())
-  cfg = qwen2.Qwen2Config.from_hf_dict(hcfg.to_dict())
-  params = checkpoint.params_from_hf_state({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+  cfg, params = checkpoint.from_hf_model(hf)
   return hf, cfg, jax.tree.map(jnp.asarray, params)
 
 
