@@ -321,9 +321,9 @@ class RewardPool:
           try:
             w.conn.send((task_id, extracted, gold, self.timeout_s))
             w.task, w.deadline = task_id, time.monotonic() + self.timeout_s
-          except OSError:  # died while idle: the deadline check below replaces it
+          except OSError:  # died while idle: replace it; the task waits for the next worker
             queue.append((task_id, extracted, gold))
-            w.deadline = 0.0
+            self._replace(j)
       waiting = [w for w in self._workers if w.task is not None or not w.ready]
       wait_s = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
       ready = multiprocessing.connection.wait([w.conn for w in waiting], timeout=wait_s)

@@ -120,6 +120,20 @@ def test_crashed_worker_is_replaced(pool):
   assert set(out.tolist()) <= {1.0, -1.0}
 
 
+def test_worker_that_cannot_be_sent_to_is_replaced():
+  """A worker found dead when a task is sent to it (the send itself fails) is replaced at once,
+  and the task goes to its replacement."""
+  with rewards.RewardPool(max_workers=1, timeout_s=3.0) as p:
+    p.score([r"\boxed{\frac12}"], ["0.5"])  # the worker exists and is ready
+    w = p._workers[0]  # pylint: disable=protected-access
+    os.kill(w.process.pid, signal.SIGKILL)
+    w.process.wait()
+    w.conn.close()  # every send to it now raises OSError
+    out = _check_returns(lambda: p.score([r"\boxed{\sqrt{4}}"], ["2"]), limit_s=120)
+    assert out.tolist() == [1.0]
+    assert p.killed == 1
+
+
 def test_overlong_penalty_matches_dapo_formula():
   max_len, cache = 100, 20
   lengths = np.arange(0, 130)
