@@ -5,9 +5,10 @@ r"""The main job: the paper's comparison at CPU scale (see explore_jax/demo.py).
 
 `size=test` is the shortened demo that tests/test_demo.py runs (seconds per step).
 
-A tiny Qwen2 is pre-trained on worked arithmetic solutions (the "base model"), then trained with
-GRPO (baseline), GRPO + entropy advantage (the paper) and GRPO + entropy regularizer, with the same
-seeds and budget; the base and the three are evaluated on the held-out split with pass@k up to 64.
+A tiny Qwen2 is pre-trained on arithmetic problems, 70% demonstrated by worked solutions and 30% by
+the bare answer (the "base model"; `pretrain.direct_answer_frac`), then trained with GRPO
+(baseline), GRPO + entropy advantage (the paper) and GRPO + entropy regularizer, with the same seeds
+and budget; the base and the three are evaluated on the held-out split with pass@k up to 64.
 """
 
 import ml_collections

@@ -2,7 +2,8 @@ r"""The main job: the paper's experiment at CPU scale, end to end, in one comman
 
     python -m explore_jax.demo --config configs/demo.py --workdir runs/demo
 
-1. a tiny Qwen2 "base model" is pre-trained on worked arithmetic solutions (cached in the workdir);
+1. a tiny Qwen2 "base model" is pre-trained on arithmetic problems, 70% shown with worked
+   solutions and 30% with the bare answer (cached in the workdir);
 2. for each seed, GRPO (baseline), GRPO + entropy advantage and GRPO + entropy regularizer are
    trained from it with the same data order, budget and seed (`explore_jax.train`);
 3. the base and every trained model are evaluated on the held-out split: avg@64 and pass@k for
@@ -10,7 +11,8 @@ r"""The main job: the paper's experiment at CPU scale, end to end, in one comman
 4. `report.md` / `report.html` gather the numbers (means and 95% intervals over seeds), pass@k and
    training curves, and a token-entropy heatmap of a few responses; `results.json` has every figure.
 
-Every stage resumes: a second run of the same command only redoes what is missing.
+Every stage resumes: a second run of the same command only redoes what is missing. A run or an
+evaluation started with other settings is not resumed but refused, naming what changed.
 """
 
 from __future__ import annotations
@@ -60,12 +62,21 @@ def mean_ci(values) -> tuple[float, float]:
   return float(v.mean()), float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
 
 
-def summarize(results: dict, labels: dict[str, tuple[str, int]]) -> dict:
-  """{variant: {metric: (mean, ci)}} over seeds, from evaluate's results.json."""
+def bare_answer_rate(responses_path: str) -> float:
+  """Share of graded responses that box an answer with no worked step before it."""
+  with open(responses_path) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  return float(np.mean([r["response"].lstrip().startswith("\\boxed") for r in recs]))
+
+
+def summarize(results: dict, labels: dict[str, tuple[str, int]], eval_dir: str) -> dict:
+  """{variant: {metric: (mean, ci)}} over seeds, from evaluate's results.json and responses."""
   by_variant: dict[str, dict[str, list[float]]] = {}
   for label, (variant, _) in labels.items():
     bench = results["models"][label]["benchmarks"]["heldout"]
     row = by_variant.setdefault(variant, {})
+    row.setdefault("bare_answers", []).append(
+        bare_answer_rate(os.path.join(eval_dir, label, "heldout", "responses.jsonl")))
     row.setdefault("avg@n", []).append(bench["avg@n"])
     for k, v in bench["pass@k"].items():
       row.setdefault(f"pass@{k}", []).append(v)
@@ -117,7 +128,7 @@ def write_report(workdir: str, config, summary: dict, base_acc: float, runs: dic
     f.write(plots.entropy_html(heat, titles, title="Token entropy of held-out responses"))
   n = config.eval.benchmarks.heldout.n
   ks = [k for k in evaluate.k_values(n)]
-  cols = ["avg@n"] + [f"pass@{k}" for k in ks] + ["mean_length"]
+  cols = ["avg@n"] + [f"pass@{k}" for k in ks] + ["mean_length", "bare_answers"]
   lines = [
       "# explore_jax demo: entropy-based advantage at CPU scale", "",
       f"Seeds: {config.seeds}; RL steps per run: {config.train.total_steps}; held-out problems: "
@@ -172,6 +183,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   links = {"base": base, **{name: os.path.join(workdir, "runs", name, "hf") for name in runs}}
   for label, target in links.items():
     link = os.path.join(models_dir, label)
+    if os.path.islink(link) and os.readlink(link) != os.path.abspath(target):
+      os.remove(link)  # e.g. a base model rebuilt under a new key
     if not os.path.islink(link):
       os.symlink(os.path.abspath(target), link)
   eval_cfg = ml_collections.ConfigDict(config.eval.to_dict())
@@ -180,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   _say("4/4 report")
   labels = {"base": ("base", 0), **runs}
-  summary = summarize(results, labels)
+  summary = summarize(results, labels, os.path.join(workdir, "eval"))
   heat, titles = [], []
   for label in ("base",) + tuple(run_name(v, 0) for v in config.variants):
     path = os.path.join(workdir, "eval", label, "heldout", "responses.jsonl")

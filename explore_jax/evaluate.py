@@ -37,6 +37,7 @@ uninterrupted one would have drawn (given the same batch boundaries).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -192,6 +193,37 @@ def load_graded(path: str, n: int) -> dict[str, list[dict]]:
   return complete
 
 
+def model_fingerprint(path: str) -> str:
+  """Name, size and modification time of every file of a model directory (cheap for a 7B: no
+  reading): responses sampled from a model that was since retrained are not resumed."""
+  root = os.path.realpath(path)
+  entries = []
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      full = os.path.join(dirpath, name)
+      st = os.stat(full)
+      entries.append((os.path.relpath(full, root), st.st_size, st.st_mtime_ns))
+  return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
+
+
+def check_sampled_with(out_dir: str, sampled_with: dict) -> None:
+  """Responses in out_dir are resumed only if they were sampled the same way from the same model:
+  out_dir/sampled_with.json records how (the number of problems may grow)."""
+  path = os.path.join(out_dir, "sampled_with.json")
+  responses = os.path.join(out_dir, "responses.jsonl")
+  if os.path.exists(path) and os.path.exists(responses) and os.path.getsize(responses):
+    with open(path) as f:
+      before = json.load(f)
+    changed = sorted(k for k in set(before) | set(sampled_with)
+                     if before.get(k) != sampled_with.get(k))
+    if changed:
+      diff = "; ".join(f"{k}: {before.get(k)} -> {sampled_with.get(k)}" for k in changed)
+      raise ValueError(f"{responses} was sampled differently ({diff}): delete {out_dir} to "
+                       "re-evaluate, or evaluate into a fresh workdir.")
+  with open(path, "w") as f:
+    json.dump(sampled_with, f, indent=2)
+
+
 def append_records(path: str, records: list[dict]) -> None:
   with open(path, "a") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
@@ -261,13 +293,15 @@ def sample_and_grade(model_config, params, tokenizer, problems: list[dict], prom
 
 
 def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config, out_dir: str,
-                       eos_id: int, pool) -> tuple[dict, list[dict]]:
-  """Sample/grade what is not yet in out_dir/responses.jsonl; return (summary, per-problem rows)."""
+                       eos_id: int, pool, sampled_with: dict) -> tuple[dict, list[dict]]:
+  """Sample/grade what is not yet in out_dir/responses.jsonl; return (summary, per-problem rows).
+  `sampled_with` identifies the model and sampling settings (see check_sampled_with)."""
   import jax
   from explore_jax import data
   from explore_jax.data import templates
 
   os.makedirs(out_dir, exist_ok=True)
+  check_sampled_with(out_dir, sampled_with)
   path = os.path.join(out_dir, "responses.jsonl")
   from explore_jax.data import synthetic
   problems = list(data.load(bench.dataset, bench.split, data_dir=config.data_dir or None,
@@ -358,8 +392,12 @@ def run(config, workdir: str) -> dict:
     entry = results["models"][label] = {"path": os.path.abspath(path), "benchmarks": {}}
     for name in config.benchmarks:
       bench = config.benchmarks[name]
+      how = {"model": os.path.realpath(path), "model_files": model_fingerprint(path),
+             "benchmark": {k: v for k, v in bench.to_dict().items() if k != "max_problems"},
+             "sampling": config.sampling.to_dict(), "seed": config.seed, "dtype": config.dtype,
+             "tokenizer": config.tokenizer, "synthetic": config.synthetic.to_dict()}
       summary, rows = evaluate_benchmark(model_config, params, tokenizer, name, bench, config,
-                                         os.path.join(workdir, label, name), eos_id, pool)
+                                         os.path.join(workdir, label, name), eos_id, pool, how)
       entry["benchmarks"][name] = summary
       csv_rows += [{"model": label, "benchmark": name, **r} for r in rows]
       print(f"[evaluate] {label} {name}: avg@{bench.n}={summary['avg@n']:.4f} "

@@ -2,7 +2,8 @@
 
 The paper starts RL from a base model that can already solve part of its problems. On a laptop we
 make one: a random Qwen2-architecture model with a small tokenizer, trained for `pretrain.steps`
-steps of teacher-forced cross-entropy on the synthetic task's worked solutions, then saved in
+steps of teacher-forced cross-entropy on the synthetic task's worked solutions (for a share
+`pretrain.direct_answer_frac` of the problems, on the bare boxed answer instead), then saved in
 Hugging Face format (config.json, safetensors, tokenizer) with its held-out greedy accuracy in
 `pretrain.json`. The directory is keyed by a hash of every setting that shapes it, so a second run
 (or another variant of the same experiment) reuses it.
@@ -69,7 +70,8 @@ def base_model(config: ml_collections.ConfigDict, root: str | None = None) -> st
   return path
 
 
-def _sequences(records, tokenizer, template: str, seq_len: int, eos_id: int):
+def _sequences(records, tokenizer, template: str, seq_len: int, eos_id: int,
+               direct_answer_frac: float = 0.0):
   """Right-padded [n, seq_len] tokens, attention mask and loss mask (completion tokens only)."""
   n = len(records)
   tokens = np.full((n, seq_len), eos_id, np.int32)
@@ -79,7 +81,7 @@ def _sequences(records, tokenizer, template: str, seq_len: int, eos_id: int):
   for i, r in enumerate(records):
     prompt = tokenizer(templates.apply_template(template, r["problem"], tokenizer),
                        add_special_tokens=False)["input_ids"]
-    completion = tokenizer(synthetic.completion_text(r), add_special_tokens=False)["input_ids"]
+    completion = tokenizer(synthetic.completion_text(r, direct_answer_frac), add_special_tokens=False)["input_ids"]
     ids = prompt + completion + [eos_id]
     if len(ids) > seq_len:
       skipped += 1
@@ -140,7 +142,7 @@ def build(config: ml_collections.ConfigDict, path: str) -> dict:
   task = synthetic.ArithmeticConfig(**config.data.synthetic)
   train = synthetic.load_split("train", task)
   tokens, attn, loss_mask = _sequences(train, tokenizer, config.data.template, pre.seq_len,
-                                       eos_id)
+                                       eos_id, pre.direct_answer_frac)
   steps = pre.steps
   schedule = optax.warmup_cosine_decay_schedule(0.0, pre.lr, min(50, steps // 10 + 1),
                                                 max(steps, 2), pre.lr * 0.05)

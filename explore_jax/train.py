@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -194,6 +195,40 @@ class MetricsLog:
       self.tb.flush()
 
 
+# What a resumed run may change: how long it runs and how it is run, not what it computes.
+RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "progress_bar",
+                     "export_hf", "dry_run", "on_nonfinite", "reward.workers", "reward.timeout_s",
+                     "distributed.")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A workdir resumes only the run it was started with: a changed setting (other than
+  RESUME_MAY_CHANGE) would silently continue the old run under the new name."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = _flat(json.load(f))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+  if changed:
+    diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    raise ValueError(f"{path}: this workdir holds a run started with a different config ({diff}). "
+                     f"Rerun with the same config to resume it (only {', '.join(RESUME_MAY_CHANGE)}"
+                     " may change), or use a fresh workdir.")
+
+
 def check_finite(step: int, metrics: dict, mode: str) -> None:
   bad = [k for k, v in metrics.items() if not np.isfinite(v) or (k.endswith("update_finite")
                                                                    and v < 1)]
@@ -214,9 +249,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+  check_resume_config(workdir, config)
+  if is_main:  # atomically: another process may be checking it
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
 
   # Mesh and logical-axis rules.
   mesh = sharding.make_mesh(config.mesh.shape)
@@ -344,8 +382,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     ckpt.close()
     if bar is not None:
       bar.close()
-    if config.export_hf:
-      export_hf(model_cfg, state.actor, os.path.join(workdir, "hf"), tokenizer_dir)
+    hf_dir = os.path.join(workdir, "hf")
+    # A finished run that is rerun keeps its export untouched (evaluations key on its files).
+    if config.export_hf and (start < config.total_steps or not os.path.isdir(hf_dir)):
+      export_hf(model_cfg, state.actor, hf_dir, tokenizer_dir)
 
 
 @jax.jit
@@ -372,7 +412,12 @@ def export_hf(model_cfg, params, path: str, tokenizer_dir: str) -> None:
     logging.warning("export_hf: skipped on %d processes; convert the checkpoint instead",
                     jax.process_count())
     return
-  checkpoint.save_hf(model_cfg, params, path, tokenizer_dir=tokenizer_dir)
+  # Whole or not at all: a directory that exists is a complete export.
+  tmp = path + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  checkpoint.save_hf(model_cfg, params, tmp, tokenizer_dir=tokenizer_dir)
+  shutil.rmtree(path, ignore_errors=True)
+  os.replace(tmp, path)
   logging.info("exported the trained actor to %s", path)
 
 

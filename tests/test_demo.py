@@ -24,11 +24,12 @@ def demo(tmp_path_factory):
              JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.pop("XLA_FLAGS", None)
-  # size=test: the trainer tests' model and task, so the base model that tests/test_train.py
-  # pre-trains in this session's cache is reused.
+  # size=test: the trainer tests' model and task; half the pre-training problems demonstrated by
+  # the bare answer, so that the report's bare-answer column has something to count.
   cmd = [sys.executable, "-m", "explore_jax.demo",
          "--config=configs/demo.py:seeds=2,steps=2,problems=5,size=test", f"--workdir={workdir}",
-         f"--config.base_model_dir={root / 'explore_jax_cache' / 'base_models'}"]
+         f"--config.base_model_dir={root / 'explore_jax_cache' / 'base_models'}",
+         "--config.train.pretrain.direct_answer_frac=0.5"]
   proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir, proc.stdout
@@ -72,15 +73,21 @@ def test_report_numbers_are_the_results_and_the_graded_responses(demo):
     np.testing.assert_allclose(row["pass@1"][0], row["avg@n"][0], atol=1e-12)
     if variant == "base":
       assert row["avg@n"][1] == 0.0  # one base model: no spread
+      assert 0.0 < row["bare_answers"][0] < 1.0
   # avg@n of each model is the share of its graded responses marked correct, averaged per seed.
-  for variant in VARIANTS:
+  for variant in VARIANTS:  # (and the share of responses that are a bare boxed answer)
     per_seed = []
     for seed in (0, 1):
       recs = [json.loads(line) for line in
               open(workdir / "eval" / f"{variant}_s{seed}" / "heldout" / "responses.jsonl")]
       assert len(recs) == 5 * 8
-      per_seed.append(np.mean([r["correct"] for r in recs]))
-    np.testing.assert_allclose(summary[variant]["avg@n"][0], np.mean(per_seed), atol=1e-9)
+      per_seed.append((np.mean([r["correct"] for r in recs]),
+                       np.mean([r["response"].strip().startswith("\\boxed{") for r in recs])))
+    per_seed = np.array(per_seed)
+    np.testing.assert_allclose(summary[variant]["avg@n"][0], per_seed[:, 0].mean(), atol=1e-9)
+    np.testing.assert_allclose(summary[variant]["bare_answers"][0], per_seed[:, 1].mean(),
+                               atol=1e-9)
+    per_seed = per_seed[:, 0]
     if per_seed[0] != per_seed[1]:
       assert summary[variant]["avg@n"][1] > 0  # two seeds that differ: a nonzero interval
   # Every cell of the report's table is the rounded figure of results.json.

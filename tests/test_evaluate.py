@@ -295,6 +295,32 @@ def test_evaluate_resumes_without_resampling(model_dir, tmp_path, monkeypatch):
     assert [r["model"] for r in csv.DictReader(f)] == [label] * 5 + [label + "_1"] * 5
 
 
+def test_resume_refuses_responses_sampled_differently(model_dir, tmp_path):
+  """Responses are resumed only from the same model files and sampling settings: a retrained
+  model, or another temperature, must not be scored with the old samples."""
+  import shutil
+  model = tmp_path / "model"
+  shutil.copytree(model_dir, model)
+  workdir = str(tmp_path / "eval")
+  label = os.path.basename(str(model))
+  evaluate.run(_tiny_config(str(model), max_problems=1), workdir)
+  responses = os.path.join(workdir, label, "synthetic", "responses.jsonl")
+  with open(responses) as f:
+    before = f.read()
+  other = _tiny_config(str(model), max_problems=1)
+  other.sampling.temperature = other.sampling.temperature / 2
+  with pytest.raises(ValueError, match=r"responses.jsonl was sampled differently \(sampling"):
+    evaluate.run(other, workdir)
+  # The model retrained in place (same path, new weights file): its old responses are stale.
+  weights = next(model.glob("*.safetensors"))
+  st = weights.stat()
+  os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  with pytest.raises(ValueError, match="model_files"):
+    evaluate.run(_tiny_config(str(model), max_problems=1), workdir)
+  with open(responses) as f:
+    assert f.read() == before  # nothing lost
+
+
 def test_bad_config_errors(tmp_path):
   c = _tiny_config(str(tmp_path / "missing"))
   with pytest.raises(FileNotFoundError, match="missing"):

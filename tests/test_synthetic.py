@@ -106,3 +106,24 @@ def test_solutions_grade_correct_and_fit_the_tokenizer(tmp_path, test):
   assert ok.all()
   same = sum(a["answer"] == b["answer"] for a, b in zip(test, test[1:] + test[:1]))
   assert wrong.sum() == same  # only coincidentally equal answers pass
+
+
+def test_direct_answer_demonstrations(train):
+  """pretrain.direct_answer_frac: that share of problems is demonstrated by the bare boxed answer,
+  the same problems whatever the seed or list they come in; 0 and 1 are none and all."""
+  frac = 0.3
+  direct = [r for r in train if synthetic.answers_directly(r["problem"], frac)]
+  assert abs(len(direct) / len(train) - frac) < 0.03  # 3000 draws: 3 standard errors
+  for r in train[:200]:
+    text = synthetic.completion_text(r, frac)
+    if synthetic.answers_directly(r["problem"], frac):
+      assert text == "\\boxed{" + r["answer"] + "}"
+    else:
+      assert text == r["solution"] and text.count("\n") == r["num_operands"] - 1
+  # Nested: the problems answered directly at 0.3 are also answered directly at 0.5.
+  assert all(synthetic.answers_directly(r["problem"], 0.5) for r in direct)
+  assert not any(synthetic.answers_directly(r["problem"], 0.0) for r in train)
+  assert all(synthetic.answers_directly(r["problem"], 1.0) for r in train)
+  assert [synthetic.completion_text(r) for r in train[:50]] == [r["solution"] for r in train[:50]]
+  with pytest.raises(ValueError, match="direct_answer_frac"):
+    synthetic.answers_directly("Compute 1 + 2.", 1.5)

@@ -81,6 +81,12 @@ def test_metrics_config_and_export(train_env, tmp_path):
   assert config["rl"]["entropy_advantage"] is True and config["rl"]["alpha"] == 0.4
   assert (workdir / "hf" / "config.json").exists()  # the trained actor in HF format
   assert any((workdir / "tb").iterdir())
+  # The same command again: nothing left to train, and the export is not rewritten.
+  weights = workdir / "hf" / "model.safetensors"
+  written = weights.stat().st_mtime_ns
+  run_train(train_env, workdir, overrides=["--config.total_steps=2"])
+  assert weights.stat().st_mtime_ns == written
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
 
 
 def test_mistyped_override_fails(train_env, tmp_path):
@@ -213,3 +219,18 @@ def test_dry_run_prints_the_memory_plan(train_env, tmp_path):
   assert 0 <= measured["critic_opt"] - plan["critic_adamw_mu_nu"]["bytes"] <= 64
   assert measured["total"] == sum(measured[k] for k in ("actor", "actor_opt", "critic",
                                                        "critic_opt"))
+
+
+def test_resume_refuses_a_changed_config(train_env, tmp_path):
+  """Rerunning a workdir with another setting must not continue the old run under the new name;
+  how long it runs may change."""
+  workdir = tmp_path / "run"
+  overrides = ["--config.total_steps=1", "--config.export_hf=False"]
+  run_train(train_env, workdir, overrides=overrides)
+  proc = run_train(train_env, workdir, overrides=overrides + ["--config.optim.lr=0.5"],
+                   check=False)
+  assert proc.returncode != 0
+  assert "different config (optim.lr: 0.001 -> 0.5)" in proc.stderr
+  assert [r["step"] for r in read_metrics(workdir)] == [1]  # nothing was lost or redone
+  run_train(train_env, workdir, overrides=["--config.total_steps=2", "--config.export_hf=False"])
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2]

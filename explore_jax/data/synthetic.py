@@ -174,6 +174,18 @@ def load_split(split: str, config: ArithmeticConfig = ArithmeticConfig()) -> lis
   return [dict(r) for r in _cached(split, config)]
 
 
-def completion_text(record: dict[str, Any]) -> str:
-  """What a model should produce after the prompt: the worked solution."""
+def answers_directly(problem: str, direct_answer_frac: float) -> bool:
+  """Whether a problem's demonstration is a bare answer: a fixed share of problems, chosen by a
+  hash of the text (so the same problems at any seed, size or process count)."""
+  if not 0.0 <= direct_answer_frac <= 1.0:
+    raise ValueError(f"direct_answer_frac must be in [0, 1], got {direct_answer_frac}")
+  bucket = int.from_bytes(hashlib.sha256(f"direct/{problem}".encode()).digest()[:8], "little")
+  return bucket % 10_000 < round(direct_answer_frac * 10_000)
+
+
+def completion_text(record: dict[str, Any], direct_answer_frac: float = 0.0) -> str:
+  """What a model is shown after the prompt (pre-training): the worked solution, or for a share
+  `direct_answer_frac` of problems the bare answer, "\\boxed{33}", without any steps."""
+  if answers_directly(record["problem"], direct_answer_frac):
+    return f"\\boxed{{{record['answer']}}}"
   return record["solution"]
