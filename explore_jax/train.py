@@ -212,10 +212,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A workdir resumes only the run it was started with: a changed setting (other than
-  RESUME_MAY_CHANGE) would silently continue the old run under the new name."""
+  """A workdir with a checkpoint resumes only the run it was started with: a changed setting
+  (other than RESUME_MAY_CHANGE) would silently continue the old run under the new name. Without
+  a checkpoint (a run that failed before its first save) it starts afresh with any config."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  ckpts = os.path.join(workdir, "checkpoints")
+  if not (os.path.exists(path) and os.path.isdir(ckpts)
+          and any(name.isdigit() for name in os.listdir(ckpts))):
     return
   with open(path) as f:
     old = _flat(json.load(f))

@@ -226,6 +226,10 @@ def test_resume_refuses_a_changed_config(train_env, tmp_path):
   how long it runs may change."""
   workdir = tmp_path / "run"
   overrides = ["--config.total_steps=1", "--config.export_hf=False"]
+  # A run that fails before its first checkpoint does not bind the workdir to its config.
+  proc = run_train(train_env, workdir, overrides=overrides + ["--config.model.path=/no/such/dir"],
+                   check=False)
+  assert proc.returncode != 0 and "/no/such/dir" in proc.stderr
   run_train(train_env, workdir, overrides=overrides)
   proc = run_train(train_env, workdir, overrides=overrides + ["--config.optim.lr=0.5"],
                    check=False)
