@@ -29,6 +29,9 @@ def get_config(arg: str | None = None):
   c.eval.batch_size = 512
   c.eval.prompt_bucket = 8
   c.eval.reward_workers = c.train.reward.workers
+  # The demo owns its eval dir: responses of a model since retrained (e.g. a longer budget) are
+  # moved aside and sampled again.
+  c.eval.on_changed_responses = "set_aside"
   c.eval.sampling.temperature = 0.6  # the paper's evaluation protocol
   c.eval.sampling.top_p = 0.95
   c.eval.sampling.max_new_tokens = c.train.rollout.max_new_tokens

@@ -5,8 +5,8 @@
     python -m explore_jax.train --config configs/tiny_cpu.py:variant=ppo --workdir /tmp/tiny_ppo
 
 The tiny "base model" is first pre-trained (SFT) on the synthetic task (worked solutions, and for
-30% of the problems the bare answer) and cached (see `explore_jax/pretrain.py`), then RL-trained
-through exactly the code path of the 7B configs.
+a share `pretrain.direct_answer_frac` of the problems the bare answer) and cached (see
+`explore_jax/pretrain.py`), then RL-trained through exactly the code path of the 7B configs.
 It is the experiment of `configs/demo.py` (`defaults.tiny_config`), one variant at a time.
 Variants: `entropy_adv` (default, the paper), `baseline` (plain GRPO), `entropy_reg` (the
 -beta * H regularizer of the paper's Table 3), `ppo` (PPO + entropy advantage, alpha 0.1),

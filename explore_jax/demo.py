@@ -2,8 +2,9 @@ r"""The main job: the paper's experiment at CPU scale, end to end, in one comman
 
     python -m explore_jax.demo --config configs/demo.py --workdir runs/demo
 
-1. a tiny Qwen2 "base model" is pre-trained on arithmetic problems, 70% shown with worked
-   solutions and 30% with the bare answer (cached in the workdir);
+1. a tiny Qwen2 "base model" is pre-trained on arithmetic problems, most shown with worked
+   solutions and a share `pretrain.direct_answer_frac` with the bare answer (cached in the
+   workdir);
 2. for each seed, GRPO (baseline), GRPO + entropy advantage and GRPO + entropy regularizer are
    trained from it with the same data order, budget and seed (`explore_jax.train`);
 3. the base and every trained model are evaluated on the held-out split: avg@64 and pass@k for
@@ -11,12 +12,14 @@ r"""The main job: the paper's experiment at CPU scale, end to end, in one comman
 4. `report.md` / `report.html` gather the numbers (means and 95% intervals over seeds), pass@k and
    training curves, and a token-entropy heatmap of a few responses; `results.json` has every figure.
 
-Every stage resumes: a second run of the same command only redoes what is missing. A run or an
-evaluation started with other settings is not resumed but refused, naming what changed.
+Every stage resumes: a second run of the same command only redoes what is missing. An RL run
+whose settings changed is refused, naming them; the evaluation of a model since retrained is
+sampled again (the old responses are kept as responses.stale.jsonl).
 """
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import logging
@@ -62,21 +65,28 @@ def mean_ci(values) -> tuple[float, float]:
   return float(v.mean()), float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
 
 
-def bare_answer_rate(responses_path: str) -> float:
-  """Share of graded responses that box an answer with no worked step before it."""
+def bare_answer_rate(responses_path: str, problem_ids: set[str]) -> float:
+  """Share of graded responses to `problem_ids` that box an answer with no worked step before it."""
   with open(responses_path) as f:
-    recs = [json.loads(line) for line in f if line.strip()]
+    recs = [r for r in map(json.loads, filter(str.strip, f)) if str(r["problem_id"]) in problem_ids]
+  if not recs:
+    raise ValueError(f"{responses_path}: no responses to the evaluated problems")
   return float(np.mean([r["response"].lstrip().startswith("\\boxed") for r in recs]))
 
 
 def summarize(results: dict, labels: dict[str, tuple[str, int]], eval_dir: str) -> dict:
-  """{variant: {metric: (mean, ci)}} over seeds, from evaluate's results.json and responses."""
+  """{variant: {metric: (mean, ci)}} over seeds, from evaluate's results and responses."""
+  with open(os.path.join(eval_dir, "per_problem.csv"), newline="") as f:
+    evaluated: dict[str, set[str]] = {}
+    for r in csv.DictReader(f):
+      if r["benchmark"] == "heldout":
+        evaluated.setdefault(r["model"], set()).add(r["problem_id"])
   by_variant: dict[str, dict[str, list[float]]] = {}
   for label, (variant, _) in labels.items():
     bench = results["models"][label]["benchmarks"]["heldout"]
     row = by_variant.setdefault(variant, {})
-    row.setdefault("bare_answers", []).append(
-        bare_answer_rate(os.path.join(eval_dir, label, "heldout", "responses.jsonl")))
+    row.setdefault("bare_answers", []).append(bare_answer_rate(
+        os.path.join(eval_dir, label, "heldout", "responses.jsonl"), evaluated[label]))
     row.setdefault("avg@n", []).append(bench["avg@n"])
     for k, v in bench["pass@k"].items():
       row.setdefault(f"pass@{k}", []).append(v)

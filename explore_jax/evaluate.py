@@ -80,6 +80,9 @@ def base_config():
   c.save_tokens = True  # keep response token ids in responses.jsonl (for explore_jax.analyze)
   c.reward_timeout_s = 10.0  # per response; past it the grading worker is killed, 'incorrect'
   c.reward_workers = 0  # grading processes; 0: one per CPU
+  # Responses already in the workdir that were sampled from other model files or with other
+  # settings: "raise", or "set_aside" (moved to responses.stale.jsonl and sampled again).
+  c.on_changed_responses = "raise"
   c.sampling = ml_collections.ConfigDict(dict(
       temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=8192))
   # Difficulty of synthetic_arithmetic (explore_jax.data.synthetic.ArithmeticConfig fields); it
@@ -193,35 +196,60 @@ def load_graded(path: str, n: int) -> dict[str, list[dict]]:
   return complete
 
 
-def model_fingerprint(path: str) -> str:
-  """Name, size and modification time of every file of a model directory (cheap for a 7B: no
-  reading): responses sampled from a model that was since retrained are not resumed."""
+def model_fingerprint(path: str, probe_bytes: int = 1 << 20) -> str:
+  """A hash of a model directory's files: names, sizes and their first and last MiB (a retrained
+  model differs everywhere; a copied or moved one does not differ at all). Cheap for a 7B."""
   root = os.path.realpath(path)
-  entries = []
-  for dirpath, _, files in os.walk(root):
-    for name in files:
+  digest = hashlib.sha256()
+  for dirpath, dirs, files in sorted(os.walk(root)):
+    dirs.sort()
+    for name in sorted(files):
       full = os.path.join(dirpath, name)
-      st = os.stat(full)
-      entries.append((os.path.relpath(full, root), st.st_size, st.st_mtime_ns))
-  return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
+      size = os.path.getsize(full)
+      digest.update(f"{os.path.relpath(full, root)}\0{size}\0".encode())
+      with open(full, "rb") as f:
+        digest.update(f.read(probe_bytes))
+        if size > probe_bytes:
+          f.seek(max(size - probe_bytes, probe_bytes))
+          digest.update(f.read())
+  return digest.hexdigest()[:16]
 
 
-def check_sampled_with(out_dir: str, sampled_with: dict) -> None:
-  """Responses in out_dir are resumed only if they were sampled the same way from the same model:
-  out_dir/sampled_with.json records how (the number of problems may grow)."""
+def check_sampled_with(out_dir: str, sampled_with: dict, on_change: str = "raise") -> None:
+  """Responses in out_dir are resumed only if they were sampled the same way from the same model
+  files: out_dir/sampled_with.json records how (the number of problems may grow). On a change,
+  `on_change` = "raise" stops naming what changed; "set_aside" moves the old responses to
+  responses.stale.jsonl so that they are sampled again."""
+  if on_change not in ("raise", "set_aside"):
+    raise ValueError(f"on_changed_responses={on_change!r}: use 'raise' or 'set_aside'")
   path = os.path.join(out_dir, "sampled_with.json")
   responses = os.path.join(out_dir, "responses.jsonl")
-  if os.path.exists(path) and os.path.exists(responses) and os.path.getsize(responses):
-    with open(path) as f:
-      before = json.load(f)
-    changed = sorted(k for k in set(before) | set(sampled_with)
-                     if before.get(k) != sampled_with.get(k))
-    if changed:
-      diff = "; ".join(f"{k}: {before.get(k)} -> {sampled_with.get(k)}" for k in changed)
-      raise ValueError(f"{responses} was sampled differently ({diff}): delete {out_dir} to "
-                       "re-evaluate, or evaluate into a fresh workdir.")
-  with open(path, "w") as f:
+  if os.path.exists(responses) and os.path.getsize(responses):
+    if not os.path.exists(path):
+      print(f"[evaluate] {responses} has no record of how it was sampled (written before "
+            "explore_jax kept one): resuming it as if sampled with the current settings",
+            flush=True)
+    else:
+      with open(path) as f:
+        try:
+          before = json.load(f)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}: not valid JSON ({e}); delete {out_dir} to re-evaluate") from e
+      changed = sorted(k for k in set(before) | set(sampled_with)
+                       if before.get(k) != sampled_with.get(k))
+      if changed:
+        diff = "; ".join(f"{k}: {before.get(k)} -> {sampled_with.get(k)}" for k in changed)
+        if on_change == "raise":
+          raise ValueError(f"{responses} was sampled differently ({diff}): delete {out_dir} to "
+                           "re-evaluate, evaluate into a fresh workdir, or set "
+                           "on_changed_responses='set_aside'.")
+        stale = os.path.join(out_dir, "responses.stale.jsonl")
+        os.replace(responses, stale)
+        print(f"[evaluate] {responses} was sampled differently ({diff}): moved to {stale}, "
+              "sampling again", flush=True)
+  with open(path + ".tmp", "w") as f:
     json.dump(sampled_with, f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 def append_records(path: str, records: list[dict]) -> None:
@@ -301,7 +329,7 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
   from explore_jax.data import templates
 
   os.makedirs(out_dir, exist_ok=True)
-  check_sampled_with(out_dir, sampled_with)
+  check_sampled_with(out_dir, sampled_with, config.on_changed_responses)
   path = os.path.join(out_dir, "responses.jsonl")
   from explore_jax.data import synthetic
   problems = list(data.load(bench.dataset, bench.split, data_dir=config.data_dir or None,
@@ -392,7 +420,7 @@ def run(config, workdir: str) -> dict:
     entry = results["models"][label] = {"path": os.path.abspath(path), "benchmarks": {}}
     for name in config.benchmarks:
       bench = config.benchmarks[name]
-      how = {"model": os.path.realpath(path), "model_files": model_fingerprint(path),
+      how = {"model_files": model_fingerprint(path),
              "benchmark": {k: v for k, v in bench.to_dict().items() if k != "max_problems"},
              "sampling": config.sampling.to_dict(), "seed": config.seed, "dtype": config.dtype,
              "tokenizer": config.tokenizer, "synthetic": config.synthetic.to_dict()}

@@ -81,7 +81,8 @@ def _sequences(records, tokenizer, template: str, seq_len: int, eos_id: int,
   for i, r in enumerate(records):
     prompt = tokenizer(templates.apply_template(template, r["problem"], tokenizer),
                        add_special_tokens=False)["input_ids"]
-    completion = tokenizer(synthetic.completion_text(r, direct_answer_frac), add_special_tokens=False)["input_ids"]
+    completion = tokenizer(synthetic.completion_text(r, direct_answer_frac),
+                           add_special_tokens=False)["input_ids"]
     ids = prompt + completion + [eos_id]
     if len(ids) > seq_len:
       skipped += 1

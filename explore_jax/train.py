@@ -24,6 +24,7 @@ import signal
 import time
 
 from absl import app, flags
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from explore_jax import checkpoint, memory, sharding, train_state, train_step
+from explore_jax import checkpoint, defaults, memory, sharding, train_state, train_step
 from explore_jax import data as data_lib
 from explore_jax import rewards as rewards_lib
 from explore_jax import sampling
@@ -195,10 +196,14 @@ class MetricsLog:
       self.tb.flush()
 
 
-# What a resumed run may change: how long it runs and how it is run, not what it computes.
-RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "progress_bar",
-                     "export_hf", "dry_run", "on_nonfinite", "reward.workers", "reward.timeout_s",
-                     "distributed.")
+# What a resumed run may change: how long and where it runs, its memory layout and bookkeeping,
+# not what it computes. (With optim.schedule="cosine", total_steps is the schedule's horizon:
+# extending it changes the learning rate from the resumed step on; a warning says so.)
+RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "progress_bar", "export_hf", "dry_run", "on_nonfinite", "reward.workers",
+                     "reward.timeout_s", "distributed.", "mesh.", "model.remat", "model.path",
+                     "model.tokenizer", "data.data_dir", "rl.micro_batch_size", "rl.logit_chunk",
+                     "rollout.prompts_per_wave")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -211,25 +216,45 @@ def _flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
-def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def _as_json(config: ml_collections.ConfigDict) -> dict:
+  return _flat(json.loads(config.to_json_best_effort()))
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
+                        has_checkpoint: bool) -> None:
   """A workdir with a checkpoint resumes only the run it was started with: a changed setting
   (other than RESUME_MAY_CHANGE) would silently continue the old run under the new name. Without
-  a checkpoint (a run that failed before its first save) it starts afresh with any config."""
-  path = os.path.join(workdir, "config.json")
-  ckpts = os.path.join(workdir, "checkpoints")
-  if not (os.path.exists(path) and os.path.isdir(ckpts)
-          and any(name.isdigit() for name in os.listdir(ckpts))):
+  a checkpoint (a run that failed before its first save) it starts afresh with any config. A key
+  the old config.json lacks (added to explore_jax since) counts as its default then."""
+  path = epath.Path(workdir) / "config.json"
+  if not (has_checkpoint and path.exists()):
     return
-  with open(path) as f:
-    old = _flat(json.load(f))
-  new = _flat(json.loads(config.to_json_best_effort()))
-  changed = [k for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+  try:
+    old = _flat(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); it records the config this workdir's "
+                     "checkpoints were trained with") from e
+  new, default = _as_json(config), _as_json(defaults.base_config())
+  changed = [k for k in sorted(set(old) | set(new)) if k in new  # a key since removed: ignored
+             and old.get(k, default.get(k)) != new[k] and not k.startswith(RESUME_MAY_CHANGE)]
   if changed:
-    diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    diff = ", ".join(f"{k}: {old.get(k, default.get(k))!r} -> {new[k]!r}" for k in changed)
+    allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
     raise ValueError(f"{path}: this workdir holds a run started with a different config ({diff}). "
-                     f"Rerun with the same config to resume it (only {', '.join(RESUME_MAY_CHANGE)}"
-                     " may change), or use a fresh workdir.")
+                     f"Rerun with the same config to resume it (only {allowed} may change), or "
+                     "use a fresh workdir.")
+  if config.optim.schedule != "constant" and old.get("total_steps") != new["total_steps"]:
+    logging.warning("total_steps %s -> %s with optim.schedule=%s: the learning-rate schedule's "
+                    "horizon moves from the resumed step on", old.get("total_steps"),
+                    new["total_steps"], config.optim.schedule)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/config.json, whole or not at all (another process may be reading it)."""
+  path = epath.Path(workdir) / "config.json"
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(config.to_json_best_effort(indent=2))
+  tmp.replace(path)
 
 
 def check_finite(step: int, metrics: dict, mode: str) -> None:
@@ -252,12 +277,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  check_resume_config(workdir, config)
-  if is_main:  # atomically: another process may be checking it
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
 
   # Mesh and logical-axis rules.
   mesh = sharding.make_mesh(config.mesh.shape)
@@ -291,11 +310,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   shapes, specs = train_state.abstract_state(model_cfg, actor_tx, critic_tx, ppo)
   shardings = train_state.state_shardings(shapes, specs, mesh, rules)
   if config.dry_run:
+    if is_main:
+      write_config(workdir, config)
     report_memory(config, model_cfg, shapes, shardings, mesh)
     return
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     ckpt = train_state.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    check_resume_config(workdir, config, has_checkpoint=bool(ckpt.manager.all_steps()))
+    if is_main:
+      write_config(workdir, config)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
     restored = ckpt.restore_latest(abstract)
@@ -386,9 +410,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     if bar is not None:
       bar.close()
     hf_dir = os.path.join(workdir, "hf")
-    # A finished run that is rerun keeps its export untouched (evaluations key on its files).
-    if config.export_hf and (start < config.total_steps or not os.path.isdir(hf_dir)):
-      export_hf(model_cfg, state.actor, hf_dir, tokenizer_dir)
+    # A run rerun after it finished keeps its export untouched (evaluations key on its files).
+    if config.export_hf and exported_step(hf_dir) != int(state.step):
+      export_hf(model_cfg, state.actor, hf_dir, tokenizer_dir, int(state.step))
 
 
 @jax.jit
@@ -409,7 +433,18 @@ def rollout_metrics(rollout, scores, config) -> dict:
                         config.rollout.max_new_tokens, config.reward.correct)
 
 
-def export_hf(model_cfg, params, path: str, tokenizer_dir: str) -> None:
+EXPORT_RECORD = "explore_jax_export.json"  # in the export: the train step it holds
+
+
+def exported_step(path: str) -> int | None:
+  try:
+    with open(os.path.join(path, EXPORT_RECORD)) as f:
+      return int(json.load(f)["step"])
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def export_hf(model_cfg, params, path: str, tokenizer_dir: str, step: int) -> None:
   """The trained actor as a Hugging Face directory (single host: it gathers every tensor)."""
   if jax.process_count() > 1:
     logging.warning("export_hf: skipped on %d processes; convert the checkpoint instead",
@@ -419,6 +454,8 @@ def export_hf(model_cfg, params, path: str, tokenizer_dir: str) -> None:
   tmp = path + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   checkpoint.save_hf(model_cfg, params, tmp, tokenizer_dir=tokenizer_dir)
+  with open(os.path.join(tmp, EXPORT_RECORD), "w") as f:
+    json.dump({"step": step}, f)
   shutil.rmtree(path, ignore_errors=True)
   os.replace(tmp, path)
   logging.info("exported the trained actor to %s", path)

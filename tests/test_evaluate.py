@@ -311,14 +311,34 @@ def test_resume_refuses_responses_sampled_differently(model_dir, tmp_path):
   other.sampling.temperature = other.sampling.temperature / 2
   with pytest.raises(ValueError, match=r"responses.jsonl was sampled differently \(sampling"):
     evaluate.run(other, workdir)
-  # The model retrained in place (same path, new weights file): its old responses are stale.
+  # Touched but not changed (a copy, a move): still the same model.
   weights = next(model.glob("*.safetensors"))
   st = weights.stat()
   os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  evaluate.run(_tiny_config(str(model), max_problems=1), workdir)
+  with open(responses) as f:
+    assert f.read() == before
+  # The model retrained in place (same path, other weights): its old responses are stale.
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(weights))
+  name = sorted(tensors)[0]
+  tensors[name] = tensors[name] + 1.0
+  save_file(tensors, str(weights), metadata={"format": "pt"})
   with pytest.raises(ValueError, match="model_files"):
     evaluate.run(_tiny_config(str(model), max_problems=1), workdir)
   with open(responses) as f:
     assert f.read() == before  # nothing lost
+  # ... unless the caller owns the workdir: the old responses are set aside, new ones sampled.
+  owner = _tiny_config(str(model), max_problems=1)
+  owner.on_changed_responses = "set_aside"
+  evaluate.run(owner, workdir)
+  with open(os.path.join(workdir, label, "synthetic", "responses.stale.jsonl")) as f:
+    assert f.read() == before
+  with open(responses) as f:
+    assert len(f.readlines()) == 4  # one problem, n = 4, sampled from the new weights
+  with open(os.path.join(workdir, label, "synthetic", "sampled_with.json")) as f:
+    assert json.load(f)["model_files"] == evaluate.model_fingerprint(str(model))
+  evaluate.run(_tiny_config(str(model), max_problems=1), workdir)  # now resumable as it is
 
 
 def test_bad_config_errors(tmp_path):
