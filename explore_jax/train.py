@@ -168,16 +168,17 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
 
 
 class MetricsLog:
-  """metrics.jsonl (one JSON object per step, with `step`) and TensorBoard, on process 0."""
+  """metrics.jsonl (one JSON object per step, with `step`) and TensorBoard, on process 0. The
+  workdir may be local or a bucket (epath)."""
 
   def __init__(self, workdir: str, resume_step: int):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.rows = []
-    if self.enabled and os.path.exists(self.path):
-      with open(self.path) as f:  # steps past the checkpoint were not saved: they will be redone
-        self.rows = [r for r in map(json.loads, filter(None, f.read().splitlines()))
-                     if r["step"] <= resume_step]
+    if self.enabled and self.path.exists():
+      # Steps past the checkpoint were not saved: they will be redone.
+      self.rows = [r for r in map(json.loads, filter(None, self.path.read_text().splitlines()))
+                   if r["step"] <= resume_step]
     self.tb = None
     if self.enabled and "://" not in workdir:
       from tensorboardX import SummaryWriter
@@ -187,9 +188,9 @@ class MetricsLog:
     if not self.enabled:
       return
     self.rows.append({"step": step, **metrics})
-    with open(self.path + ".tmp", "w") as f:
-      f.write("".join(json.dumps(r) + "\n" for r in self.rows))
-    os.replace(self.path + ".tmp", self.path)
+    tmp = self.path.parent / (self.path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+    tmp.replace(self.path)
     if self.tb is not None:
       for k, v in metrics.items():
         self.tb.add_scalar(k, v, step)
@@ -276,7 +277,7 @@ def check_finite(step: int, metrics: dict, mode: str) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
   # Mesh and logical-axis rules.
   mesh = sharding.make_mesh(config.mesh.shape)
@@ -446,9 +447,9 @@ def exported_step(path: str) -> int | None:
 
 def export_hf(model_cfg, params, path: str, tokenizer_dir: str, step: int) -> None:
   """The trained actor as a Hugging Face directory (single host: it gathers every tensor)."""
-  if jax.process_count() > 1:
-    logging.warning("export_hf: skipped on %d processes; convert the checkpoint instead",
-                    jax.process_count())
+  if jax.process_count() > 1 or "://" in path:
+    logging.warning("export_hf: skipped (%d processes, %s); convert the checkpoint instead "
+                    "(python -m explore_jax.convert orbax-to-hf)", jax.process_count(), path)
     return
   # Whole or not at all: a directory that exists is a complete export.
   tmp = path + ".tmp"
