@@ -418,9 +418,10 @@ def run(config, workdir: str) -> dict:
     if eos_id is None:
       eos_id = model_config.eos_token_id
     entry = results["models"][label] = {"path": os.path.abspath(path), "benchmarks": {}}
+    fingerprint = model_fingerprint(path)
     for name in config.benchmarks:
       bench = config.benchmarks[name]
-      how = {"model_files": model_fingerprint(path),
+      how = {"model_files": fingerprint,
              "benchmark": {k: v for k, v in bench.to_dict().items() if k != "max_problems"},
              "sampling": config.sampling.to_dict(), "seed": config.seed, "dtype": config.dtype,
              "tokenizer": config.tokenizer, "synthetic": config.synthetic.to_dict()}

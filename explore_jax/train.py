@@ -25,6 +25,7 @@ import time
 
 from absl import app, flags
 from etils import epath
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -188,9 +189,7 @@ class MetricsLog:
     if not self.enabled:
       return
     self.rows.append({"step": step, **metrics})
-    tmp = self.path.parent / (self.path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-    tmp.replace(self.path)
+    _write_whole(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
     if self.tb is not None:
       for k, v in metrics.items():
         self.tb.add_scalar(k, v, step)
@@ -207,18 +206,19 @@ RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log
                      "rollout.prompts_per_wave")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
+def _flat(tree: dict) -> dict:
+  return traverse_util.flatten_dict(tree, sep=".")
 
 
 def _as_json(config: ml_collections.ConfigDict) -> dict:
   return _flat(json.loads(config.to_json_best_effort()))
+
+
+def _write_whole(path: epath.Path, text: str) -> None:
+  """Write `text` to `path` (local or bucket) whole or not at all: readers never see half."""
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
@@ -251,11 +251,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """WORKDIR/config.json, whole or not at all (another process may be reading it)."""
-  path = epath.Path(workdir) / "config.json"
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(config.to_json_best_effort(indent=2))
-  tmp.replace(path)
+  """WORKDIR/config.json, whole (another process may be reading it)."""
+  _write_whole(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
 
 
 def check_finite(step: int, metrics: dict, mode: str) -> None:
