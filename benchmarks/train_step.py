@@ -188,6 +188,55 @@ def run(name: str, steps: int, chunk: int) -> dict:
               jax_ms=1e3 * jax_s, torch_ms=1e3 * torch_s, compile=jax_first_s - jax_s)
 
 
+def _median_s(fn, steps: int) -> float:
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def gemm_bound(name: str, steps: int) -> dict:
+  """Time of the step's linear-layer matmuls alone, in each framework's own GEMM.
+
+  Every weight [K, N] of the model (q, k, v, o, gate, up, down per layer; the output projection
+  over the response tokens) is applied to the step's M tokens three times: forward x @ W, input
+  gradient dy @ W^T, weight gradient x^T @ dy. The sum over the model of the median times of these
+  products (jnp.dot under jit vs torch.matmul, same thread count, alternating) is what one step
+  costs in matmuls if nothing else took time; its ratio bounds what the step's ratio can be. The
+  attention's own batched products (QK^T, PV) are left out (small at these lengths)."""
+  spec = CONFIGS[name]
+  m, rows, p, n = spec["model"], spec["rows"], spec["prompt"], spec["response"]
+  d, inter, layers = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"]
+  kv = m["num_key_value_heads"] * d // m["num_attention_heads"]
+  tokens = rows * (p + n)
+  shapes = [(tokens, d, d, 2 * layers), (tokens, d, kv, 2 * layers),
+            (tokens, d, inter, 2 * layers), (tokens, inter, d, layers),
+            (rows * n, d, m["vocab_size"], 1)]  # (M, K, N, how many in the model)
+  rng = np.random.default_rng(0)
+  products = (jax.jit(lambda x, w, dy: x @ w), jax.jit(lambda x, w, dy: dy @ w.T),
+              jax.jit(lambda x, w, dy: x.T @ dy))
+  jax_s = torch_s = flops = 0.0
+  for rows_m, k, cols, count in shapes:
+    x, w, dy = (rng.standard_normal(shape, dtype=np.float32)
+                for shape in ((rows_m, k), (k, cols), (rows_m, cols)))
+    jx, jw, jdy = jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy)
+    tx, tw, tdy = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)
+    torch_products = (lambda: tx @ tw, lambda: tdy @ tw.T, lambda: tx.T @ tdy)
+    for jax_fn, torch_fn in zip(products, torch_products):
+      jax_call = lambda f=jax_fn: f(jx, jw, jdy).block_until_ready()
+      jax_call(), torch_fn()  # compile / warm up
+      jt, tt = [], []
+      for _ in range(steps):  # alternate, as for the whole step
+        jt.append(_median_s(jax_call, 1))
+        tt.append(_median_s(torch_fn, 1))
+      jax_s += count * statistics.median(jt)
+      torch_s += count * statistics.median(tt)
+    flops += count * 3 * 2 * rows_m * k * cols
+  return dict(jax_ms=1e3 * jax_s, torch_ms=1e3 * torch_s, gflop=flops / 1e9)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", default="tiny,small", help="comma-separated: tiny, small")
@@ -195,6 +244,8 @@ def main() -> None:
   parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
   parser.add_argument("--logit_chunk", type=int,
                       default=defaults.base_config().rl.logit_chunk)
+  parser.add_argument("--gemm", action="store_true",
+                      help="also time the step's matmuls alone in each framework (the bound)")
   args = parser.parse_args()
   names = [c for c in args.configs.split(",") if c]
   unknown = [c for c in names if c not in CONFIGS]
@@ -212,6 +263,18 @@ def main() -> None:
     print(f"{r['name']:<7}{r['shape']:>15}{r['jax']:>11.0f}{r['torch']:>13.0f}"
           f"{r['jax'] / r['torch']:>10.2f}x{r['jax_ms']:>9.1f}{r['torch_ms']:>10.1f}"
           f"{r['compile']:>15.1f}")
+  if not args.gemm:
+    return
+  print("\nThe step's linear-layer matmuls alone (fwd x@W, dx, dW for every weight; median of "
+        f"{args.steps}):")
+  print(f"{'config':<7}{'GFLOP':>8}{'jax GEMM ms':>13}{'torch GEMM ms':>15}{'jax/torch':>11}"
+        f"{'jax GF/s':>10}{'torch GF/s':>12}{'step in GEMM: jax':>19}{'torch':>7}")
+  for r in results:
+    g = gemm_bound(r["name"], args.steps)
+    print(f"{r['name']:<7}{g['gflop']:>8.1f}{g['jax_ms']:>13.1f}{g['torch_ms']:>15.1f}"
+          f"{g['torch_ms'] / g['jax_ms']:>10.2f}x{g['gflop'] / g['jax_ms'] * 1e3:>10.0f}"
+          f"{g['gflop'] / g['torch_ms'] * 1e3:>12.0f}{g['jax_ms'] / r['jax_ms']:>18.0%}"
+          f"{g['torch_ms'] / r['torch_ms']:>8.0%}")
 
 
 if __name__ == "__main__":

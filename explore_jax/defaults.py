@@ -111,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.micro_batch_size = 32  # sequences per forward/backward (gradient accumulation)
   c.rl.critic_warmup_steps = 10  # PPO: critic-only rollouts before policy updates start
   c.rl.logit_chunk = 1024  # tokens per chunk when projecting hidden states to the vocabulary
+  # Static row lengths (evenly spaced up to prompt + response) a micro-batch is cut to after
+  # sorting rows by length: skips padding, same result. 1 = off; each length is one compiled
+  # branch of the update (compile time grows with it).
+  c.rl.length_buckets = 1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6

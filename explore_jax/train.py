@@ -74,6 +74,8 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
         f"config: rollout rows ({config.data.prompts_per_step} prompts x {config.rollout.n} = "
         f"{rows}) must be a multiple of rl.mini_batch_size={rl.mini_batch_size}, itself a multiple "
         f"of rl.micro_batch_size={rl.micro_batch_size}")
+  if rl.length_buckets < 1:
+    raise ValueError(f"config.rl.length_buckets={rl.length_buckets}: need at least 1 (1 = off)")
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
   if config.data.prompts_per_step % wave or wave % jax.process_count():
     raise ValueError(
@@ -85,7 +87,8 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
       norm_by_std=rl.norm_by_std, gamma=rl.gamma, lam=rl.lam,
       whiten_advantages=rl.whiten_advantages, value_clip=rl.value_clip, epochs=rl.epochs,
       mini_batch_size=rl.mini_batch_size, micro_batch_size=rl.micro_batch_size,
-      logit_chunk=rl.logit_chunk, on_nonfinite=config.on_nonfinite)
+      logit_chunk=rl.logit_chunk, on_nonfinite=config.on_nonfinite,
+      length_buckets=rl.length_buckets)
 
 
 def synthetic_config(config: ml_collections.ConfigDict) -> synthetic.ArithmeticConfig:
@@ -203,7 +206,7 @@ RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log
                      "progress_bar", "export_hf", "dry_run", "on_nonfinite", "reward.workers",
                      "reward.timeout_s", "distributed.", "mesh.", "model.remat", "model.path",
                      "model.tokenizer", "data.data_dir", "rl.micro_batch_size", "rl.logit_chunk",
-                     "rollout.prompts_per_wave")
+                     "rl.length_buckets", "rollout.prompts_per_wave")
 
 
 def _flat(tree: dict) -> dict:
@@ -380,7 +383,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
             "perf/rollout_s": timing["rollout"], "perf/reward_s": timing["reward"],
             "perf/update_s": t3 - t2, "perf/step_s": t3 - t0,
             "perf/rollout_tokens_per_s": n_generated / max(timing["rollout"], 1e-9),
-            # Padded [P + N] positions, the compute the update really does.
+            # Padded [P + N] positions (with rl.length_buckets > 1 the update computes only
+            # perf/update_length_frac of them: the same rows in less time).
             "perf/update_tokens_per_s": config.rl.epochs * rows * (
                 config.data.max_prompt_len + config.rollout.max_new_tokens) / max(t3 - t2, 1e-9),
         })

@@ -9,12 +9,20 @@ Layout. A row is prompt [P] (left-padded) followed by its response [N]; the logi
 P - 1 + t predict response token t, so every per-token quantity of the loss is [R, N] and is read
 from the hidden states at positions P - 1 .. P + N - 2. The entropy term of the paper lives in
 `explore_jax.rl.advantages.entropy_advantage` and is applied inside the actor loss.
+
+Length buckets (`length_buckets` > 1). Most rows are far shorter than P + N (short prompts, early
+EOS), and a forward/backward over their padding is wasted. With buckets, the rows of each
+mini-batch (and of the old-log-prob pass) are sorted by their real length, each row is moved left
+over its prompt padding, and each micro-batch runs at the shortest of `length_buckets` static
+lengths that holds all its rows (`lax.switch` over one compiled branch per length). The result is
+the same sum over the same tokens (equal up to float rounding); only padding is skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -47,6 +55,7 @@ class StepConfig:
   micro_batch_size: int
   logit_chunk: int
   on_nonfinite: str  # "raise" | "skip": either way a non-finite update is not applied
+  length_buckets: int = 1  # static row lengths a micro-batch may be cut to; 1 = always P + N
 
 
 def _batch_constraint(x: Array) -> Array:
@@ -59,29 +68,98 @@ def _split(batch: dict, micro: int) -> dict:
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // micro, micro, *x.shape[1:]), batch)
 
 
-def _micro_map(fn, batch: dict, micro: int):
-  """fn over micro-batches of `micro` rows (sequentially, to bound memory); results concatenated."""
-  out = jax.lax.map(fn, _split(batch, micro))
-  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+def bucket_lengths(total: int, count: int) -> tuple[int, ...]:
+  """`count` row lengths up to `total` (P + N), evenly spaced, rounded up to multiples of 8."""
+  if count < 1:
+    raise ValueError(f"rl.length_buckets={count}: need at least 1")
+  return tuple(sorted({min(total, math.ceil(total * k / count / 8) * 8)
+                       for k in range(1, count + 1)}))
 
 
-def response_hidden(params, tokens: Array, attn_mask: Array, cfg: StepConfig, n: int) -> Array:
-  """Hidden states that predict the response tokens: [R, N, D]."""
-  hidden = qwen2.forward_hidden(params, tokens, cfg.model, attn_mask)  # [R, P + N, D]
-  p = tokens.shape[1] - n
-  return hidden[:, p - 1:p - 1 + n]
+def row_lengths(attn_mask: Array, n: int) -> Array:
+  """[R] tokens a row needs once moved left over its prompt padding: prompt + last response."""
+  p = attn_mask.shape[1] - n
+  prompt_len = jnp.sum(attn_mask[:, :p], axis=1)
+  response_end = jnp.max(jnp.where(attn_mask[:, p:] > 0, jnp.arange(1, n + 1), 0), axis=1)
+  return prompt_len + response_end
 
 
-def response_logprobs(params, tokens, attn_mask, targets, cfg: StepConfig):
-  hidden = response_hidden(params, tokens, attn_mask, cfg, targets.shape[1])
+def _left_aligned(tokens: Array, attn_mask: Array, n: int):
+  """Rows rolled left by their prompt padding (which moves to the end, still masked)."""
+  t = tokens.shape[1]
+  prompt_len = jnp.sum(attn_mask[:, :t - n], axis=1)
+  cols = (jnp.arange(t)[None, :] + (t - n - prompt_len)[:, None]) % t
+  take = lambda x: jnp.take_along_axis(x, cols, axis=1)
+  return take(tokens), take(attn_mask), prompt_len
+
+
+def _at_response(x: Array, prompt_len: Array, n: int) -> Array:
+  """x [R, L, ...] of left-aligned rows -> the N positions that predict the response tokens.
+
+  Positions past L belong to padding (their loss terms are masked); they read position L - 1."""
+  idx = jnp.clip(prompt_len[:, None] - 1 + jnp.arange(n)[None, :], 0, x.shape[1] - 1)
+  return jnp.take_along_axis(x, idx.reshape(*idx.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
+def _micro_map(fn, batch: dict, micro: int, lengths: tuple[int, ...] = ()):
+  """fn(micro_batch, length) over micro-batches of `micro` rows, sequentially (to bound memory);
+  results concatenated in row order. With several `lengths`, rows are sorted by length first and
+  each micro-batch gets the shortest length that holds it (see the module docstring)."""
+  if len(lengths) <= 1:
+    out = jax.lax.map(lambda b: fn(b, None), _split(batch, micro))
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+  order = jnp.argsort(row_lengths(batch["attn_mask"], batch["targets"].shape[1]))
+  out = jax.lax.map(lambda b: _by_length(fn, b, lengths), _split(_take(batch, order), micro))
+  out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+  return _take(out, jnp.argsort(order))  # back to the rows' own order
+
+
+def _take(tree, idx: Array):
+  return jax.tree.map(lambda x: _batch_constraint(jnp.take(x, idx, axis=0)), tree)
+
+
+def _bucket_of(mb: dict, lengths: tuple[int, ...]) -> Array:
+  need = jnp.max(row_lengths(mb["attn_mask"], mb["targets"].shape[1]))
+  return jnp.searchsorted(jnp.asarray(lengths), need)
+
+
+def _by_length(fn, mb: dict, lengths: tuple[int, ...], *args):
+  """fn(*args, mb, length) at the shortest of `lengths` that holds every row of mb."""
+  branches = [functools.partial(lambda length, *a: fn(*a, length), length) for length in lengths]
+  return jax.lax.switch(_bucket_of(mb, lengths), branches, *args, mb)
+
+
+def response_hidden(params, tokens: Array, attn_mask: Array, cfg: StepConfig, n: int,
+                    length: int | None = None) -> Array:
+  """Hidden states that predict the response tokens: [R, N, D]. With a `length`, the rows are
+  left-aligned and only their first `length` positions are computed."""
+  if length is None:
+    hidden = qwen2.forward_hidden(params, tokens, cfg.model, attn_mask)  # [R, P + N, D]
+    p = tokens.shape[1] - n
+    return hidden[:, p - 1:p - 1 + n]
+  tokens, attn_mask, prompt_len = _left_aligned(tokens, attn_mask, n)
+  hidden = qwen2.forward_hidden(params, tokens[:, :length], cfg.model, attn_mask[:, :length])
+  return _at_response(hidden, prompt_len, n)
+
+
+def response_logprobs(params, tokens, attn_mask, targets, cfg: StepConfig, length=None):
+  hidden = response_hidden(params, tokens, attn_mask, cfg, targets.shape[1], length)
   return losses.token_logprobs_and_entropy(hidden, qwen2.output_embedding(params, cfg.model),
                                            targets, chunk=cfg.logit_chunk)
 
 
-def response_values(critic, tokens, attn_mask, n: int, cfg: StepConfig) -> Array:
-  values = qwen2.critic_values(critic, tokens, cfg.model, attn_mask)  # [R, P + N]
-  p = tokens.shape[1] - n
-  return values[:, p - 1:p - 1 + n]
+def response_values(critic, tokens, attn_mask, n: int, cfg: StepConfig, length=None) -> Array:
+  if length is None:
+    values = qwen2.critic_values(critic, tokens, cfg.model, attn_mask)  # [R, P + N]
+    p = tokens.shape[1] - n
+    return values[:, p - 1:p - 1 + n]
+  tokens, attn_mask, prompt_len = _left_aligned(tokens, attn_mask, n)
+  values = qwen2.critic_values(critic, tokens[:, :length], cfg.model, attn_mask[:, :length])
+  return _at_response(values, prompt_len, n)
+
+
+def _lengths(cfg: StepConfig, batch: dict) -> tuple[int, ...]:
+  return bucket_lengths(batch["tokens"].shape[1], cfg.length_buckets)
 
 
 def _explained_variance(values, returns, mask):
@@ -103,9 +181,11 @@ def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg:
   mask = batch["mask"].astype(bool)
   micro = cfg.micro_batch_size
 
+  lengths = _lengths(cfg, batch)
+
   def logprobs_of(params):
-    return _micro_map(lambda b: response_logprobs(params, b["tokens"], b["attn_mask"],
-                                                  b["targets"], cfg), batch, micro)
+    return _micro_map(lambda b, length: response_logprobs(
+        params, b["tokens"], b["attn_mask"], b["targets"], cfg, length), batch, micro, lengths)
 
   # Old log-probs for the ratio come from the trainer's forward pass, not the sampler's, so that
   # the first update has ratio exactly 1; the gap between the two is reported.
@@ -122,8 +202,8 @@ def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg:
     seq_adv = adv_lib.grpo_advantages(scores, cfg.group_size, norm_by_std=cfg.norm_by_std)
     batch["advantages"] = adv_lib.per_token(seq_adv, mask)
   else:
-    values = _micro_map(lambda b: response_values(state.critic, b["tokens"], b["attn_mask"], n,
-                                                  cfg), batch, micro)
+    values = _micro_map(lambda b, length: response_values(
+        state.critic, b["tokens"], b["attn_mask"], n, cfg, length), batch, micro, lengths)
     values = jnp.where(mask, values, 0.0)
     token_rewards = adv_lib.reward_at_last_token(scores, mask)
     adv, returns = adv_lib.gae(token_rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
@@ -136,23 +216,32 @@ def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg:
   return batch, metrics
 
 
-def _accumulate(loss_fn, params, batch: dict, micro: int):
-  """Sum of grads and losses over micro-batches; metrics weighted by each micro-batch's tokens."""
+def _accumulate(loss_fn, params, batch: dict, micro: int, lengths: tuple[int, ...]):
+  """Sum of grads and losses over micro-batches; metrics weighted by each micro-batch's tokens.
+
+  loss_fn(params, micro_batch, length); with several `lengths` each micro-batch runs at the
+  shortest that holds it. Also returns the mean length computed as a fraction of P + N."""
   split = _split(batch, micro)
   total = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  full = batch["tokens"].shape[1]
 
   def body(acc, mb):
-    (loss, metrics), grads = grad_fn(params, mb)
+    if len(lengths) <= 1:
+      (loss, metrics), grads = grad_fn(params, mb, None)
+      frac = jnp.ones((), jnp.float32)
+    else:
+      (loss, metrics), grads = _by_length(grad_fn, mb, lengths, params)
+      frac = jnp.asarray(lengths, jnp.float32)[_bucket_of(mb, lengths)] / full
     w = jnp.sum(mb["mask"].astype(jnp.float32)) / total
     metrics = jax.tree.map(lambda m: w * m, metrics)
-    return jax.tree.map(jnp.add, acc, (loss, grads, metrics)), None
+    return jax.tree.map(jnp.add, acc, (loss, grads, metrics)), frac
 
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split)))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+      grad_fn, params, jax.tree.map(lambda x: x[0], split), None))
   (loss, metrics), grads = zeros
-  (loss, grads, metrics), _ = jax.lax.scan(body, (loss, grads, metrics), split)
-  return loss, grads, metrics
+  (loss, grads, metrics), fracs = jax.lax.scan(body, (loss, grads, metrics), split)
+  return loss, grads, metrics, jnp.mean(fracs)
 
 
 def _apply(tx, params, opt_state, grads, loss):
@@ -177,18 +266,25 @@ def update(state: TrainState, batch: dict, *, cfg: StepConfig, actor_tx, critic_
   perms = jnp.concatenate([jax.random.permutation(jax.random.fold_in(rng, e), rows)
                            for e in range(cfg.epochs)]).reshape(-1, mini)  # [U, M]
 
-  def actor_loss_fn(params, mb):
+  lengths = _lengths(cfg, batch)
+  if len(lengths) > 1:  # micro-batches of rows of similar length (the sum is the same)
+    need = row_lengths(batch["attn_mask"], batch["targets"].shape[1])
+    perms = jnp.take_along_axis(perms, jnp.argsort(need[perms], axis=1), axis=1)
+
+  def actor_loss_fn(params, mb, length):
     num_tokens = mb.pop("num_tokens")
     num_seqs = mb.pop("num_seqs")
-    hidden = response_hidden(params, mb["tokens"], mb["attn_mask"], cfg, mb["targets"].shape[1])
+    hidden = response_hidden(params, mb["tokens"], mb["attn_mask"], cfg, mb["targets"].shape[1],
+                             length)
     return actor_lib.actor_loss_from_hidden(
         hidden, qwen2.output_embedding(params, cfg.model), mb, cfg.loss, chunk=cfg.logit_chunk,
         num_tokens=num_tokens, num_seqs=num_seqs)
 
-  def critic_loss_fn(params, mb):
+  def critic_loss_fn(params, mb, length):
     num_tokens = mb.pop("num_tokens")
     mb.pop("num_seqs")
-    values = response_values(params, mb["tokens"], mb["attn_mask"], mb["targets"].shape[1], cfg)
+    values = response_values(params, mb["tokens"], mb["attn_mask"], mb["targets"].shape[1], cfg,
+                             length)
     return losses.value_loss(values, mb["old_values"], mb["returns"], mb["mask"],
                              clip=cfg.value_clip, num_tokens=num_tokens)
 
@@ -199,24 +295,28 @@ def update(state: TrainState, batch: dict, *, cfg: StepConfig, actor_tx, critic_
     counts = {"num_tokens": jnp.broadcast_to(jnp.sum(mask), (mini,)),
               "num_seqs": jnp.broadcast_to(jnp.sum(jnp.any(mask > 0, axis=1)), (mini,))}
     mb = {**mb, **counts}
-    unpack = lambda f: lambda p, m: f(p, {**m, "num_tokens": m["num_tokens"][0],
-                                          "num_seqs": m["num_seqs"][0]})
+    unpack = lambda f: lambda p, m, length: f(p, {**m, "num_tokens": m["num_tokens"][0],
+                                                  "num_seqs": m["num_seqs"][0]}, length)
     metrics = {}
     if train_actor:
-      loss, grads, m = _accumulate(unpack(actor_loss_fn), state.actor, mb, cfg.micro_batch_size)
+      loss, grads, m, frac = _accumulate(unpack(actor_loss_fn), state.actor, mb,
+                                         cfg.micro_batch_size, lengths)
       actor, actor_opt, gnorm, finite = _apply(actor_tx, state.actor, state.actor_opt, grads, loss)
       state = state.replace(actor=actor, actor_opt=actor_opt)
       metrics.update(m)
       metrics.update({"actor/loss": loss, "actor/grad_norm": gnorm,
-                      "actor/update_finite": finite.astype(jnp.float32)})
+                      "actor/update_finite": finite.astype(jnp.float32),
+                      "perf/update_length_frac": frac})
     if cfg.algorithm == "ppo":
-      loss, grads, m = _accumulate(unpack(critic_loss_fn), state.critic, mb, cfg.micro_batch_size)
+      loss, grads, m, frac = _accumulate(unpack(critic_loss_fn), state.critic, mb,
+                                         cfg.micro_batch_size, lengths)
       critic, critic_opt, gnorm, finite = _apply(critic_tx, state.critic, state.critic_opt, grads,
                                                  loss)
       state = state.replace(critic=critic, critic_opt=critic_opt)
       metrics.update(m)
       metrics.update({"critic/vf_loss": loss, "critic/grad_norm": gnorm,
-                      "critic/update_finite": finite.astype(jnp.float32)})
+                      "critic/update_finite": finite.astype(jnp.float32),
+                      "perf/update_length_frac": frac})
     return state, metrics
 
   state, metrics = jax.lax.scan(one_update, state, perms)

@@ -109,18 +109,24 @@ def test_reward_rises(train_env, tmp_path):
 
 @pytest.mark.slow
 def test_one_device_equals_eight_fake_devices(train_env, tmp_path):
-  """Same losses on one CPU device and on a 2 x 2 x 2 (data, fsdp, tensor) mesh of fake devices."""
+  """Same losses on one CPU device and on a 2 x 2 x 2 (data, fsdp, tensor) mesh of fake devices,
+  there also with length buckets (rows sorted, micro-batches cut: the same update)."""
   overrides = ["--config.total_steps=3", "--config.export_hf=False"]
   run_train(train_env, tmp_path / "one", variant="entropy_reg", overrides=overrides)
-  run_train(train_env, tmp_path / "eight", variant="entropy_reg",
-            overrides=overrides + ["--config.mesh.shape=(2,2,2)"], devices=8)
-  one, eight = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "eight")
-  assert len(one) == len(eight) == 3
-  for a, b in zip(one, eight):
-    for key in ("actor/loss", "actor/entropy", "actor/grad_norm", "reward/mean",
-                "rollout/response_length_mean", "actor/psi_mean"):
-      np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
+  mesh = overrides + ["--config.mesh.shape=(2,2,2)"]
+  run_train(train_env, tmp_path / "eight", variant="entropy_reg", overrides=mesh, devices=8)
+  run_train(train_env, tmp_path / "buckets", variant="entropy_reg",
+            overrides=mesh + ["--config.rl.length_buckets=3"], devices=8)
+  one = read_metrics(tmp_path / "one")
+  for other in ("eight", "buckets"):
+    rows = read_metrics(tmp_path / other)
+    assert len(one) == len(rows) == 3
+    for a, b in zip(one, rows):
+      for key in ("actor/loss", "actor/entropy", "actor/grad_norm", "reward/mean",
+                  "rollout/response_length_mean", "actor/psi_mean"):
+        np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=f"{other} {key}")
   assert one[-1]["actor/grad_norm"] > 0
+  assert max(r["perf/update_length_frac"] for r in rows) < 1.0  # padding was skipped
 
 
 def _wait_for_step(workdir, step, proc, timeout=600):

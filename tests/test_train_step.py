@@ -169,3 +169,63 @@ def test_nonfinite_update_is_not_applied(grpo_setup):
   assert float(metrics["actor/update_finite"]) == 0.0
   for a, b in zip(jax.tree.leaves(new.actor), jax.tree.leaves(before)):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_bucket_lengths():
+  assert train_step.bucket_lengths(16, 1) == (16,)
+  assert train_step.bucket_lengths(72, 4) == (24, 40, 56, 72)
+  assert train_step.bucket_lengths(10, 4) == (8, 10)  # multiples of 8, never past P + N
+  with pytest.raises(ValueError, match="length_buckets=0"):
+    train_step.bucket_lengths(10, 0)
+
+
+def _ragged(rollout):
+  """The rollout with rows of very different lengths: prompts of 1-6 tokens, responses of 1-10."""
+  rng = np.random.RandomState(3)
+  r, n = rollout.tokens.shape
+  p = rollout.prompt_tokens.shape[1]
+  keep = np.arange(n)[None] < rng.randint(1, n + 1, r)[:, None]
+  keep[:3] = np.arange(n)[None] < np.array([[1], [2], [n]])  # one full-length row at least
+  pkeep = np.arange(p)[None] >= p - rng.randint(1, p + 1, r)[:, None]
+  return rollout.replace(mask=jnp.asarray(keep, jnp.int32),
+                         tokens=jnp.where(keep, rollout.tokens, 0),
+                         logprobs=jnp.where(keep, rollout.logprobs, 0.0),
+                         prompt_mask=jnp.asarray(pkeep, jnp.int32),
+                         prompt_tokens=jnp.where(pkeep, rollout.prompt_tokens, 0))
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_length_buckets_skip_padding_and_change_nothing(algorithm):
+  """Rows sorted by length and micro-batches cut to the shortest of 3 lengths: the same old
+  log-probs, values and updated weights as computing every row at full length."""
+  state, _, rollout, scores = _setup(algorithm)
+  rollout = _ragged(rollout)
+  tx = optax.sgd(0.5)
+  state = state.replace(actor_opt=tx.init(state.actor), critic_opt=(
+      tx.init(state.critic) if algorithm == "ppo" else state.critic_opt))
+  results = []
+  for buckets in (1, 3):
+    cfg = dataclasses.replace(_cfg(algorithm, micro=2), length_buckets=buckets)
+    batch, _ = train_step.score_rollout(state, None, rollout, scores, cfg=cfg)
+    new, metrics = train_step.update(jax.tree.map(jnp.copy, state), batch, cfg=cfg, actor_tx=tx,
+                                     critic_tx=tx, train_actor=True)
+    results.append((batch, new, metrics))
+  (b1, new1, m1), (b3, new3, m3) = results
+  mask = np.asarray(b1["mask"]).astype(bool)
+  fields = ["old_logprobs", "advantages"] + (["old_values", "returns"] if algorithm == "ppo" else [])
+  for key in fields:
+    np.testing.assert_allclose(np.asarray(b3[key])[mask], np.asarray(b1[key])[mask], atol=2e-5,
+                               err_msg=key)
+  # Padding was skipped: rows are 16 columns, and some micro-batches ran at 8 of them.
+  assert float(m1["perf/update_length_frac"]) == 1.0
+  assert float(m3["perf/update_length_frac"]) < 1.0
+  np.testing.assert_allclose(float(m3["actor/loss"]), float(m1["actor/loss"]), rtol=1e-4)
+  trees = [(new1.actor, new3.actor, state.actor)]
+  if algorithm == "ppo":
+    trees.append((new1.critic, new3.critic, state.critic))
+  for t1, t3, t0 in trees:
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(t1), jax.tree.leaves(t0)))
+    assert moved > 1e-4
+    for a, b in zip(jax.tree.leaves(t3), jax.tree.leaves(t1)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
