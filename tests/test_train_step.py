@@ -212,7 +212,9 @@ def test_length_buckets_skip_padding_and_change_nothing(algorithm):
     results.append((batch, new, metrics))
   (b1, new1, m1), (b3, new3, m3) = results
   mask = np.asarray(b1["mask"]).astype(bool)
-  fields = ["old_logprobs", "advantages"] + (["old_values", "returns"] if algorithm == "ppo" else [])
+  fields = ["old_logprobs", "advantages"]
+  if algorithm == "ppo":
+    fields += ["old_values", "returns"]
   for key in fields:
     np.testing.assert_allclose(np.asarray(b3[key])[mask], np.asarray(b1[key])[mask], atol=2e-5,
                                err_msg=key)
