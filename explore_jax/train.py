@@ -383,8 +383,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
             "perf/rollout_s": timing["rollout"], "perf/reward_s": timing["reward"],
             "perf/update_s": t3 - t2, "perf/step_s": t3 - t0,
             "perf/rollout_tokens_per_s": n_generated / max(timing["rollout"], 1e-9),
-            # Padded [P + N] positions (with rl.length_buckets > 1 the update computes only
-            # perf/update_length_frac of them: the same rows in less time).
+            # Padded [P + N] positions (with rl.length_buckets > 1 the update's model body runs
+            # over perf/update_length_frac of them: the same rows in less time).
             "perf/update_tokens_per_s": config.rl.epochs * rows * (
                 config.data.max_prompt_len + config.rollout.max_new_tokens) / max(t3 - t2, 1e-9),
         })

@@ -13,9 +13,13 @@ from the hidden states at positions P - 1 .. P + N - 2. The entropy term of the 
 Length buckets (`length_buckets` > 1). Most rows are far shorter than P + N (short prompts, early
 EOS), and a forward/backward over their padding is wasted. With buckets, the rows of each
 mini-batch (and of the old-log-prob pass) are sorted by their real length, each row is moved left
-over its prompt padding, and each micro-batch runs at the shortest of `length_buckets` static
-lengths that holds all its rows (`lax.switch` over one compiled branch per length). The result is
-the same sum over the same tokens (equal up to float rounding); only padding is skipped.
+over its prompt padding, and the model body of each micro-batch runs at the shortest of
+`length_buckets` static lengths that holds all its rows (`lax.switch` over one compiled branch
+per length); the output projection still covers all N response slots. The loss and the update are
+the same sums over the same tokens (equal up to float rounding); only padding is skipped. Metrics
+averaged per micro-batch with token weights (e.g. `actor/psi_over_abs_adv`, a `seq-mean-*`
+pg_loss) may differ slightly, since rows are grouped differently. This needs what the sampler
+produces and checks: prompts left-padded with at least one real token, responses contiguous.
 """
 
 from __future__ import annotations
@@ -77,11 +81,12 @@ def bucket_lengths(total: int, count: int) -> tuple[int, ...]:
 
 
 def row_lengths(attn_mask: Array, n: int) -> Array:
-  """[R] tokens a row needs once moved left over its prompt padding: prompt + last response."""
+  """[R] positions a row needs once moved left over its prompt padding: its prompt and response
+  but the last response token (which is predicted, never read)."""
   p = attn_mask.shape[1] - n
   prompt_len = jnp.sum(attn_mask[:, :p], axis=1)
   response_end = jnp.max(jnp.where(attn_mask[:, p:] > 0, jnp.arange(1, n + 1), 0), axis=1)
-  return prompt_len + response_end
+  return prompt_len + response_end - 1
 
 
 def _left_aligned(tokens: Array, attn_mask: Array, n: int):
@@ -220,7 +225,8 @@ def _accumulate(loss_fn, params, batch: dict, micro: int, lengths: tuple[int, ..
   """Sum of grads and losses over micro-batches; metrics weighted by each micro-batch's tokens.
 
   loss_fn(params, micro_batch, length); with several `lengths` each micro-batch runs at the
-  shortest that holds it. Also returns the mean length computed as a fraction of P + N."""
+  shortest that holds it. Also returns the mean length of the model body's pass as a fraction
+  of P + N."""
   split = _split(batch, micro)
   total = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -25,7 +25,7 @@ def _cfg(algorithm="grpo", micro=4, **loss):
       micro_batch_size=micro, logit_chunk=8, on_nonfinite="raise")
 
 
-def _setup(algorithm="grpo", lr=1e-3):
+def _setup(algorithm="grpo", lr=1e-3, max_new_tokens=10):
   optim = defaults.base_config().optim
   tx = train_state.make_optimizer(train_state.lr_schedule(lr, optim, 100), optim)
   shapes, specs = train_state.abstract_state(MODEL, tx, tx, algorithm == "ppo")
@@ -37,7 +37,7 @@ def _setup(algorithm="grpo", lr=1e-3):
   pmask = np.ones_like(prompts)
   pmask[0, :2] = 0
   rollout = sampling.generate(MODEL, state.actor, prompts, pmask, jax.random.PRNGKey(1),
-                              max_new_tokens=10, eos_id=0, n=4)
+                              max_new_tokens=max_new_tokens, eos_id=0, n=4)
   scores = jnp.asarray([1., -1., -1., 1., 1., 1., 1., 1., -1., -1., 1., -1., 1., 1., -1., -1.])
   return state, tx, rollout, scores
 
@@ -180,7 +180,7 @@ def test_bucket_lengths():
 
 
 def _ragged(rollout):
-  """The rollout with rows of very different lengths: prompts of 1-6 tokens, responses of 1-10."""
+  """The rollout with rows of very different lengths: prompts of 1-6 tokens, responses of 1-N."""
   rng = np.random.RandomState(3)
   r, n = rollout.tokens.shape
   p = rollout.prompt_tokens.shape[1]
@@ -196,32 +196,36 @@ def _ragged(rollout):
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_length_buckets_skip_padding_and_change_nothing(algorithm):
-  """Rows sorted by length and micro-batches cut to the shortest of 3 lengths: the same old
-  log-probs, values and updated weights as computing every row at full length."""
-  state, _, rollout, scores = _setup(algorithm)
+  """Rows sorted by length and micro-batches cut to the shortest of 4 lengths (8, 16, 24, 26): the
+  same old log-probs, reference log-probs (KL), values and updated weights as computing every row
+  at full length."""
+  state, _, rollout, scores = _setup(algorithm, max_new_tokens=20)
   rollout = _ragged(rollout)
+  ref = qwen2.init_params(MODEL, jax.random.PRNGKey(7))  # another policy: a nonzero KL
   tx = optax.sgd(0.5)
   state = state.replace(actor_opt=tx.init(state.actor), critic_opt=(
       tx.init(state.critic) if algorithm == "ppo" else state.critic_opt))
   results = []
-  for buckets in (1, 3):
-    cfg = dataclasses.replace(_cfg(algorithm, micro=2), length_buckets=buckets)
-    batch, _ = train_step.score_rollout(state, None, rollout, scores, cfg=cfg)
+  for buckets in (1, 4):
+    cfg = dataclasses.replace(_cfg(algorithm, micro=2, kl_coef=0.1), length_buckets=buckets)
+    assert train_step.bucket_lengths(26, buckets) == ((26,) if buckets == 1 else (8, 16, 24, 26))
+    batch, _ = train_step.score_rollout(state, ref, rollout, scores, cfg=cfg)
     new, metrics = train_step.update(jax.tree.map(jnp.copy, state), batch, cfg=cfg, actor_tx=tx,
                                      critic_tx=tx, train_actor=True)
     results.append((batch, new, metrics))
   (b1, new1, m1), (b3, new3, m3) = results
   mask = np.asarray(b1["mask"]).astype(bool)
-  fields = ["old_logprobs", "advantages"]
+  fields = ["old_logprobs", "ref_logprobs", "advantages"]
   if algorithm == "ppo":
     fields += ["old_values", "returns"]
   for key in fields:
     np.testing.assert_allclose(np.asarray(b3[key])[mask], np.asarray(b1[key])[mask], atol=2e-5,
                                err_msg=key)
-  # Padding was skipped: rows are 16 columns, and some micro-batches ran at 8 of them.
+  # Padding was skipped: rows are 26 columns, and some micro-batches ran at fewer.
   assert float(m1["perf/update_length_frac"]) == 1.0
   assert float(m3["perf/update_length_frac"]) < 1.0
   np.testing.assert_allclose(float(m3["actor/loss"]), float(m1["actor/loss"]), rtol=1e-4)
+  assert float(m1["actor/kl"]) > 1e-3
   trees = [(new1.actor, new3.actor, state.actor)]
   if algorithm == "ppo":
     trees.append((new1.critic, new3.critic, state.critic))
