@@ -13,13 +13,14 @@ from the hidden states at positions P - 1 .. P + N - 2. The entropy term of the 
 Length buckets (`length_buckets` > 1). Most rows are far shorter than P + N (short prompts, early
 EOS), and a forward/backward over their padding is wasted. With buckets, the rows of each
 mini-batch (and of the old-log-prob pass) are sorted by their real length, each row is moved left
-over its prompt padding, and the model body of each micro-batch runs at the shortest of
-`length_buckets` static lengths that holds all its rows (`lax.switch` over one compiled branch
-per length); the output projection still covers all N response slots. The loss and the update are
-the same sums over the same tokens (equal up to float rounding); only padding is skipped. Metrics
-averaged per micro-batch with token weights (e.g. `actor/psi_over_abs_adv`, a `seq-mean-*`
-pg_loss) may differ slightly, since rows are grouped differently. This needs what the sampler
-produces and checks: prompts left-padded with at least one real token, responses contiguous.
+over its prompt padding, and each micro-batch runs at the shortest of `length_buckets` static
+lengths that holds all its rows (`lax.switch` over one compiled branch per length): the model body
+over that many positions, the output projection and loss over no more response slots than that.
+The loss and the update are the same sums over the same tokens (equal up to float rounding); only
+padding is skipped. Metrics averaged per micro-batch with token weights (e.g.
+`actor/psi_over_abs_adv`, a `seq-mean-*` pg_loss) may differ slightly, since rows are grouped
+differently. This needs what the sampler produces and checks: prompts left-padded with at least
+one real token, responses contiguous.
 """
 
 from __future__ import annotations
@@ -134,33 +135,57 @@ def _by_length(fn, mb: dict, lengths: tuple[int, ...], *args):
   return jax.lax.switch(_bucket_of(mb, lengths), branches, *args, mb)
 
 
+# [R, N] fields of a batch, cut with the hidden states when a micro-batch runs at a shorter length.
+RESPONSE_FIELDS = ("targets", "mask", "old_logprobs", "advantages", "ref_logprobs", "old_values",
+                   "returns")
+
+
+def response_slots(n: int, length: int | None) -> int:
+  """Response slots that can hold a token in a micro-batch of `length` positions: a row needs
+  prompt (>= 1 token) + response - 1 positions, so no response there is longer than `length`."""
+  return n if length is None else min(n, length)
+
+
+def _first_slots(mb: dict, slots: int) -> dict:
+  return {k: v[:, :slots] if k in RESPONSE_FIELDS else v for k, v in mb.items()}
+
+
+def _pad_slots(x: Array, n: int) -> Array:
+  return jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
+
+
 def response_hidden(params, tokens: Array, attn_mask: Array, cfg: StepConfig, n: int,
                     length: int | None = None) -> Array:
   """Hidden states that predict the response tokens: [R, N, D]. With a `length`, the rows are
-  left-aligned and only their first `length` positions are computed."""
+  left-aligned, only their first `length` positions are computed, and only the first
+  `response_slots(N, length)` response slots are returned."""
   if length is None:
     hidden = qwen2.forward_hidden(params, tokens, cfg.model, attn_mask)  # [R, P + N, D]
     p = tokens.shape[1] - n
     return hidden[:, p - 1:p - 1 + n]
   tokens, attn_mask, prompt_len = _left_aligned(tokens, attn_mask, n)
   hidden = qwen2.forward_hidden(params, tokens[:, :length], cfg.model, attn_mask[:, :length])
-  return _at_response(hidden, prompt_len, n)
+  return _at_response(hidden, prompt_len, response_slots(n, length))
 
 
 def response_logprobs(params, tokens, attn_mask, targets, cfg: StepConfig, length=None):
-  hidden = response_hidden(params, tokens, attn_mask, cfg, targets.shape[1], length)
-  return losses.token_logprobs_and_entropy(hidden, qwen2.output_embedding(params, cfg.model),
-                                           targets, chunk=cfg.logit_chunk)
+  """log pi(targets) and H, [R, N] each (0 in slots past a shorter `length`)."""
+  n = targets.shape[1]
+  hidden = response_hidden(params, tokens, attn_mask, cfg, n, length)
+  out = losses.token_logprobs_and_entropy(hidden, qwen2.output_embedding(params, cfg.model),
+                                          targets[:, :hidden.shape[1]], chunk=cfg.logit_chunk)
+  return tuple(_pad_slots(x, n) for x in out)
 
 
 def response_values(critic, tokens, attn_mask, n: int, cfg: StepConfig, length=None) -> Array:
+  """Critic values [R, N] at the positions that predict the response tokens."""
   if length is None:
     values = qwen2.critic_values(critic, tokens, cfg.model, attn_mask)  # [R, P + N]
     p = tokens.shape[1] - n
     return values[:, p - 1:p - 1 + n]
   tokens, attn_mask, prompt_len = _left_aligned(tokens, attn_mask, n)
   values = qwen2.critic_values(critic, tokens[:, :length], cfg.model, attn_mask[:, :length])
-  return _at_response(values, prompt_len, n)
+  return _pad_slots(_at_response(values, prompt_len, response_slots(n, length)), n)
 
 
 def _lengths(cfg: StepConfig, batch: dict) -> tuple[int, ...]:
@@ -283,8 +308,8 @@ def update(state: TrainState, batch: dict, *, cfg: StepConfig, actor_tx, critic_
     hidden = response_hidden(params, mb["tokens"], mb["attn_mask"], cfg, mb["targets"].shape[1],
                              length)
     return actor_lib.actor_loss_from_hidden(
-        hidden, qwen2.output_embedding(params, cfg.model), mb, cfg.loss, chunk=cfg.logit_chunk,
-        num_tokens=num_tokens, num_seqs=num_seqs)
+        hidden, qwen2.output_embedding(params, cfg.model), _first_slots(mb, hidden.shape[1]),
+        cfg.loss, chunk=cfg.logit_chunk, num_tokens=num_tokens, num_seqs=num_seqs)
 
   def critic_loss_fn(params, mb, length):
     num_tokens = mb.pop("num_tokens")
