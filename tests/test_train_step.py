@@ -206,13 +206,18 @@ def test_length_buckets_skip_padding_and_change_nothing(algorithm):
   state = state.replace(actor_opt=tx.init(state.actor), critic_opt=(
       tx.init(state.critic) if algorithm == "ppo" else state.critic_opt))
   results = []
+  temp_bytes = []
   for buckets in (1, 4):
     cfg = dataclasses.replace(_cfg(algorithm, micro=2, kl_coef=0.1), length_buckets=buckets)
     assert train_step.bucket_lengths(26, buckets) == ((26,) if buckets == 1 else (8, 16, 24, 26))
     batch, _ = train_step.score_rollout(state, ref, rollout, scores, cfg=cfg)
-    new, metrics = train_step.update(jax.tree.map(jnp.copy, state), batch, cfg=cfg, actor_tx=tx,
-                                     critic_tx=tx, train_actor=True)
+    args = dict(cfg=cfg, actor_tx=tx, critic_tx=tx, train_actor=True)
+    compiled = train_step.update.lower(state, batch, **args).compile()
+    temp_bytes.append(compiled.memory_analysis().temp_size_in_bytes)
+    new, metrics = compiled(jax.tree.map(jnp.copy, state), batch)
     results.append((batch, new, metrics))
+  # The branches are alternatives, not all computed: no more scratch memory than one of them.
+  assert temp_bytes[1] < 1.1 * temp_bytes[0], temp_bytes
   (b1, new1, m1), (b3, new3, m3) = results
   mask = np.asarray(b1["mask"]).astype(bool)
   fields = ["old_logprobs", "ref_logprobs", "advantages"]
