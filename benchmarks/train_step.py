@@ -188,13 +188,10 @@ def run(name: str, steps: int, chunk: int) -> dict:
               jax_ms=1e3 * jax_s, torch_ms=1e3 * torch_s, compile=jax_first_s - jax_s)
 
 
-def _median_s(fn, steps: int) -> float:
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
 
 
 def gemm_bound(name: str, steps: int) -> dict:
@@ -230,8 +227,8 @@ def gemm_bound(name: str, steps: int) -> dict:
       jax_call(), torch_fn()  # compile / warm up
       jt, tt = [], []
       for _ in range(steps):  # alternate, as for the whole step
-        jt.append(_median_s(jax_call, 1))
-        tt.append(_median_s(torch_fn, 1))
+        jt.append(_seconds(jax_call))
+        tt.append(_seconds(torch_fn))
       jax_s += count * statistics.median(jt)
       torch_s += count * statistics.median(tt)
     flops += count * 3 * 2 * rows_m * k * cols
