@@ -74,8 +74,8 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
         f"config: rollout rows ({config.data.prompts_per_step} prompts x {config.rollout.n} = "
         f"{rows}) must be a multiple of rl.mini_batch_size={rl.mini_batch_size}, itself a multiple "
         f"of rl.micro_batch_size={rl.micro_batch_size}")
-  if rl.length_buckets < 1:
-    raise ValueError(f"config.rl.length_buckets={rl.length_buckets}: need at least 1 (1 = off)")
+  train_step.bucket_lengths(config.data.max_prompt_len + config.rollout.max_new_tokens,
+                            rl.length_buckets)  # checks rl.length_buckets before any tracing
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
   if config.data.prompts_per_step % wave or wave % jax.process_count():
     raise ValueError(

@@ -73,6 +73,11 @@ def _split(batch: dict, micro: int) -> dict:
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // micro, micro, *x.shape[1:]), batch)
 
 
+def _merge(tree):
+  """The inverse of `_split`: [R / micro, micro, ...] -> [R, ...]."""
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+
+
 def bucket_lengths(total: int, count: int) -> tuple[int, ...]:
   """`count` row lengths up to `total` (P + N), evenly spaced, rounded up to multiples of 8."""
   if count < 1:
@@ -112,27 +117,23 @@ def _micro_map(fn, batch: dict, micro: int, lengths: tuple[int, ...] = ()):
   results concatenated in row order. With several `lengths`, rows are sorted by length first and
   each micro-batch gets the shortest length that holds it (see the module docstring)."""
   if len(lengths) <= 1:
-    out = jax.lax.map(lambda b: fn(b, None), _split(batch, micro))
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+    return _merge(jax.lax.map(lambda b: fn(b, None), _split(batch, micro)))
   order = jnp.argsort(row_lengths(batch["attn_mask"], batch["targets"].shape[1]))
-  out = jax.lax.map(lambda b: _by_length(fn, b, lengths), _split(_take(batch, order), micro))
-  out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
-  return _take(out, jnp.argsort(order))  # back to the rows' own order
+  out = jax.lax.map(lambda b: _by_length(fn, b, lengths)[0], _split(_take(batch, order), micro))
+  return _take(_merge(out), jnp.argsort(order))  # back to the rows' own order
 
 
 def _take(tree, idx: Array):
   return jax.tree.map(lambda x: _batch_constraint(jnp.take(x, idx, axis=0)), tree)
 
 
-def _bucket_of(mb: dict, lengths: tuple[int, ...]) -> Array:
-  need = jnp.max(row_lengths(mb["attn_mask"], mb["targets"].shape[1]))
-  return jnp.searchsorted(jnp.asarray(lengths), need)
-
-
 def _by_length(fn, mb: dict, lengths: tuple[int, ...], *args):
-  """fn(*args, mb, length) at the shortest of `lengths` that holds every row of mb."""
-  branches = [functools.partial(lambda length, *a: fn(*a, length), length) for length in lengths]
-  return jax.lax.switch(_bucket_of(mb, lengths), branches, *args, mb)
+  """fn(*args, mb, length) at the shortest of `lengths` that holds every row of mb, and that
+  length (a traced int)."""
+  need = jnp.max(row_lengths(mb["attn_mask"], mb["targets"].shape[1]))
+  branches = [functools.partial(lambda length, *a: (fn(*a, length), jnp.int32(length)), length)
+              for length in lengths]
+  return jax.lax.switch(jnp.searchsorted(jnp.asarray(lengths), need), branches, *args, mb)
 
 
 # [R, N] fields of a batch, cut with the hidden states when a micro-batch runs at a shorter length.
@@ -154,18 +155,25 @@ def _pad_slots(x: Array, n: int) -> Array:
   return jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
 
 
+def _at_response_positions(forward, tokens: Array, attn_mask: Array, n: int,
+                           length: int | None) -> Array:
+  """forward(tokens, attn_mask) -> [R, T, ...] read at the positions that predict the response
+  tokens: [R, N, ...]. With a `length`, the rows are left-aligned, only their first `length`
+  positions are computed, and only the first `response_slots(N, length)` slots are returned."""
+  if length is None:
+    p = tokens.shape[1] - n
+    return forward(tokens, attn_mask)[:, p - 1:p - 1 + n]
+  tokens, attn_mask, prompt_len = _left_aligned(tokens, attn_mask, n)
+  out = forward(tokens[:, :length], attn_mask[:, :length])
+  return _at_response(out, prompt_len, response_slots(n, length))
+
+
 def response_hidden(params, tokens: Array, attn_mask: Array, cfg: StepConfig, n: int,
                     length: int | None = None) -> Array:
-  """Hidden states that predict the response tokens: [R, N, D]. With a `length`, the rows are
-  left-aligned, only their first `length` positions are computed, and only the first
-  `response_slots(N, length)` response slots are returned."""
-  if length is None:
-    hidden = qwen2.forward_hidden(params, tokens, cfg.model, attn_mask)  # [R, P + N, D]
-    p = tokens.shape[1] - n
-    return hidden[:, p - 1:p - 1 + n]
-  tokens, attn_mask, prompt_len = _left_aligned(tokens, attn_mask, n)
-  hidden = qwen2.forward_hidden(params, tokens[:, :length], cfg.model, attn_mask[:, :length])
-  return _at_response(hidden, prompt_len, response_slots(n, length))
+  """Final hidden states that predict the response tokens: [R, N, D] (fewer slots with a
+  `length`, see `_at_response_positions`)."""
+  forward = lambda t, m: qwen2.forward_hidden(params, t, cfg.model, m)
+  return _at_response_positions(forward, tokens, attn_mask, n, length)
 
 
 def response_logprobs(params, tokens, attn_mask, targets, cfg: StepConfig, length=None):
@@ -179,13 +187,8 @@ def response_logprobs(params, tokens, attn_mask, targets, cfg: StepConfig, lengt
 
 def response_values(critic, tokens, attn_mask, n: int, cfg: StepConfig, length=None) -> Array:
   """Critic values [R, N] at the positions that predict the response tokens."""
-  if length is None:
-    values = qwen2.critic_values(critic, tokens, cfg.model, attn_mask)  # [R, P + N]
-    p = tokens.shape[1] - n
-    return values[:, p - 1:p - 1 + n]
-  tokens, attn_mask, prompt_len = _left_aligned(tokens, attn_mask, n)
-  values = qwen2.critic_values(critic, tokens[:, :length], cfg.model, attn_mask[:, :length])
-  return _pad_slots(_at_response(values, prompt_len, response_slots(n, length)), n)
+  forward = lambda t, m: qwen2.critic_values(critic, t, cfg.model, m)
+  return _pad_slots(_at_response_positions(forward, tokens, attn_mask, n, length), n)
 
 
 def _lengths(cfg: StepConfig, batch: dict) -> tuple[int, ...]:
@@ -259,11 +262,10 @@ def _accumulate(loss_fn, params, batch: dict, micro: int, lengths: tuple[int, ..
 
   def body(acc, mb):
     if len(lengths) <= 1:
-      (loss, metrics), grads = grad_fn(params, mb, None)
-      frac = jnp.ones((), jnp.float32)
+      ((loss, metrics), grads), length = grad_fn(params, mb, None), full
     else:
-      (loss, metrics), grads = _by_length(grad_fn, mb, lengths, params)
-      frac = jnp.asarray(lengths, jnp.float32)[_bucket_of(mb, lengths)] / full
+      ((loss, metrics), grads), length = _by_length(grad_fn, mb, lengths, params)
+    frac = jnp.asarray(length, jnp.float32) / full
     w = jnp.sum(mb["mask"].astype(jnp.float32)) / total
     metrics = jax.tree.map(lambda m: w * m, metrics)
     return jax.tree.map(jnp.add, acc, (loss, grads, metrics)), frac
@@ -320,7 +322,7 @@ def update(state: TrainState, batch: dict, *, cfg: StepConfig, actor_tx, critic_
                              clip=cfg.value_clip, num_tokens=num_tokens)
 
   def one_update(state: TrainState, idx):
-    mb = jax.tree.map(lambda x: _batch_constraint(jnp.take(x, idx, axis=0)), batch)
+    mb = _take(batch, idx)
     mask = mb["mask"].astype(jnp.float32)
     # Global counts of the mini-batch, so that micro-batch losses sum to the mini-batch mean.
     counts = {"num_tokens": jnp.broadcast_to(jnp.sum(mask), (mini,)),
