@@ -6,12 +6,16 @@
 #   ./launch_tpu.sh run    --project P --zone us-central2-b --name rl-7b \
 #       --bucket gs://my-bucket/explore_jax --config configs/ppo_qwen25_7b.py -- --config.seed=1
 #   ./launch_tpu.sh logs   ... --worker 3 [--follow]    ./launch_tpu.sh stop ...    delete ...
+#   ./launch_tpu.sh evaluate --project P --zone us-central2-b --name rl-7b \
+#       --workdir /home/me/eval --config configs/eval_paper.py -- --config.model=/data/ckpt
 #
-# Every worker runs `python -m explore_jax.train ... --config.distributed.coordinator=auto`; the
-# trainer's jax.distributed.initialize() then finds the other workers from the TPU metadata.
-# Checkpoints and metrics go to a gs:// workdir that every worker reaches; each worker keeps its own
-# log in ~/explore_jax_logs/train.log. `--dry-run` prints each command (one per line, shell-quoted)
-# instead of running it, and needs no gcloud.
+# Every worker runs `python -m explore_jax.train ... --config.distributed.coordinator=auto` (or
+# explore_jax.evaluate); jax.distributed.initialize() then finds the other workers from the TPU
+# metadata. A run's checkpoints and metrics go to a gs:// workdir that every worker reaches; an
+# evaluation's results to a directory on worker 0, where its process 0 writes them. One job at a
+# time (the chips take one): each worker keeps its log in ~/explore_jax_logs/job.log.
+# `--dry-run` prints each command (one per line, shell-quoted) instead of running it, and needs no
+# gcloud.
 set -euo pipefail
 
 usage() {
@@ -23,9 +27,13 @@ commands:
   setup    copy this checkout (or --repo URL --ref REF) to every worker and pip install it
            with the TPU JAX extra into ~/explore_jax_venv
   run      start `python -m explore_jax.train --config CONFIG --workdir WORKDIR [args after --]`
-           on every worker in the background; per-worker log ~/explore_jax_logs/train.log
-  logs     print (or --follow) the log of one worker (--worker N, default 0; or all)
-  stop     send SIGTERM to the trainer on every worker (it checkpoints and exits); --force: SIGKILL
+           on every worker in the background; per-worker log ~/explore_jax_logs/job.log
+  evaluate the same with `python -m explore_jax.evaluate` (config default configs/eval_paper.py);
+           WORKDIR is a directory on worker 0's disk, where the results are written; the model
+           (--config.model=DIR after --) must be on every worker's disk
+  logs     print (or --follow) the job's log of one worker (--worker N, default 0; or all)
+  stop     send SIGTERM to the job on every worker (a trainer checkpoints and exits; an evaluation
+           resumes from its saved responses); --force: SIGKILL
   delete   delete the TPU VM / pod slice
   ssh      open a shell on --worker N, or run the command given after -- on --worker (default all)
   status   describe the TPU
@@ -40,9 +48,10 @@ flags (environment variable in brackets):
                          v6e v2-alpha-tpuv6e
   --spot                 create a Spot (preemptible) TPU [TPU_SPOT=1]
   --bucket gs://B/PATH   where run workdirs live [TPU_BUCKET]; workdir = BUCKET/NAME/CONFIG-NAME
-  --workdir gs://...     the run's workdir, overriding --bucket [TPU_WORKDIR]
-  --config PATH[:ARG]    trainer config, relative to the checkout [TPU_CONFIG]
-                         (default configs/grpo_qwen25_7b.py)
+  --workdir DIR          run: gs://..., overriding --bucket; evaluate: a path on worker 0
+                         [TPU_WORKDIR]
+  --config PATH[:ARG]    job config, relative to the checkout [TPU_CONFIG]
+                         (default configs/grpo_qwen25_7b.py; evaluate: configs/eval_paper.py)
   --repo URL --ref REF   setup clones URL at REF (default main) instead of copying this checkout
                          [TPU_REPO, TPU_REF]
   --jax SPEC             pip requirement for JAX on TPU [TPU_JAX_SPEC] (default 'jax[tpu]')
@@ -64,10 +73,11 @@ die() {
 # ---- arguments -----------------------------------------------------------------------------------
 
 [[ $# -gt 0 ]] || { usage >&2; exit 2; }
+commands="create, setup, run, evaluate, logs, stop, delete, ssh, status"
 case "$1" in
   -h|--help) usage; exit 0 ;;
-  create|setup|run|logs|stop|delete|ssh|status) cmd="$1"; shift ;;
-  *) die "unknown command '$1' (expected create, setup, run, logs, stop, delete, ssh, status)" ;;
+  create|setup|run|evaluate|logs|stop|delete|ssh|status) cmd="$1"; shift ;;
+  *) die "unknown command '$1' (expected one of: $commands)" ;;
 esac
 
 project="${TPU_PROJECT:-}"
@@ -78,7 +88,7 @@ version="${TPU_VERSION:-}"
 spot="${TPU_SPOT:-0}"
 bucket="${TPU_BUCKET:-}"
 workdir="${TPU_WORKDIR:-}"
-config="${TPU_CONFIG:-configs/grpo_qwen25_7b.py}"
+config="${TPU_CONFIG:-}"
 repo="${TPU_REPO:-}"
 ref="${TPU_REF:-main}"
 jax_spec="${TPU_JAX_SPEC:-jax[tpu]}"
@@ -246,10 +256,10 @@ workdir_for_run() {
     || die "workdir '$workdir': must be a gs:// path that every worker can reach"
 }
 
-cmd_run() {
-  workdir_for_run
+# Start `python -m MODULE --config CONFIG --workdir WORKDIR ...` on every worker, in the background.
+start_job() {  # start_job MODULE WORKDIR
   # coordinator=auto: jax.distributed.initialize() reads the pod's workers from the TPU metadata.
-  local args=(-m explore_jax.train --config "$config" --workdir "$workdir"
+  local args=(-m "$1" --config "$config" --workdir "$2"
               --config.distributed.coordinator=auto ${extra[@]+"${extra[@]}"})
   # The venv path must expand on the worker (~), so it stays unquoted.
   local line
@@ -258,26 +268,44 @@ cmd_run() {
     line="env $(join_quoted "${envs[@]}") $line"
   fi
   local start="set -e; mkdir -p $logs_dir; cd $code_dir"
-  start+="; if [ -f $logs_dir/train.pid ] && kill -0 \"\$(cat $logs_dir/train.pid)\" 2>/dev/null;"
-  start+=" then echo \"\$(hostname): already running (pid \$(cat $logs_dir/train.pid))\" >&2;"
+  start+="; if [ -f $logs_dir/job.pid ] && kill -0 \"\$(cat $logs_dir/job.pid)\" 2>/dev/null;"
+  start+=" then echo \"\$(hostname): already running (pid \$(cat $logs_dir/job.pid))\" >&2;"
   start+=" exit 1; fi"
-  start+="; nohup $line > $logs_dir/train.log 2>&1 < /dev/null &"
-  start+=" echo \$! > $logs_dir/train.pid; echo \"\$(hostname): started pid \$!\""
+  start+="; nohup $line > $logs_dir/job.log 2>&1 < /dev/null &"
+  start+=" echo \$! > $logs_dir/job.pid; echo \"\$(hostname): started pid \$!\""
   ssh_workers all "$start"
+}
+
+cmd_run() {
+  config="${config:-configs/grpo_qwen25_7b.py}"
+  workdir_for_run
+  start_job explore_jax.train "$workdir"
   echo "launch_tpu.sh: workdir $workdir; logs: $0 logs --name $name --worker 0 -f" >&2
+}
+
+cmd_evaluate() {
+  config="${config:-configs/eval_paper.py}"
+  [[ -n "$workdir" ]] \
+    || die "evaluate: missing --workdir DIR (a directory on worker 0, where the results go)"
+  # responses.jsonl is appended to as batches finish, which a gs:// object does not allow.
+  [[ "$workdir" != gs://* ]] \
+    || die "evaluate: workdir '$workdir': must be a directory on worker 0's disk, not gs://"
+  start_job explore_jax.evaluate "$workdir"
+  echo "launch_tpu.sh: results in $workdir on worker 0" >&2
+  echo "launch_tpu.sh: logs: $0 logs --name $name --worker 0 -f" >&2
 }
 
 cmd_logs() {
   local tail_cmd="tail -n 200"
   if [[ "$follow" == 1 ]]; then tail_cmd="tail -n 200 -F"; fi
   # Prefix lines with the host so that logs of several workers stay apart.
-  ssh_workers "${worker:-0}" "$tail_cmd $logs_dir/train.log | sed -u \"s/^/[\$(hostname)] /\""
+  ssh_workers "${worker:-0}" "$tail_cmd $logs_dir/job.log | sed -u \"s/^/[\$(hostname)] /\""
 }
 
 cmd_stop() {
   local sig=TERM
   if [[ "$force" == 1 ]]; then sig=KILL; fi
-  local stop="if [ -f $logs_dir/train.pid ]; then kill -$sig \"\$(cat $logs_dir/train.pid)\""
+  local stop="if [ -f $logs_dir/job.pid ]; then kill -$sig \"\$(cat $logs_dir/job.pid)\""
   stop+=" 2>/dev/null && echo \"\$(hostname): sent SIG$sig\" || echo \"\$(hostname): not running\";"
   stop+=" else echo \"\$(hostname): no run\"; fi"
   ssh_workers "${worker:-all}" "$stop"

@@ -5,6 +5,9 @@
     # base vs RL models in one pass@k plot:
     python -m explore_jax.evaluate --config configs/eval_paper.py \
         --config.models="('/ckpt/base', '/ckpt/grpo', '/ckpt/grpo_entropy')" --workdir /tmp/eval
+    # a TPU host or pod slice (16-32 GB a chip): 4-way tensor parallelism, rows over the rest
+    python -m explore_jax.evaluate --config configs/eval_paper.py --config.model=/ckpt/dir \
+        --config.mesh.shape="(-1,1,4)" --workdir /tmp/eval_paper
     # a quick look: the Qwen2.5-7B base DAPO template, fewer samples
     python -m explore_jax.evaluate --config configs/eval_paper.py:template=dapo \
         --config.model=/ckpt/dir --config.benchmarks.aime24.n=32 --workdir /tmp/eval_quick
@@ -12,6 +15,10 @@
 n = 256 (AIME 2024, AIME 2025), 128 (AMC 2023), 16 (MATH500) as in the paper's pass@k figures; GSM8K
 (not in the paper) gets n = 16. The template follows the model: "qwen_math" (Qwen2.5-Math-7B, graded
 by math-verify) or "dapo" (Qwen2.5-7B base, DAPO template and answer checker).
+
+Memory of a 7B model in bf16 at batch_size 64: 15 GB of weights and ~31 GB of KV cache (64 rows x
+8.4K slots x 57 KB). With 4-way tensor parallelism (Qwen2.5-7B has 4 kv heads) both are split in
+four, ~12 GB a chip.
 """
 
 from explore_jax import defaults as common
@@ -23,8 +30,8 @@ def get_config(arg: str | None = None):
   reward = "dapo" if args.template == "dapo" else "math_verify"
   c = evaluate.base_config()
   c.dtype = "bfloat16"
-  # 64 rows x (prompt + 8K) tokens of KV cache is ~31 GB for a 7B model in bf16: fits one 80 GB GPU
-  # next to the weights; n = 256 then takes 4 generate calls per problem.
+  # Fits one 80 GB GPU, or 4 TPU chips with tensor parallelism (memory: above); n = 256 then
+  # takes 4 generate calls per problem.
   c.batch_size = 64
   c.sampling.temperature = 0.6
   c.sampling.top_p = 0.95

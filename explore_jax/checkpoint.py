@@ -9,7 +9,9 @@ Streaming: `load_hf` first checks every file header against the layout (names, s
 checkpoint fails before any weight is read; then it reads one tensor at a time, converts it and puts
 it on its devices (`jax.make_array_from_callback` when a target sharding is given, so each device
 receives only its slice) before reading the next. The host never holds more than one tensor beyond
-the finished parameters. `save_hf` writes shard by shard in the same spirit.
+the finished parameters. `save_hf` writes shard by shard in the same spirit, to a local directory
+or a bucket (gs://, through etils.epath); with several processes each tensor is gathered from its
+shards on every host and process 0 writes.
 
 Directory formats:
   HF:    config.json, generation_config.json, model.safetensors | model-0000i-of-0000n.safetensors
@@ -24,14 +26,14 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
 from explore_jax.models import qwen2
 from explore_jax.models.qwen2 import Qwen2Config
@@ -235,11 +237,19 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, shardings=None, *,
 # --------------------------------------------------------------------------------------------------
 
 
-def _copy_tokenizer(src: str, dst: str) -> list[str]:
+def _copy_tokenizer(src: str, dst: str | os.PathLike) -> list[str]:
   copied = [fn for fn in TOKENIZER_FILES if os.path.exists(os.path.join(src, fn))]
   for fn in copied:
-    shutil.copyfile(os.path.join(src, fn), os.path.join(dst, fn))
+    (epath.Path(dst) / fn).write_bytes(epath.Path(src, fn).read_bytes())
   return copied
+
+
+def _on_host(x) -> np.ndarray:
+  """The whole value of a (possibly multi-host) array on this host; every process must call it."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
@@ -248,10 +258,14 @@ def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
   """Write an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
   Tensors keep the params' dtype (bfloat16 stays bfloat16). Shards are filled greedily in layout
-  order up to `max_shard_bytes`; one shard is written as a single `model.safetensors`.
+  order up to `max_shard_bytes`; one shard is written as a single `model.safetensors`. `path` may
+  be a bucket (gs://). With several processes every one must call this (the tensors are gathered
+  collectively); process 0 alone writes.
   """
-  path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
+  writer = jax.process_index() == 0
+  out = epath.Path(os.fspath(path))
+  if writer:
+    out.mkdir(parents=True, exist_ok=True)
   layout = _hf_layout(config)
   leaves = {name: _get_path(params, entry[0]) for name, entry in layout.items()}
   dtypes = {str(x.dtype) for x in leaves.values()}
@@ -272,34 +286,36 @@ def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
   file_names = ([SINGLE_FILE] if n == 1 else
                 [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
   # Remove weights of an earlier export so a directory never mixes two layouts.
-  for old in glob.glob(os.path.join(path, "model*.safetensors")) + [os.path.join(path, INDEX_FILE)]:
-    if os.path.exists(old):
-      os.remove(old)
+  if writer:
+    for old in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+      if old.exists():
+        old.unlink()
   for fn, names in zip(file_names, shards):
     # Only this shard's tensors are on the host at once (gathered from devices if sharded).
-    tensors = {name: layout[name][3](np.asarray(leaves[name])) for name in names}
-    save_file(tensors, os.path.join(path, fn), metadata={"format": "pt"})
+    tensors = {name: layout[name][3](_on_host(leaves[name])) for name in names}
+    if writer:
+      (out / fn).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     del tensors
+  if not writer:
+    return
   if n > 1:
     total = sum(x.size * x.dtype.itemsize for x in leaves.values())
     index = {"metadata": {"total_size": int(total)},
              "weight_map": {name: fn for fn, names in zip(file_names, shards) for name in names}}
-    _write_json(os.path.join(path, INDEX_FILE), index)
+    _write_json(out / INDEX_FILE, index)
 
   hf_config = config.to_hf_dict()
   hf_config["torch_dtype"] = hf_config["dtype"] = dtype
-  _write_json(os.path.join(path, "config.json"), hf_config)
-  _write_json(os.path.join(path, "generation_config.json"),
+  _write_json(out / "config.json", hf_config)
+  _write_json(out / "generation_config.json",
               {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
   if tokenizer_dir is not None:
-    if not _copy_tokenizer(os.fspath(tokenizer_dir), path):
+    if not _copy_tokenizer(os.fspath(tokenizer_dir), out):
       raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+def _write_json(path: str | os.PathLike, obj) -> None:
+  epath.Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = "raise"  # "raise": stop naming step and quantity; "skip": drop that update
   c.dry_run = False  # build the state from shapes on the mesh, print per-device memory, exit
   c.progress_bar = True
-  c.export_hf = False  # at the end, write the actor to WORKDIR/hf in Hugging Face format
+  c.export_hf = True  # at the end, write the actor to WORKDIR/hf (local or gs://) in HF format
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # HF or orbax directory; empty = random init (+ pretrain.steps of SFT)
@@ -127,16 +127,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.max_grad_norm = 1.0
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
-  c.mesh.rules = ()  # extra (logical, mesh axes) rules, taking precedence over the defaults
-
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator = ""  # host:port; empty = single process or TPU auto-detection
-  c.distributed.num_processes = 1
-  c.distributed.process_id = 0
-  c.distributed.cpu_collectives = ""  # "gloo" to run several CPU processes on one machine
+  c.mesh = mesh_config((1, -1, 1))
+  c.distributed = distributed_config()
   return c
+
+
+def mesh_config(shape: tuple[int, int, int]) -> ml_collections.ConfigDict:
+  """The device mesh of a job (the trainer's and the evaluator's)."""
+  return ml_collections.ConfigDict(dict(
+      shape=shape,  # (data, fsdp, tensor); -1 takes the remaining devices
+      rules=(),  # extra (logical, mesh axes) rules, taking precedence over the defaults
+  ))
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+  """Multi-controller start-up (`explore_jax.sharding.initialize_distributed`)."""
+  return ml_collections.ConfigDict(dict(
+      coordinator="",  # host:port; "auto": TPU-pod detection; empty: single process
+      num_processes=1,
+      process_id=0,
+      cpu_collectives="",  # "gloo" to run several CPU processes on one machine
+  ))
 
 
 def tiny_config(size: str = "demo") -> ml_collections.ConfigDict:
@@ -148,7 +159,6 @@ def tiny_config(size: str = "demo") -> ml_collections.ConfigDict:
   c = base_config()
   c.total_steps = 25
   c.checkpoint_every = 5
-  c.export_hf = True
   c.progress_bar = True
 
   c.model.hidden_size = 64

@@ -27,6 +27,14 @@ Workdir layout (label: the model directory's basename, made unique):
   passk.png                            pass@k curves, one panel per benchmark, a line per model
   <label>/<benchmark>/responses.jsonl  every response with its grade, appended per batch
 
+Devices: `config.mesh` is a (data, fsdp, tensor) mesh over every device, as in the trainer. The
+parameters are loaded straight into their shards, and the rows of each generate call are split over
+data x fsdp. The default (-1, 1, 1) replicates the parameters; a model too big for one chip needs
+`tensor` (e.g. --config.mesh.shape="(-1,1,4)"). On several hosts (`config.distributed`; coordinator
+"auto" on a TPU pod, as `launch_tpu.sh evaluate` sets it) every process runs the same command and
+samples its share of the rows. Process 0 alone reads and writes the workdir and grades, so the
+workdir is a path on its disk; the model directory must be on every host.
+
 Resume: a problem whose n responses are all in responses.jsonl is not sampled again; a problem
 with fewer (an interrupted write) is dropped from the file and sampled again. So a long evaluation
 killed and restarted, or one run first with `max_problems` and then without, only does new work.
@@ -68,6 +76,8 @@ def benchmark(dataset: str, n: int, *, split: str = "test", template: str = "qwe
 def base_config():
   """Every key of an evaluation config, with the paper's sampling protocol as defaults."""
   import ml_collections
+
+  from explore_jax import defaults
   c = ml_collections.ConfigDict()
   c.model = ""  # HF or orbax directory
   c.models = ()  # more directories: each gets its own line in passk.png
@@ -91,6 +101,13 @@ def base_config():
       min_operands=2, max_operands=4, max_number=19, max_value=999, ops="+-*", train_size=20000,
       test_size=500))
   c.benchmarks = ml_collections.ConfigDict()
+  # Devices, as in the trainer: a (data, fsdp, tensor) mesh over every device of every process.
+  # The default puts them all on `data`: parameters replicated, the rows of each generate call
+  # split. A model too big for one chip adds `tensor`, e.g. (-1, 1, 4).
+  c.mesh = defaults.mesh_config((-1, 1, 1))
+  # Several hosts (a TPU pod slice): each runs the same command (coordinator "auto" on a pod) and
+  # samples its share of every call; process 0 grades and writes the workdir (a local path).
+  c.distributed = defaults.distributed_config()
   return c
 
 
@@ -264,18 +281,35 @@ def append_records(path: str, records: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def sample_and_grade(model_config, params, tokenizer, problems: list[dict], prompts: list[str],
-                     config, name: str, bench, rng, eos_id: int, pool) -> list[dict]:
-  """n graded responses for each problem of one batch; records ordered by problem then sample.
+def _on_every_host(x) -> np.ndarray:
+  """A (possibly multi-host) jax.Array as one numpy array, the same on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _from_main(x: np.ndarray) -> np.ndarray:
+  """Process 0's value of x on every process (files such as responses.jsonl live on its disk)."""
+  import jax
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, rng, eos_id: int,
+           mesh) -> list[list[tuple[list[int], int]]]:
+  """n (token ids, length) responses for each prompt of one batch, on every process.
 
   Every generate call has the same shape (prompts_per_call x n_call rows, bucketed prompt width):
   a short last batch is filled with copies of its last prompt and the surplus rows are dropped, so
-  the sampler compiles once per prompt-width bucket instead of once per odd batch.
+  the sampler compiles once per prompt-width bucket instead of once per odd batch. The prompts are
+  replicated over the mesh; the sampler splits the rows over its data axes.
   """
   import jax
-  from explore_jax import sampling
+  from explore_jax import sampling, sharding
 
-  n = bench.n
   n_call = min(n, config.batch_size)  # samples per prompt per generate call
   per_call = max(1, config.batch_size // n)
   # No special tokens: a chat template already writes its own (as the trainer encodes prompts).
@@ -286,23 +320,31 @@ def sample_and_grade(model_config, params, tokenizer, problems: list[dict], prom
   bucket = config.prompt_bucket
   tokens, mask = sampling.left_pad(prompt_ids, pad_id,
                                    -(-max(len(s) for s in prompt_ids) // bucket) * bucket)
-  per_problem: list[list[tuple]] = [[] for _ in problems]
+  put = lambda x: jax.make_array_from_callback(x.shape, sharding.replicated(mesh),
+                                               lambda idx: x[idx])
+  per_prompt: list[list[tuple]] = [[] for _ in prompts]
   for chunk in range(-(-n // n_call)):
     out = sampling.generate(
-        model_config, params, jax.numpy.asarray(tokens), jax.numpy.asarray(mask),
-        jax.random.fold_in(rng, chunk), max_new_tokens=config.sampling.max_new_tokens,
-        temperature=config.sampling.temperature, top_p=config.sampling.top_p,
-        top_k=config.sampling.top_k, eos_id=eos_id, n=n_call)
-    out_tokens, out_mask, out_len = (np.asarray(x) for x in (out.tokens, out.mask, out.lengths))
+        model_config, params, put(tokens), put(mask), jax.random.fold_in(rng, chunk),
+        max_new_tokens=config.sampling.max_new_tokens, temperature=config.sampling.temperature,
+        top_p=config.sampling.top_p, top_k=config.sampling.top_k, eos_id=eos_id, n=n_call,
+        mesh=mesh)
+    out_tokens, out_mask, out_len = (_on_every_host(x) for x in (out.tokens, out.mask,
+                                                                 out.lengths))
     for row in range(out_tokens.shape[0]):
       i = row // n_call
-      if i < len(problems) and len(per_problem[i]) < n:
+      if i < len(prompts) and len(per_prompt[i]) < n:
         generated = out_tokens[row][out_mask[row].astype(bool)].tolist()
-        per_problem[i].append((generated, int(out_len[row])))
+        per_prompt[i].append((generated, int(out_len[row])))
+  return per_prompt
 
+
+def grade(tokenizer, problems: list[dict], prompts: list[str], samples: list[list[tuple]],
+          config, name: str, bench, eos_id: int, pool) -> list[dict]:
+  """The records of `sample`'s responses, graded; ordered by problem, then sample."""
   texts, answers, records = [], [], []
-  for prob, prompt, samples in zip(problems, prompts, per_problem):
-    for s, (generated, length) in enumerate(samples):
+  for prob, prompt, responses in zip(problems, prompts, samples):
+    for s, (generated, length) in enumerate(responses):
       finished = eos_id in generated
       body = generated[:generated.index(eos_id)] if finished else generated
       text = tokenizer.decode(body, skip_special_tokens=True)
@@ -321,23 +363,30 @@ def sample_and_grade(model_config, params, tokenizer, problems: list[dict], prom
 
 
 def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config, out_dir: str,
-                       eos_id: int, pool, sampled_with: dict) -> tuple[dict, list[dict]]:
+                       eos_id: int, pool, sampled_with: dict, mesh
+                       ) -> tuple[dict, list[dict]] | None:
   """Sample/grade what is not yet in out_dir/responses.jsonl; return (summary, per-problem rows).
-  `sampled_with` identifies the model and sampling settings (see check_sampled_with)."""
+  `sampled_with` identifies the model and sampling settings (see check_sampled_with). Every
+  process samples; process 0 reads and writes out_dir, grades (with `pool`) and returns the
+  result, the others return None."""
   import jax
   from explore_jax import data
-  from explore_jax.data import templates
+  from explore_jax.data import synthetic, templates
 
-  os.makedirs(out_dir, exist_ok=True)
-  check_sampled_with(out_dir, sampled_with, config.on_changed_responses)
+  is_main = jax.process_index() == 0
   path = os.path.join(out_dir, "responses.jsonl")
-  from explore_jax.data import synthetic
   problems = list(data.load(bench.dataset, bench.split, data_dir=config.data_dir or None,
                             synthetic_config=synthetic.ArithmeticConfig(**config.synthetic)))
   if bench.max_problems > 0:
     problems = problems[:bench.max_problems]
-  done = load_graded(path, bench.n)
-  todo = [(i, p) for i, p in enumerate(problems) if str(p["id"]) not in done]
+  done = {}
+  if is_main:
+    os.makedirs(out_dir, exist_ok=True)
+    check_sampled_with(out_dir, sampled_with, config.on_changed_responses)
+    done = load_graded(path, bench.n)
+  # What is left to sample, as process 0 (the one holding responses.jsonl) sees it.
+  left = _from_main(np.array([str(p["id"]) not in done for p in problems], np.int32))
+  todo = [(i, p) for i, p in enumerate(problems) if left[i]]
   per_call = max(1, config.batch_size // bench.n)
   base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed),
                                 zlib.crc32(name.encode()) & 0x7FFFFFFF)
@@ -348,13 +397,17 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
                for p in probs]
     # Fold in the problem's index in the full list, so a resumed run draws the same samples.
     rng = jax.random.fold_in(base_rng, batch[0][0])
-    records = sample_and_grade(model_config, params, tokenizer, probs, prompts, config, name, bench,
-                               rng, eos_id, pool)
+    samples = sample(model_config, params, tokenizer, prompts, bench.n, config, rng, eos_id, mesh)
+    if not is_main:
+      continue
+    records = grade(tokenizer, probs, prompts, samples, config, name, bench, eos_id, pool)
     append_records(path, records)
     for rec in records:
       done.setdefault(rec["problem_id"], []).append(rec)
     print(f"[evaluate] {name}: {min(start + per_call, len(todo))}/{len(todo)} problems "
           f"sampled ({len(problems) - len(todo)} resumed)", flush=True)
+  if not is_main:
+    return None
 
   ids = [str(p["id"]) for p in problems]
   counts = np.array([sum(r["correct"] for r in done[pid]) for pid in ids], np.int64)
@@ -394,44 +447,71 @@ def _labels(paths: list[str]) -> list[str]:
   return labels
 
 
-def run(config, workdir: str) -> dict:
-  """Evaluate every model on every benchmark of `config`; write the workdir files; return them."""
+def _param_shardings(mesh, rules):
+  """model config -> the NamedShardings of its parameters (for checkpoint.load_model)."""
+  import jax
+  from explore_jax import sharding
+  from explore_jax.models import qwen2
+
+  def of(model_config):
+    shapes = jax.eval_shape(qwen2.init_params, model_config, jax.random.PRNGKey(0))
+    return sharding.logical_to_mesh(qwen2.logical_axes(model_config), shapes, mesh, rules)
+  return of
+
+
+def run(config, workdir: str) -> dict | None:
+  """Evaluate every model on every benchmark of `config`; write the workdir files; return them.
+  With several processes, process 0 writes and returns the results, the others return None."""
+  import flax.linen as nn
+  import jax
   from transformers import AutoTokenizer
 
-  from explore_jax import checkpoint, plots, rewards
+  from explore_jax import checkpoint, plots, rewards, sharding
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  sharding.initialize_distributed(config.distributed)
+  is_main = jax.process_index() == 0
   paths = model_paths(config)
   if not config.benchmarks:
     raise ValueError("config.benchmarks is empty: add evaluate.benchmark(...) entries")
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = sharding.with_default_rules(config.mesh.rules)
   results: dict[str, Any] = {"models": {}}
   csv_rows = []
   # One grading pool for the whole run: its workers import math-verify once.
   pool = rewards.RewardPool(max_workers=config.reward_workers or None,
-                            timeout_s=config.reward_timeout_s)
+                            timeout_s=config.reward_timeout_s) if is_main else None
   for label, path in zip(_labels(paths), paths):
-    model_config, params = checkpoint.load_model(path, dtype=config.dtype or None)
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-      eos_id = model_config.eos_token_id
-    entry = results["models"][label] = {"path": os.path.abspath(path), "benchmarks": {}}
-    fingerprint = model_fingerprint(path)
-    for name in config.benchmarks:
-      bench = config.benchmarks[name]
-      how = {"model_files": fingerprint,
-             "benchmark": {k: v for k, v in bench.to_dict().items() if k != "max_problems"},
-             "sampling": config.sampling.to_dict(), "seed": config.seed, "dtype": config.dtype,
-             "tokenizer": config.tokenizer, "synthetic": config.synthetic.to_dict()}
-      summary, rows = evaluate_benchmark(model_config, params, tokenizer, name, bench, config,
-                                         os.path.join(workdir, label, name), eos_id, pool, how)
-      entry["benchmarks"][name] = summary
-      csv_rows += [{"model": label, "benchmark": name, **r} for r in rows]
-      print(f"[evaluate] {label} {name}: avg@{bench.n}={summary['avg@n']:.4f} "
-            f"pass@{bench.n}={summary['pass@k'][str(bench.n)]:.4f}", flush=True)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      model_config, params = checkpoint.load_model(path, dtype=config.dtype or None,
+                                                   shardings=_param_shardings(mesh, rules))
+      tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
+      eos_id = tokenizer.eos_token_id
+      if eos_id is None:
+        eos_id = model_config.eos_token_id
+      entry = results["models"][label] = {"path": os.path.abspath(path), "benchmarks": {}}
+      fingerprint = model_fingerprint(path) if is_main else None
+      for name in config.benchmarks:
+        bench = config.benchmarks[name]
+        how = {"model_files": fingerprint,
+               "benchmark": {k: v for k, v in bench.to_dict().items() if k != "max_problems"},
+               "sampling": config.sampling.to_dict(), "seed": config.seed, "dtype": config.dtype,
+               "tokenizer": config.tokenizer, "synthetic": config.synthetic.to_dict()}
+        out = evaluate_benchmark(model_config, params, tokenizer, name, bench, config,
+                                 os.path.join(workdir, label, name), eos_id, pool, how, mesh)
+        if out is None:
+          continue
+        summary, rows = out
+        entry["benchmarks"][name] = summary
+        csv_rows += [{"model": label, "benchmark": name, **r} for r in rows]
+        print(f"[evaluate] {label} {name}: avg@{bench.n}={summary['avg@n']:.4f} "
+              f"pass@{bench.n}={summary['pass@k'][str(bench.n)]:.4f}", flush=True)
     del params
+  if not is_main:
+    return None
   pool.close()
 
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from explore_jax.models.qwen2 import CACHE_AXES, PRESETS, Qwen2Config
-from explore_jax.sharding import DEFAULT_RULES, MESH_AXES
+from explore_jax.sharding import DEFAULT_RULES, MESH_AXES, with_default_rules
 
 GiB = 2**30
 
@@ -332,7 +332,7 @@ def plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]
   """
   rl = config.rl
   rows = (config.rollout.prompts_per_wave or config.data.prompts_per_step) * config.rollout.n
-  rules = tuple(tuple(r) for r in config.mesh.rules) + tuple(DEFAULT_RULES)
+  rules = with_default_rules(config.mesh.rules)
   return plan(model_config, mesh_shape=mesh_shape, algorithm=rl.algorithm,
               param_dtype=model_config.param_dtype, compute_dtype=model_config.dtype,
               opt_dtype="float32", nu_dtype=model_config.param_dtype,

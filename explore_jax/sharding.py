@@ -41,6 +41,23 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def with_default_rules(extra: Sequence[Sequence[Any]] = ()) -> tuple[tuple[str, Any], ...]:
+  """A config's `mesh.rules` (taking precedence) followed by DEFAULT_RULES."""
+  return tuple(tuple(r) for r in extra) + DEFAULT_RULES
+
+
+def initialize_distributed(dist) -> None:
+  """Multi-controller start-up from a config's `distributed` block (`defaults.distributed_config`):
+  an explicit coordinator, TPU-pod auto-detection ("auto"), or nothing (one process)."""
+  if dist.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+  if dist.coordinator == "auto":
+    jax.distributed.initialize()
+  elif dist.coordinator:
+    jax.distributed.initialize(coordinator_address=dist.coordinator,
+                               num_processes=dist.num_processes, process_id=dist.process_id)
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 
@@ -42,21 +41,9 @@ from explore_jax.models import qwen2
 from explore_jax.rl import actor_loss
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Setup helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
-  """Multi-controller start-up: explicit coordinator, or TPU-pod auto-detection ("auto")."""
-  if dist.cpu_collectives:
-    jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
-  if dist.coordinator == "auto":
-    jax.distributed.initialize()
-  elif dist.coordinator:
-    jax.distributed.initialize(coordinator_address=dist.coordinator,
-                               num_processes=dist.num_processes, process_id=dist.process_id)
 
 
 def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
@@ -275,13 +262,13 @@ def check_finite(step: int, metrics: dict, mode: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
-  initialize_distributed(config.distributed)
+  sharding.initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
   # Mesh and logical-axis rules.
   mesh = sharding.make_mesh(config.mesh.shape)
-  rules = tuple(tuple(r) for r in config.mesh.rules) + sharding.DEFAULT_RULES
+  rules = sharding.with_default_rules(config.mesh.rules)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
   # Model and tokenizer.
@@ -439,28 +426,24 @@ EXPORT_RECORD = "explore_jax_export.json"  # in the export: the train step it ho
 
 
 def exported_step(path: str) -> int | None:
+  """The train step of the export at `path`; None when there is none or it is unfinished."""
   try:
-    with open(os.path.join(path, EXPORT_RECORD)) as f:
-      return int(json.load(f)["step"])
+    return int(json.loads((epath.Path(path) / EXPORT_RECORD).read_text())["step"])
   except (OSError, ValueError, KeyError):
     return None
 
 
 def export_hf(model_cfg, params, path: str, tokenizer_dir: str, step: int) -> None:
-  """The trained actor as a Hugging Face directory (single host: it gathers every tensor)."""
-  if jax.process_count() > 1 or "://" in path:
-    logging.warning("export_hf: skipped (%d processes, %s); convert the checkpoint instead "
-                    "(python -m explore_jax.convert orbax-to-hf)", jax.process_count(), path)
-    return
-  # Whole or not at all: a directory that exists is a complete export.
-  tmp = path + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  checkpoint.save_hf(model_cfg, params, tmp, tokenizer_dir=tokenizer_dir)
-  with open(os.path.join(tmp, EXPORT_RECORD), "w") as f:
-    json.dump({"step": step}, f)
-  shutil.rmtree(path, ignore_errors=True)
-  os.replace(tmp, path)
-  logging.info("exported the trained actor to %s", path)
+  """The trained actor as a Hugging Face directory, local or in a bucket. Every process takes part
+  (each tensor is gathered from its shards); process 0 writes. The record of the step goes first
+  out, last in, so a directory without it is an unfinished export that the next run redoes."""
+  record = epath.Path(path) / EXPORT_RECORD
+  if jax.process_index() == 0 and record.exists():
+    record.unlink()
+  checkpoint.save_hf(model_cfg, params, path, tokenizer_dir=tokenizer_dir)
+  if jax.process_index() == 0:
+    record.write_text(json.dumps({"step": step}))
+  logging.info("exported step %d to %s", step, path)
 
 
 def report_memory(config, model_cfg, shapes, shardings, mesh) -> None:

@@ -1,4 +1,5 @@
-"""pass@k against exact combinatorics; the evaluate CLI end to end on a tiny model; resume."""
+"""pass@k against exact combinatorics; the evaluate CLI end to end on a tiny model; resume; the
+same evaluation on a mesh of 8 fake devices and on 2 processes."""
 
 from __future__ import annotations
 
@@ -205,13 +206,19 @@ def _check_outputs(workdir, label, n, num_problems):
   return res, recs
 
 
+def _cli(model_dir, workdir, max_problems=3, *extra):
+  """The evaluate command of `_tiny_config(model_dir, n=4, max_problems)`."""
+  return [sys.executable, "-m", "explore_jax.evaluate", "--config", "configs/eval_tiny.py",
+          f"--config.model={model_dir}", f"--workdir={workdir}", "--config.batch_size=8",
+          "--config.sampling.max_new_tokens=8", "--config.benchmarks.synthetic.n=4",
+          f"--config.benchmarks.synthetic.max_problems={max_problems}",
+          "--config.reward_workers=1", *extra]
+
+
 @pytest.mark.slow
 def test_evaluate_cli_end_to_end(model_dir, tmp_path):
   workdir = str(tmp_path / "eval")
-  cmd = [sys.executable, "-m", "explore_jax.evaluate", "--config", "configs/eval_tiny.py",
-         f"--config.model={model_dir}", f"--workdir={workdir}", "--config.batch_size=8",
-         "--config.sampling.max_new_tokens=8", "--config.benchmarks.synthetic.n=4",
-         "--config.benchmarks.synthetic.max_problems=3", "--config.reward_workers=1"]
+  cmd = _cli(model_dir, workdir)
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -230,6 +237,74 @@ def test_evaluate_cli_end_to_end(model_dir, tmp_path):
 
 
 @pytest.mark.slow
+def _responses(workdir, label):
+  with open(os.path.join(workdir, label, "synthetic", "responses.jsonl")) as f:
+    return {(r["problem_id"], r["sample"]): r for r in map(json.loads, f)}
+
+
+def _two_processes(cmd):
+  """Run `cmd` as 2 processes x 2 fake CPU devices (gloo); their (stdout, stderr)."""
+  from test_multihost import _free_port
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # as in test_multihost: each compiles its own
+    procs.append(subprocess.Popen(cmd + [
+        f"--config.distributed.coordinator=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
+        "--config.distributed.cpu_collectives=gloo"], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=300))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0, outs[-1][1][-3000:]
+  return outs
+
+
+@pytest.mark.slow
+def test_mesh_and_two_processes_sample_what_one_device_does(model_dir, tmp_path):
+  """The same responses, grades and summary from one device, from a (data, fsdp, tensor) =
+  2 x 2 x 2 mesh of fake devices (parameters split over fsdp and tensor, rows over data x fsdp),
+  and from 2 processes of 2 devices each on a 2 x 1 x 2 mesh, rows split across the processes.
+  The 2-process run is also resumed (2 problems, then 3): process 0 alone holds the responses
+  file, and the other process must sample exactly the problems it says are left."""
+  label = os.path.basename(model_dir)
+  one = str(tmp_path / "one")
+  ref = evaluate.run(_tiny_config(model_dir, max_problems=3), one)
+  want = _responses(one, label)
+  assert len(want) == 12
+
+  eight = str(tmp_path / "eight")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  out = subprocess.run(_cli(model_dir, eight, 3, "--config.mesh.shape=(2,2,2)"), cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  two = str(tmp_path / "two")
+  _two_processes(_cli(model_dir, two, 2, "--config.mesh.shape=(2,1,2)"))
+  assert len(_responses(two, label)) == 8
+  (out0, _), (out1, _) = _two_processes(_cli(model_dir, two, 3, "--config.mesh.shape=(2,1,2)"))
+  assert "1/1 problems sampled (2 resumed)" in out0
+  assert "[evaluate]" not in out1  # only process 0 grades and writes
+
+  for workdir in (eight, two):
+    got = _responses(workdir, label)
+    assert got.keys() == want.keys()
+    for key, r in want.items():
+      for field in ("tokens", "response", "reward", "length", "finished"):
+        assert got[key][field] == r[field], (workdir, key, field)
+    with open(os.path.join(workdir, "results.json")) as f:
+      assert json.load(f)["models"][label]["benchmarks"] == ref["models"][label]["benchmarks"]
+
+
 def test_evaluate_resumes_without_resampling(model_dir, tmp_path, monkeypatch):
   from explore_jax import rewards, sampling
   from explore_jax.data import templates

@@ -141,6 +141,22 @@ def test_run_starts_the_trainer_on_all_workers():
   assert "--workdir gs://other/w" in explicit["command"]
 
 
+def test_evaluate_starts_the_evaluator_on_all_workers_with_a_local_workdir():
+  (ssh,) = gcloud_tpu(dry(["evaluate"] + BASE + ["--workdir", "/home/me/eval", "--",
+                                                   "--config.model=/data/ckpt"]), "ssh")
+  f = flags(ssh)
+  assert f["worker"] == "all"
+  argv = shlex.split(f["command"].split("nohup ")[1].split(" > ")[0])
+  assert argv[1:] == ["-m", "explore_jax.evaluate", "--config", "configs/eval_paper.py",
+                      "--workdir", "/home/me/eval", "--config.distributed.coordinator=auto",
+                      "--config.model=/data/ckpt"]
+  # One job per TPU: the evaluation shares the trainer's pid file, so either refuses to start
+  # while the other runs.
+  run = flags(gcloud_tpu(dry(["run"] + RUN_ARGS), "ssh")[0])["command"]
+  for command in (f["command"], run):
+    assert "kill -0 \"$(cat $HOME/explore_jax_logs/job.pid)\"" in command
+
+
 def _worker_script(args):
   return flags(gcloud_tpu(dry(args), "ssh")[0])["command"]
 
@@ -163,7 +179,7 @@ def test_worker_scripts_run_stop_and_tail_a_real_process(tmp_path):
                                      text=True, timeout=30)
   started = sh(_worker_script(["run"] + RUN_ARGS))
   assert started.returncode == 0, started.stderr
-  pid = int((home / "explore_jax_logs" / "train.pid").read_text())
+  pid = int((home / "explore_jax_logs" / "job.pid").read_text())
   try:
     for _ in range(200):
       if (home / "argv").exists():
@@ -212,6 +228,8 @@ def test_logs_stop_delete_and_worker_selection():
     (["run"] + BASE, "missing --workdir"),
     (["run"] + BASE + ["--workdir", "/tmp/local"], "must be a gs:// path"),
     (["run"] + BASE + ["--bogus", "1"], "unknown argument '--bogus'"),
+    (["evaluate"] + BASE, "evaluate: missing --workdir"),
+    (["evaluate"] + BASE + ["--workdir", "gs://b/eval"], "not gs://"),
     (["run"] + BASE + ["--zone=z"], "use '--zone VALUE'"),
     (["run"] + BASE + ["--config"], "flag --config needs a value"),
     (["create", "--project", "p", "--zone", "z", "--name", "Bad_Name"], "--name 'Bad_Name'"),

@@ -1,13 +1,16 @@
 """Multi-controller JAX on one machine: 2 processes x 2 fake CPU devices, gloo collectives.
 
 The same tiny GRPO run on 2 processes must log the losses of a 1-process run on a mesh of the same
-global size (4 devices), and a checkpoint written cooperatively by the 2 processes must restore.
+global size (4 devices), a checkpoint written cooperatively by the 2 processes must restore, and
+the Hugging Face export (each tensor gathered from both processes, written by process 0) must hold
+the 1-process run's weights.
 """
 
 import os
 import socket
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 
@@ -55,7 +58,7 @@ def run_two_processes(env, workdir, overrides):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noqa: F811
-  base = ["--config.export_hf=False", "--config.checkpoint_every=2"]
+  base = ["--config.checkpoint_every=2"]
   run_train(train_env, tmp_path / "one", variant="entropy_reg",
             overrides=["--config.total_steps=4"] + base, devices=4)
   one = read_metrics(tmp_path / "one")
@@ -73,3 +76,16 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
   assert [r["step"] for r in two] == [1, 2, 3, 4]
   for key in KEYS:
     np.testing.assert_allclose(two[3][key], one[3][key], rtol=2e-4, atol=2e-5, err_msg=key)
+  # The export of step 4 (written over the 2-process run's step-3 export) holds the weights of the
+  # 1-process run's.
+  from explore_jax import checkpoint, train
+  assert train.exported_step(str(tmp_path / "two" / "hf")) == 4
+  cfg_one, params_one = checkpoint.load_hf(tmp_path / "one" / "hf")
+  cfg_two, params_two = checkpoint.load_hf(tmp_path / "two" / "hf")
+  assert cfg_one == cfg_two
+  flat_one, flat_two = (dict(jax.tree_util.tree_leaves_with_path(p))
+                        for p in (params_one, params_two))
+  assert flat_one.keys() == flat_two.keys()
+  for path, x in flat_one.items():
+    np.testing.assert_allclose(flat_two[path], x, rtol=1e-4, atol=1e-6, err_msg=str(path))
+  assert os.listdir(tmp_path / "one" / "hf") == os.listdir(tmp_path / "two" / "hf")

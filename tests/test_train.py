@@ -87,6 +87,11 @@ def test_metrics_config_and_export(train_env, tmp_path):
   run_train(train_env, workdir, overrides=["--config.total_steps=2"])
   assert weights.stat().st_mtime_ns == written
   assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+  # An export cut short (its step record is written last, so it is missing) is redone.
+  (workdir / "hf" / "explore_jax_export.json").unlink()
+  run_train(train_env, workdir, overrides=["--config.total_steps=2"])
+  assert weights.stat().st_mtime_ns != written
+  assert json.loads((workdir / "hf" / "explore_jax_export.json").read_text()) == {"step": 2}
 
 
 def test_mistyped_override_fails(train_env, tmp_path):
