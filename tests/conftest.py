@@ -58,3 +58,40 @@ def make_tiny_hf(seed: int = 0, **overrides) -> TinyHF:
 def tiny_hf_model() -> TinyHF:
   """Untied, 4 query heads over 2 kv heads, 2 layers, width 64."""
   return make_tiny_hf()
+
+
+@pytest.fixture
+def fake_bucket():
+  """gs:// paths served from memory, for code that writes a bucket through etils.epath (fsspec's
+  "gcs" filesystem, which gcsfs provides for real). Yields the store: '/bucket/path' -> file.
+  Orbax checkpoints do not go through fsspec (tensorstore), so they cannot use it."""
+  import fsspec
+  from etils.epath import backend
+  from fsspec.implementations.memory import MemoryFileSystem
+  from fsspec.registry import _registry
+
+  class FakeGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      for prefix in ("gs://", "gcs://"):
+        if path.startswith(prefix):
+          path = path[len(prefix):]
+      return super()._strip_protocol(path)
+
+  saved = {name: _registry.get(name) for name in ("gs", "gcs")}
+  for name in saved:
+    fsspec.register_implementation(name, FakeGCS, clobber=True)
+  # epath caches one filesystem per protocol; drop it so that this one is used, and after.
+  backend._FileSystemSpecBackend._get_filesystem.cache_clear()
+  try:
+    yield FakeGCS.store
+  finally:
+    for name, cls in saved.items():
+      _registry.pop(name, None)
+      if cls is not None:
+        _registry[name] = cls
+    backend._FileSystemSpecBackend._get_filesystem.cache_clear()

@@ -76,6 +76,27 @@ def test_hf_round_trip_is_bit_identical_and_loads_in_transformers(hf_dirs, tmp_p
   np.testing.assert_array_equal(_hf_logits(_hf_from(str(out))), t.hf_logits(TOKENS))
 
 
+def test_save_hf_to_a_bucket_writes_what_it_writes_to_a_disk(hf_dirs, tmp_path, fake_bucket):
+  from etils import epath
+  _, single, _ = hf_dirs
+  config, params = checkpoint.load_hf(single)
+  tok = tmp_path / "tok"
+  tok.mkdir()
+  (tok / "tokenizer.json").write_text('{"version": "1.0"}')
+  local = tmp_path / "local"
+  checkpoint.save_hf(config, params, local, tokenizer_dir=tok, max_shard_bytes=30_000)
+  bucket = epath.Path("gs://bucket/run/hf")
+  bucket.mkdir(parents=True)
+  (bucket / "model-00001-of-00009.safetensors").write_bytes(b"an older export's shard")
+  checkpoint.save_hf(config, params, "gs://bucket/run/hf", tokenizer_dir=tok,
+                     max_shard_bytes=30_000)
+  names = sorted(os.listdir(local))
+  assert checkpoint.INDEX_FILE in names and "tokenizer.json" in names
+  assert sorted(p.name for p in bucket.iterdir()) == names  # the old shard is gone
+  for name in names:
+    assert (bucket / name).read_bytes() == (local / name).read_bytes(), name
+
+
 def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
   import torch
   t = make_tiny_hf(seed=1)

@@ -94,6 +94,43 @@ def test_metrics_config_and_export(train_env, tmp_path):
   assert json.loads((workdir / "hf" / "explore_jax_export.json").read_text()) == {"step": 2}
 
 
+def test_metrics_and_export_in_a_bucket(fake_bucket, tmp_path):
+  """A gs:// workdir (served from memory): metrics.jsonl cut back to the step a resumed run
+  restarts from, and the HF export with its step record, byte for byte as on a local disk."""
+  import jax
+  from etils import epath
+
+  from explore_jax import train
+  from explore_jax.models import qwen2
+
+  workdir = "gs://bucket/run"
+  log = train.MetricsLog(workdir, resume_step=0)
+  for step in (1, 2, 3):
+    log.write(step, {"reward/mean": step / 10})
+  log = train.MetricsLog(workdir, resume_step=2)  # restarted from the step-2 checkpoint
+  log.write(3, {"reward/mean": 0.5})
+  text = epath.Path(workdir, "metrics.jsonl").read_text()
+  assert [json.loads(line) for line in text.splitlines()] == [
+      {"step": 1, "reward/mean": 0.1}, {"step": 2, "reward/mean": 0.2},
+      {"step": 3, "reward/mean": 0.5}]
+
+  cfg = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+  params = qwen2.init_params(cfg, jax.random.key(0))
+  tok = tmp_path / "tok"
+  tok.mkdir()
+  (tok / "tokenizer.json").write_text('{"version": "1.0"}')
+  assert train.exported_step(workdir + "/hf") is None
+  for out in (workdir + "/hf", str(tmp_path / "hf")):
+    train.export_hf(cfg, params, out, str(tok), step=3)
+    assert train.exported_step(out) == 3
+  names = sorted(os.listdir(tmp_path / "hf"))
+  assert train.EXPORT_RECORD in names
+  assert sorted(p.name for p in epath.Path(workdir, "hf").iterdir()) == names
+  for name in names:
+    assert epath.Path(workdir, "hf", name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+
+
 def test_mistyped_override_fails(train_env, tmp_path):
   proc = run_train(train_env, tmp_path / "run", overrides=["--config.rl.alhpa=0.2"], check=False)
   assert proc.returncode != 0
