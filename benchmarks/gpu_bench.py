@@ -219,7 +219,8 @@ def bench_decode(args, hbm_bw) -> None:
   n_params = sum(x.size for x in jax.tree.leaves(params))
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   cache = jax.eval_shape(lambda: qwen2.init_cache(model_cfg, 1, 1))
-  kv_per_token = 2 * cache.k.size * cache.k.dtype.itemsize  # k and v, all layers, one slot
+  # Keys and values of every layer, one slot.
+  kv_per_token = sum(x.size * x.dtype.itemsize for x in (*cache.k, *cache.v))
   avg_ctx = p + n / 2
   kv_bytes = b * avg_ctx * kv_per_token
   step_bytes = param_bytes + kv_bytes

@@ -263,11 +263,12 @@ def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "gr
                                               "activation_vocab"))
   add("logits_chunk", *logits, 2 * 4, "update")
 
-  # Rollout: KV cache [L, B, K, S, H] x 2, the sampler's weight copy, prefill scores, decode logits.
+  # Rollout: KV cache (L layers of [B, K, S, H], keys and values), the sampler's weight copy,
+  # prefill scores, decode logits.
   if rollout_batch:
     B, S = rollout_batch, rollout_len
-    kv = act((L, B, K, S, H), CACHE_AXES)
-    add("kv_cache", *kv, 2 * _dtype_bytes(kv_dtype), "rollout")
+    kv = act((B, K, S, H), CACHE_AXES)
+    add("kv_cache", L * kv[0], L * kv[1], 2 * _dtype_bytes(kv_dtype), "rollout")
     if param_dtype != compute_dtype:
       add("rollout_weights", actor_total, actor_local, c, "rollout")
     if flash_attention:

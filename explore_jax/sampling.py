@@ -237,8 +237,8 @@ def _constrain(state: DecodeState, mesh: Mesh | None) -> DecodeState:
   c = state.cache
   shard = lambda x, names: jax.lax.with_sharding_constraint(
       x, logical_sharding(names, x.shape, mesh))
-  cache = c.replace(k=shard(c.k, qwen2.CACHE_AXES), v=shard(c.v, qwen2.CACHE_AXES),
-                    mask=shard(c.mask, ("cache_batch", "cache_length")))
+  cache = c.map(lambda x: shard(x, qwen2.CACHE_AXES)).replace(
+      mask=shard(c.mask, ("cache_batch", "cache_length")))
   rows = ("batch", None)
   return state.replace(cache=cache, tokens=shard(state.tokens, rows),
                        logprobs=shard(state.logprobs, rows), entropy=shard(state.entropy, rows))
@@ -278,15 +278,14 @@ def _segment_ends(max_new_tokens: int, segments: int) -> list[int]:
 
 def _with_slots(cache: KVCache, slots: int) -> KVCache:
   """The first `slots` slots of the cache (a copy, unless that is all of them)."""
-  return cache.replace(k=cache.k[:, :, :, :slots], v=cache.v[:, :, :, :slots],
-                       mask=cache.mask[:, :slots])
+  return cache.map(lambda x: x[:, :, :slots]).replace(mask=cache.mask[:, :slots])
 
 
 def _write_back(full: KVCache, part: KVCache) -> KVCache:
   """Write a `_with_slots` view back into the full cache (in place: the state is donated)."""
   put = lambda x, y: jax.lax.dynamic_update_slice(x, y, (0,) * x.ndim)
-  return full.replace(k=put(full.k, part.k), v=put(full.v, part.v), mask=put(full.mask, part.mask),
-                      index=part.index)
+  return full.replace(k=tuple(map(put, full.k, part.k)), v=tuple(map(put, full.v, part.v)),
+                      mask=put(full.mask, part.mask), index=part.index)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "n", "sampler", "mesh"))
@@ -299,7 +298,7 @@ def _prefill(params, prompt_tokens, prompt_mask, rng, eos_id, *, config, max_new
       prompt_mask), prompt_mask, cache, config)
   # Prompt-major repetition: row i*n + j is sample j of prompt i.
   rep = lambda x, axis: jnp.repeat(x, n, axis=axis)
-  cache = cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), mask=rep(cache.mask, 0))
+  cache = cache.map(lambda x: rep(x, 0)).replace(mask=rep(cache.mask, 0))
   state = DecodeState(
       cache=cache,
       tokens=jnp.full((rows, max_new_tokens), eos_id, jnp.int32),

@@ -30,7 +30,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_vocab", "tensor"),
     ("cache_batch", ("data", "fsdp")),
     ("cache_length", None),
-    ("cache_layers", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),

@@ -92,9 +92,10 @@ _SHARDED_SCRIPT = textwrap.dedent("""
                             params=memory.measured_bytes(shapes, shards), mu_nu=mu_nu))
         for batch in (8, 6, 3):
           cache = jax.eval_shape(lambda: qwen2.init_cache(cfg, batch, 16, "bfloat16"))
-          s = sharding.logical_sharding(qwen2.CACHE_AXES, cache.k.shape, mesh)
+          s = sharding.logical_sharding(qwen2.CACHE_AXES, cache.k[0].shape, mesh)
+          layers = [*cache.k, *cache.v]
           out.append(dict(name=name, mesh=mesh_shape, batch=batch,
-                          kv=memory.measured_bytes([cache.k, cache.v], [s, s])))
+                          kv=memory.measured_bytes(layers, [s] * len(layers))))
     print(json.dumps(out))
 """)
 

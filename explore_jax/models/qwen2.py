@@ -204,21 +204,32 @@ def preset(name: str, **overrides) -> Qwen2Config:
 
 # Heads before slots: a decode step's attention is then two plain batched matmuls over [B, K]
 # that read each layer's cache without a transpose.
-CACHE_AXES = ("cache_layers", "cache_batch", "kv_heads", "cache_length", "head_dim")
+CACHE_AXES = ("cache_batch", "kv_heads", "cache_length", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
-  k: Array  # [L, B, K, S, H] (CACHE_AXES)
-  v: Array  # [L, B, K, S, H]
+  """One key and one value array per layer rather than a stacked [L, ...] pair: a layer then
+  attends over a whole buffer of its own. Out of a stack, XLA:CPU copied every layer's slice at
+  every decode step before reading it (in the compiled HLO), which cost 7% of the decode time at
+  a 1K-token prompt (32 rows, a 4-layer width-128 model)."""
+
+  k: tuple[Array, ...]  # per layer [B, K, S, H] (CACHE_AXES)
+  v: tuple[Array, ...]  # per layer [B, K, S, H]
   mask: Array  # [B, S] bool: the slot holds a real (non-padding) token
   index: Array  # [] int32: the next slot to write
 
+  def map(self, fn) -> "KVCache":
+    """fn applied to every layer's key and value array."""
+    return self.replace(k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)))
+
 
 def init_cache(config: Qwen2Config, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
-  shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+  shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
   dtype = jnp.dtype(dtype or config.dtype)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  layers = range(config.num_hidden_layers)
+  return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                 v=tuple(jnp.zeros(shape, dtype) for _ in layers),
                  mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
@@ -301,11 +312,12 @@ class Attention(nn.Module):
 
     if cache is not None:
       # Write this step's keys and values into their slots; attend over the whole cache.
-      start = (self.layer, 0, 0, cache.index, 0)
-      new_k = jax.lax.dynamic_update_slice(cache.k, key.astype(cache.k.dtype)[None], start)
-      new_v = jax.lax.dynamic_update_slice(cache.v, val.astype(cache.v.dtype)[None], start)
-      key, val = c(new_k[self.layer]), c(new_v[self.layer])  # [B, K, S, H]
-      cache = cache.replace(k=new_k, v=new_v)
+      i, start = self.layer, (0, 0, cache.index, 0)
+      new_k = jax.lax.dynamic_update_slice(cache.k[i], key.astype(cache.k[i].dtype), start)
+      new_v = jax.lax.dynamic_update_slice(cache.v[i], val.astype(cache.v[i].dtype), start)
+      cache = cache.replace(k=(*cache.k[:i], new_k, *cache.k[i + 1:]),
+                            v=(*cache.v[:i], new_v, *cache.v[i + 1:]))
+      key, val = c(new_k), c(new_v)  # [B, K, S, H]
 
     s, g = key.shape[2], cfg.group_size
     # Heads first, so that both products are plain batched matmuls over [B, K] (the G query heads
