@@ -48,12 +48,16 @@ flags (environment variable in brackets):
                          v6e v2-alpha-tpuv6e
   --spot                 create a Spot (preemptible) TPU [TPU_SPOT=1]
   --bucket gs://B/PATH   where run workdirs live [TPU_BUCKET]; workdir = BUCKET/NAME/CONFIG-NAME
-  --workdir DIR          run: gs://..., overriding --bucket; evaluate: a path on worker 0
-                         [TPU_WORKDIR]
-  --config PATH[:ARG]    job config, relative to the checkout [TPU_CONFIG]
-                         (default configs/grpo_qwen25_7b.py; evaluate: configs/eval_paper.py)
+  --workdir DIR          run: gs://..., overriding --bucket [TPU_WORKDIR];
+                         evaluate: an absolute path on worker 0 (the flag only)
+  --config PATH[:ARG]    job config, relative to the checkout; run: [TPU_CONFIG], default
+                         configs/grpo_qwen25_7b.py; evaluate: the flag only, default
+                         configs/eval_paper.py
   --repo URL --ref REF   setup clones URL at REF (default main) instead of copying this checkout
                          [TPU_REPO, TPU_REF]
+  --data DIR             setup copies DIR to ~/shared/data on every worker, where the package
+                         looks for the benchmark data [TPU_DATA] (default \$EXPLORE_JAX_DATA, else
+                         ../shared/data next to this checkout)
   --jax SPEC             pip requirement for JAX on TPU [TPU_JAX_SPEC] (default 'jax[tpu]')
   --python EXE           Python on the workers [TPU_PYTHON] (default python3.11, apt-installed)
   --env KEY=VALUE        extra environment for the trainer (repeatable)
@@ -87,8 +91,9 @@ accel="${TPU_ACCELERATOR_TYPE:-}"
 version="${TPU_VERSION:-}"
 spot="${TPU_SPOT:-0}"
 bucket="${TPU_BUCKET:-}"
-workdir="${TPU_WORKDIR:-}"
-config="${TPU_CONFIG:-}"
+workdir=""
+config=""
+data="${TPU_DATA:-}"
 repo="${TPU_REPO:-}"
 ref="${TPU_REF:-main}"
 jax_spec="${TPU_JAX_SPEC:-jax[tpu]}"
@@ -115,6 +120,7 @@ while [[ $# -gt 0 ]]; do
     --bucket) need_value "$@"; bucket="$2"; shift 2 ;;
     --workdir) need_value "$@"; workdir="$2"; shift 2 ;;
     --config) need_value "$@"; config="$2"; shift 2 ;;
+    --data) need_value "$@"; data="$2"; shift 2 ;;
     --repo) need_value "$@"; repo="$2"; shift 2 ;;
     --ref) need_value "$@"; ref="$2"; shift 2 ;;
     --jax) need_value "$@"; jax_spec="$2"; shift 2 ;;
@@ -214,14 +220,14 @@ cmd_create() {
 }
 
 cmd_setup() {
-  local fetch
+  local fetch root
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
   if [[ -n "$repo" ]]; then
     fetch="rm -rf $code_dir && git clone --quiet $(join_quoted "$repo") $code_dir"
     fetch+=" && git -C $code_dir checkout --quiet $(join_quoted "$ref")"
   else
     # Ship the working tree (uncommitted edits included) without the venv, git data and caches.
-    local root tarball
-    root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    local tarball
     tarball="${TMPDIR:-/tmp}/explore_jax_${name}.tar.gz"
     do_cmd tar -czf "$tarball" -C "$root" --exclude=./.venv --exclude=./.git \
       --exclude=__pycache__ --exclude=.pytest_cache --exclude='*.egg-info' --exclude=./shared .
@@ -229,6 +235,20 @@ cmd_setup() {
       "${tpu_flags[@]}" --worker=all
     do_cmd rm -f "$tarball"
     fetch="rm -rf $code_dir && mkdir -p $code_dir && tar -xzf $home/explore_jax.tar.gz -C $code_dir"
+  fi
+  # The benchmark data goes where the package looks by default: ../shared/data next to the code.
+  local data_dir="${data:-${EXPLORE_JAX_DATA:-$root/../shared/data}}"
+  if [[ -d "$data_dir" ]]; then
+    local data_tar="${TMPDIR:-/tmp}/explore_jax_${name}_data.tar.gz"
+    do_cmd tar -czf "$data_tar" -C "$data_dir" .
+    do_cmd gcloud compute tpus tpu-vm scp "$data_tar" "$name:explore_jax_data.tar.gz" \
+      "${tpu_flags[@]}" --worker=all
+    do_cmd rm -f "$data_tar"
+    fetch+=" && rm -rf $home/shared/data && mkdir -p $home/shared/data"
+    fetch+=" && tar -xzf $home/explore_jax_data.tar.gz -C $home/shared/data"
+  else
+    echo "launch_tpu.sh: warning: no data directory '$data_dir' (--data DIR): the workers get" \
+      "none, so runs there need --config.data.data_dir" >&2
   fi
   # Qwen2 code needs Python >= 3.11; Ubuntu 22.04 TPU images ship 3.10, so apt brings 3.11.
   local install="set -e; $fetch"
@@ -277,7 +297,8 @@ start_job() {  # start_job MODULE WORKDIR
 }
 
 cmd_run() {
-  config="${config:-configs/grpo_qwen25_7b.py}"
+  config="${config:-${TPU_CONFIG:-configs/grpo_qwen25_7b.py}}"
+  workdir="${workdir:-${TPU_WORKDIR:-}}"
   workdir_for_run
   start_job explore_jax.train "$workdir"
   echo "launch_tpu.sh: workdir $workdir; logs: $0 logs --name $name --worker 0 -f" >&2
@@ -290,6 +311,8 @@ cmd_evaluate() {
   # responses.jsonl is appended to as batches finish, which a gs:// object does not allow.
   [[ "$workdir" != gs://* ]] \
     || die "evaluate: workdir '$workdir': must be a directory on worker 0's disk, not gs://"
+  [[ "$workdir" == /* ]] \
+    || die "evaluate: workdir '$workdir': give an absolute path on worker 0, e.g. /home/me/eval"
   start_job explore_jax.evaluate "$workdir"
   echo "launch_tpu.sh: results in $workdir on worker 0" >&2
   echo "launch_tpu.sh: logs: $0 logs --name $name --worker 0 -f" >&2

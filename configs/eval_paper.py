@@ -5,7 +5,8 @@
     # base vs RL models in one pass@k plot:
     python -m explore_jax.evaluate --config configs/eval_paper.py \
         --config.models="('/ckpt/base', '/ckpt/grpo', '/ckpt/grpo_entropy')" --workdir /tmp/eval
-    # a TPU host or pod slice (16-32 GB a chip): 4-way tensor parallelism, rows over the rest
+    # one TPU host of 4 chips (16-32 GB each): 4-way tensor parallelism; on a pod slice the same
+    # arguments go through launch_tpu.sh evaluate, which runs it on every worker
     python -m explore_jax.evaluate --config configs/eval_paper.py --config.model=/ckpt/dir \
         --config.mesh.shape="(-1,1,4)" --workdir /tmp/eval_paper
     # a quick look: the Qwen2.5-7B base DAPO template, fewer samples

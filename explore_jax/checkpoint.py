@@ -35,6 +35,7 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from explore_jax import sharding
 from explore_jax.models import qwen2
 from explore_jax.models.qwen2 import Qwen2Config
 
@@ -244,14 +245,6 @@ def _copy_tokenizer(src: str, dst: str | os.PathLike) -> list[str]:
   return copied
 
 
-def _on_host(x) -> np.ndarray:
-  """The whole value of a (possibly multi-host) array on this host; every process must call it."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
             tokenizer_dir: str | os.PathLike | None = None,
             max_shard_bytes: int = 5 * 10**9) -> None:
@@ -290,12 +283,19 @@ def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
     for old in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
       if old.exists():
         old.unlink()
+  failed = None
   for fn, names in zip(file_names, shards):
-    # Only this shard's tensors are on the host at once (gathered from devices if sharded).
-    tensors = {name: layout[name][3](_on_host(leaves[name])) for name in names}
-    if writer:
-      (out / fn).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
+    # Only this shard's tensors are on the host at once (gathered from devices if sharded). Every
+    # process takes part in every gather: a failed write stops process 0 only after the last.
+    tensors = {name: layout[name][3](sharding.to_host(leaves[name])) for name in names}
+    if writer and failed is None:
+      try:
+        (out / fn).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
+      except OSError as e:
+        failed = e
     del tensors
+  if failed is not None:
+    raise failed
   if not writer:
     return
   if n > 1:

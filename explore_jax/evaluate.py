@@ -33,7 +33,8 @@ data x fsdp. The default (-1, 1, 1) replicates the parameters; a model too big f
 `tensor` (e.g. --config.mesh.shape="(-1,1,4)"). On several hosts (`config.distributed`; coordinator
 "auto" on a TPU pod, as `launch_tpu.sh evaluate` sets it) every process runs the same command and
 samples its share of the rows. Process 0 alone reads and writes the workdir and grades, so the
-workdir is a path on its disk; the model directory must be on every host.
+workdir is a path on its disk. The model directory and the data must be on every host; the hosts
+check that their model files and problem lists agree, and an error on process 0 stops them all.
 
 Resume: a problem whose n responses are all in responses.jsonl is not sampled again; a problem
 with fewer (an interrupted write) is dropped from the file and sampled again. So a long evaluation
@@ -281,23 +282,6 @@ def append_records(path: str, records: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _on_every_host(x) -> np.ndarray:
-  """A (possibly multi-host) jax.Array as one numpy array, the same on every process."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _from_main(x: np.ndarray) -> np.ndarray:
-  """Process 0's value of x on every process (files such as responses.jsonl live on its disk)."""
-  import jax
-  if jax.process_count() == 1:
-    return x
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.broadcast_one_to_all(x))
-
-
 def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, rng, eos_id: int,
            mesh) -> list[list[tuple[list[int], int]]]:
   """n (token ids, length) responses for each prompt of one batch, on every process.
@@ -329,8 +313,8 @@ def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, 
         max_new_tokens=config.sampling.max_new_tokens, temperature=config.sampling.temperature,
         top_p=config.sampling.top_p, top_k=config.sampling.top_k, eos_id=eos_id, n=n_call,
         mesh=mesh)
-    out_tokens, out_mask, out_len = (_on_every_host(x) for x in (out.tokens, out.mask,
-                                                                 out.lengths))
+    out_tokens, out_mask, out_len = (sharding.to_host(x) for x in (out.tokens, out.mask,
+                                                                   out.lengths))
     for row in range(out_tokens.shape[0]):
       i = row // n_call
       if i < len(prompts) and len(per_prompt[i]) < n:
@@ -370,22 +354,26 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
   process samples; process 0 reads and writes out_dir, grades (with `pool`) and returns the
   result, the others return None."""
   import jax
-  from explore_jax import data
+  from explore_jax import data, sharding
   from explore_jax.data import synthetic, templates
 
-  is_main = jax.process_index() == 0
   path = os.path.join(out_dir, "responses.jsonl")
   problems = list(data.load(bench.dataset, bench.split, data_dir=config.data_dir or None,
                             synthetic_config=synthetic.ArithmeticConfig(**config.synthetic)))
   if bench.max_problems > 0:
     problems = problems[:bench.max_problems]
-  done = {}
-  if is_main:
+  ids = [str(p["id"]) for p in problems]
+  sharding.check_same_on_every_host(f"evaluate: the problems of {name} ({bench.dataset})",
+                                    "\n".join(ids))
+
+  def read_done():
     os.makedirs(out_dir, exist_ok=True)
     check_sampled_with(out_dir, sampled_with, config.on_changed_responses)
-    done = load_graded(path, bench.n)
+    return load_graded(path, bench.n)
+
+  done = sharding.on_main(read_done, f"evaluate: reading {path}") or {}
   # What is left to sample, as process 0 (the one holding responses.jsonl) sees it.
-  left = _from_main(np.array([str(p["id"]) not in done for p in problems], np.int32))
+  left = sharding.from_main(np.array([pid not in done for pid in ids], np.int32))
   todo = [(i, p) for i, p in enumerate(problems) if left[i]]
   per_call = max(1, config.batch_size // bench.n)
   base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed),
@@ -398,18 +386,19 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
     # Fold in the problem's index in the full list, so a resumed run draws the same samples.
     rng = jax.random.fold_in(base_rng, batch[0][0])
     samples = sample(model_config, params, tokenizer, prompts, bench.n, config, rng, eos_id, mesh)
-    if not is_main:
-      continue
-    records = grade(tokenizer, probs, prompts, samples, config, name, bench, eos_id, pool)
-    append_records(path, records)
-    for rec in records:
-      done.setdefault(rec["problem_id"], []).append(rec)
-    print(f"[evaluate] {name}: {min(start + per_call, len(todo))}/{len(todo)} problems "
-          f"sampled ({len(problems) - len(todo)} resumed)", flush=True)
-  if not is_main:
+
+    def save():
+      records = grade(tokenizer, probs, prompts, samples, config, name, bench, eos_id, pool)
+      append_records(path, records)
+      for rec in records:
+        done.setdefault(rec["problem_id"], []).append(rec)
+      print(f"[evaluate] {name}: {min(start + per_call, len(todo))}/{len(todo)} problems "
+            f"sampled ({len(problems) - len(todo)} resumed)", flush=True)
+
+    sharding.on_main(save, f"evaluate: grading {name}")
+  if jax.process_index() != 0:
     return None
 
-  ids = [str(p["id"]) for p in problems]
   counts = np.array([sum(r["correct"] for r in done[pid]) for pid in ids], np.int64)
   recs = [r for pid in ids for r in done[pid]]
   summary = summarize(counts, bench.n, [r["length"] for r in recs], [r["repetition"] for r in recs],
@@ -473,10 +462,13 @@ def run(config, workdir: str) -> dict | None:
   paths = model_paths(config)
   if not config.benchmarks:
     raise ValueError("config.benchmarks is empty: add evaluate.benchmark(...) entries")
-  if is_main:
+
+  def write_config():
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+
+  sharding.on_main(write_config, f"evaluate: writing {workdir}")
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = sharding.with_default_rules(config.mesh.rules)
   results: dict[str, Any] = {"models": {}}
@@ -493,7 +485,8 @@ def run(config, workdir: str) -> dict | None:
       if eos_id is None:
         eos_id = model_config.eos_token_id
       entry = results["models"][label] = {"path": os.path.abspath(path), "benchmarks": {}}
-      fingerprint = model_fingerprint(path) if is_main else None
+      fingerprint = model_fingerprint(path)
+      sharding.check_same_on_every_host(f"evaluate: the model files of {path}", fingerprint)
       for name in config.benchmarks:
         bench = config.benchmarks[name]
         how = {"model_files": fingerprint,

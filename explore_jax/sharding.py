@@ -8,6 +8,7 @@ models have 2 kv heads; a pod may have 4-way tensor parallelism).
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -55,6 +56,55 @@ def initialize_distributed(dist) -> None:
   elif dist.coordinator:
     jax.distributed.initialize(coordinator_address=dist.coordinator,
                                num_processes=dist.num_processes, process_id=dist.process_id)
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of a (possibly multi-host) array as numpy; every process must call it."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def from_main(x: np.ndarray) -> np.ndarray:
+  """Process 0's value of x (same shape and dtype everywhere) on every process."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def on_main(fn, what: str):
+  """fn() on process 0 alone; its result there, None elsewhere. Every process learns whether it
+  raised and raises too, instead of waiting for process 0 in the next collective."""
+  if jax.process_count() == 1:
+    return fn()
+  result = error = None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # re-raised below, once the others know
+      error = e
+  failed = from_main(np.array([error is not None], np.int32))[0]
+  if error is not None:
+    raise error
+  if failed:
+    raise RuntimeError(f"{what} failed on process 0 (its log says why); stopping here too")
+  return result
+
+
+def check_same_on_every_host(what: str, value: str) -> None:
+  """Raise on every process if the processes disagree on `value` (e.g. a digest of files each
+  host reads from its own disk)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  mine = np.array([zlib.crc32(value.encode()) & 0x7FFFFFFF], np.int32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
+  differ = np.nonzero(every != every[0])[0]
+  if differ.size:
+    raise ValueError(f"{what} differs between hosts: processes {differ.tolist()} disagree with "
+                     "process 0; give every host the same files")
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:

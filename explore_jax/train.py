@@ -400,7 +400,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
       bar.close()
     hf_dir = os.path.join(workdir, "hf")
     # A run rerun after it finished keeps its export untouched (evaluations key on its files).
-    if config.export_hf and exported_step(hf_dir) != int(state.step):
+    # Process 0 decides, so that every process joins the export's gathers or none does.
+    stale = exported_step(hf_dir) != int(state.step)
+    if config.export_hf and sharding.from_main(np.array([stale], np.int32))[0]:
       export_hf(model_cfg, state.actor, hf_dir, tokenizer_dir, int(state.step))
 
 
@@ -438,8 +440,7 @@ def export_hf(model_cfg, params, path: str, tokenizer_dir: str, step: int) -> No
   (each tensor is gathered from its shards); process 0 writes. The record of the step goes first
   out, last in, so a directory without it is an unfinished export that the next run redoes."""
   record = epath.Path(path) / EXPORT_RECORD
-  if jax.process_index() == 0 and record.exists():
-    record.unlink()
+  sharding.on_main(lambda: record.unlink(missing_ok=True), f"export_hf: {record}")
   checkpoint.save_hf(model_cfg, params, path, tokenizer_dir=tokenizer_dir)
   if jax.process_index() == 0:
     record.write_text(json.dumps({"step": step}))

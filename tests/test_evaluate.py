@@ -236,36 +236,16 @@ def test_evaluate_cli_end_to_end(model_dir, tmp_path):
   assert bad.returncode != 0 and "temprature" in bad.stderr
 
 
-@pytest.mark.slow
 def _responses(workdir, label):
   with open(os.path.join(workdir, label, "synthetic", "responses.jsonl")) as f:
     return {(r["problem_id"], r["sample"]): r for r in map(json.loads, f)}
 
 
-def _two_processes(cmd):
-  """Run `cmd` as 2 processes x 2 fake CPU devices (gloo); their (stdout, stderr)."""
-  from test_multihost import _free_port
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # as in test_multihost: each compiles its own
-    procs.append(subprocess.Popen(cmd + [
-        f"--config.distributed.coordinator=127.0.0.1:{port}",
-        "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
-        "--config.distributed.cpu_collectives=gloo"], cwd=REPO, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=300))
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    assert p.returncode == 0, outs[-1][1][-3000:]
-  return outs
+def _two_processes(cmd, check=True):
+  """`cmd` as the 2 processes (2 fake CPU devices each) of one job; see launch_two."""
+  from test_multihost import launch_two
+  return launch_two([cmd, cmd], {**os.environ, "JAX_PLATFORMS": "cpu"}, REPO, timeout=300,
+                    check=check)
 
 
 @pytest.mark.slow
@@ -294,6 +274,22 @@ def test_mesh_and_two_processes_sample_what_one_device_does(model_dir, tmp_path)
   (out0, _), (out1, _) = _two_processes(_cli(model_dir, two, 3, "--config.mesh.shape=(2,1,2)"))
   assert "1/1 problems sampled (2 resumed)" in out0
   assert "[evaluate]" not in out1  # only process 0 grades and writes
+  # An error that only process 0 can see (the responses were sampled at another temperature)
+  # stops both processes, instead of leaving process 1 waiting for it.
+  (rc0, _, err0), (rc1, _, err1) = _two_processes(_cli(
+      model_dir, two, 3, "--config.mesh.shape=(2,1,2)", "--config.sampling.temperature=0.9"),
+      check=False)
+  assert rc0 != 0 and "sampled differently" in err0, err0[-2000:]
+  assert rc1 != 0 and "failed on process 0" in err1, err1[-2000:]
+  # Hosts that read different model files (a stale copy on one worker) are refused on both.
+  other = make_model_dir(str(tmp_path / label), seed=1)  # same name, other weights
+  from test_multihost import launch_two
+  cmds = [_cli(path, str(tmp_path / "mixed"), 3, "--config.mesh.shape=(2,1,2)")
+          for path in (model_dir, other)]
+  results = launch_two(cmds, {**os.environ, "JAX_PLATFORMS": "cpu"}, REPO, timeout=300,
+                       check=False)
+  for rc, _, err in results:
+    assert rc != 0 and "the model files of" in err and "differs between hosts" in err, err[-2000:]
 
   for workdir in (eight, two):
     got = _responses(workdir, label)
@@ -305,6 +301,7 @@ def test_mesh_and_two_processes_sample_what_one_device_does(model_dir, tmp_path)
       assert json.load(f)["models"][label]["benchmarks"] == ref["models"][label]["benchmarks"]
 
 
+@pytest.mark.slow
 def test_evaluate_resumes_without_resampling(model_dir, tmp_path, monkeypatch):
   from explore_jax import rewards, sampling
   from explore_jax.data import templates

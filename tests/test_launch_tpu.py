@@ -91,29 +91,45 @@ def test_environment_variables_stand_in_for_flags():
   assert flags(create)["accelerator-type"] == "v5p-64"
 
 
-def test_setup_ships_the_checkout_and_installs_jax_tpu_on_every_worker(tmp_path):
-  cmds = dry(["setup"] + BASE, env={"TMPDIR": str(tmp_path)})
-  tar = next(c for c in cmds if c[0] == "tar")
-  (scp,) = gcloud_tpu(cmds, "scp")
+def test_setup_ships_the_checkout_and_data_and_installs_jax_tpu_on_every_worker(tmp_path):
+  data = tmp_path / "data"
+  (data / "math500").mkdir(parents=True)
+  (data / "math500" / "test.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+  cmds = dry(["setup"] + BASE, env={"TMPDIR": str(tmp_path), "TPU_DATA": str(data)})
+  code_tar, data_tar = (c for c in cmds if c[0] == "tar")
+  code_scp, data_scp = gcloud_tpu(cmds, "scp")
   (ssh,) = gcloud_tpu(cmds, "ssh")
-  tarball = tar[tar.index("-czf") + 1]
-  assert scp[5] == tarball and scp[6] == "rl-7b:explore_jax.tar.gz"
-  assert flags(scp)["worker"] == "all" and flags(ssh)["worker"] == "all"
+  code_tarball, data_tarball = (t[t.index("-czf") + 1] for t in (code_tar, data_tar))
+  assert code_scp[5] == code_tarball and code_scp[6] == "rl-7b:explore_jax.tar.gz"
+  assert data_scp[5] == data_tarball and data_scp[6] == "rl-7b:explore_jax_data.tar.gz"
+  assert flags(code_scp)["worker"] == flags(data_scp)["worker"] == flags(ssh)["worker"] == "all"
   script = flags(ssh)["command"]
   assert "pip install -q -e . 'jax[tpu]'" in script
+  # The data lands in ~/shared/data: ../shared/data next to the code, where the package looks.
+  assert "tar -xzf $HOME/explore_jax_data.tar.gz -C $HOME/shared/data" in script
+  assert "tar -xzf $HOME/explore_jax.tar.gz -C $HOME/explore_jax" in script
   assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
-  # The tarball command really packs the package and leaves the venv and git data out.
-  subprocess.run(tar, check=True, cwd=REPO, timeout=60)
-  with tarfile.open(tarball) as tf:
+  # The tarball commands really pack the package (without the venv and git data) and the data.
+  for tar in (code_tar, data_tar):
+    subprocess.run(tar, check=True, cwd=REPO, timeout=60)
+  with tarfile.open(code_tarball) as tf:
     names = set(tf.getnames())
   assert {"./pyproject.toml", "./explore_jax/memory.py", "./launch_tpu.sh"} <= names
   assert not any(n.startswith(("./.venv", "./.git/")) or "__pycache__" in n for n in names)
+  with tarfile.open(data_tarball) as tf:
+    assert "./math500/test.jsonl" in tf.getnames()
+  # Without a data directory: a warning, and only the code is shipped.
+  proc = launch(["setup", "--dry-run"] + BASE, env={"TPU_DATA": str(tmp_path / "none")})
+  assert proc.returncode == 0 and "no data directory" in proc.stderr
+  assert sum(line.startswith("tar ") for line in proc.stdout.splitlines()) == 1
 
 
-def test_setup_from_a_git_url_clones_instead_of_copying():
+def test_setup_from_a_git_url_clones_instead_of_copying(tmp_path):
   cmds = dry(["setup"] + BASE + ["--repo", "https://example.com/me/explore_jax.git",
-                                 "--ref", "v1.2"])
-  assert not any(c[0] == "tar" for c in cmds) and not any("scp" in c for c in cmds)
+                                 "--ref", "v1.2", "--data", str(tmp_path)])
+  # Only the data travels from here.
+  tars = [c for c in cmds if c[0] == "tar"]
+  assert len(tars) == 1 and tars[0][2].endswith("_data.tar.gz") and tars[0][4] == str(tmp_path)
   (ssh,) = gcloud_tpu(cmds, "ssh")
   script = flags(ssh)["command"]
   assert "git clone --quiet https://example.com/me/explore_jax.git" in script
@@ -150,6 +166,13 @@ def test_evaluate_starts_the_evaluator_on_all_workers_with_a_local_workdir():
   assert argv[1:] == ["-m", "explore_jax.evaluate", "--config", "configs/eval_paper.py",
                       "--workdir", "/home/me/eval", "--config.distributed.coordinator=auto",
                       "--config.model=/data/ckpt"]
+  # The trainer's config and workdir variables do not leak into an evaluation.
+  env = {"TPU_CONFIG": "configs/grpo_qwen25_7b.py", "TPU_WORKDIR": "gs://bkt/run"}
+  command = flags(gcloud_tpu(dry(["evaluate"] + BASE + ["--workdir", "/e"], env=env),
+                             "ssh")[0])["command"]
+  assert "--config configs/eval_paper.py --workdir /e " in command
+  assert "--workdir gs://bkt/run" in flags(gcloud_tpu(dry(["run"] + BASE, env=env),
+                                                      "ssh")[0])["command"]
   # One job per TPU: the evaluation shares the trainer's pid file, so either refuses to start
   # while the other runs.
   run = flags(gcloud_tpu(dry(["run"] + RUN_ARGS), "ssh")[0])["command"]
@@ -230,6 +253,7 @@ def test_logs_stop_delete_and_worker_selection():
     (["run"] + BASE + ["--bogus", "1"], "unknown argument '--bogus'"),
     (["evaluate"] + BASE, "evaluate: missing --workdir"),
     (["evaluate"] + BASE + ["--workdir", "gs://b/eval"], "not gs://"),
+    (["evaluate"] + BASE + ["--workdir", "eval"], "give an absolute path"),
     (["run"] + BASE + ["--zone=z"], "use '--zone VALUE'"),
     (["run"] + BASE + ["--config"], "flag --config needs a value"),
     (["create", "--project", "p", "--zone", "z", "--name", "Bad_Name"], "--name 'Bad_Name'"),

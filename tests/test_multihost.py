@@ -9,6 +9,8 @@ the 1-process run's weights.
 import os
 import socket
 import subprocess
+import tempfile
+import time
 
 import jax
 import numpy as np
@@ -27,33 +29,54 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(env, workdir, overrides):
+def launch_two(commands, env, cwd, timeout=600, check=True):
+  """Run commands[0] and commands[1] as processes 0 and 1 of one job: 2 fake CPU devices each,
+  gloo collectives, a coordinator on a free local port. Returns their (stdout, stderr), or with
+  check=False their (returncode, stdout, stderr); past the timeout both are killed and it raises.
+  With check, a process that fails raises with its stderr."""
   port = _free_port()
-  procs = []
-  for pid in range(2):
-    penv = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    # Each process compiles its own programs: a CI run hung once in the resumed run's first step
-    # with both processes sharing the persistent compilation cache (one may load a cached
-    # executable while the other compiles afresh; their collectives must match). Suspected, not
-    # proven: the same runs by hand passed, with and without a shared cache on a loaded machine.
-    penv.pop("JAX_COMPILATION_CACHE_DIR", None)
-    cmd = _command(workdir, "entropy_reg", list(overrides) + [
-        f"--config.distributed.coordinator=127.0.0.1:{port}",
-        "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
-        "--config.distributed.cpu_collectives=gloo"])
-    procs.append(subprocess.Popen(cmd, env=penv, cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True))
-  errs = []
-  for p in procs:
+  env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # Each process compiles its own programs: a CI run hung once in the resumed run's first step
+  # with both processes sharing the persistent compilation cache (one may load a cached
+  # executable while the other compiles afresh; their collectives must match). Suspected, not
+  # proven: the same runs by hand passed, with and without a shared cache on a loaded machine.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  with tempfile.TemporaryDirectory() as logs:
+    procs, files = [], []
     try:
-      _, err = p.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    errs.append(err)
+      for pid, cmd in enumerate(commands):
+        out, err = (open(os.path.join(logs, f"{pid}.{k}"), "w+") for k in ("out", "err"))
+        files.append((out, err))
+        procs.append(subprocess.Popen(cmd + [
+            f"--config.distributed.coordinator=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
+            "--config.distributed.cpu_collectives=gloo"], env=env, cwd=cwd, stdout=out,
+            stderr=err, text=True))
+      deadline = time.monotonic() + timeout
+      for p in procs:
+        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    results = []
+    for out, err in files:
+      out.seek(0)
+      err.seek(0)
+      results.append((out.read(), err.read()))
+      out.close()
+      err.close()
+  if not check:
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, results)]
+  for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-4000:]
-  return errs
+  return results
+
+
+def run_two_processes(env, workdir, overrides):
+  cmd = _command(workdir, "entropy_reg", overrides)
+  return [err for _, err in launch_two([cmd, cmd], env, REPO)]
 
 
 @pytest.mark.slow
@@ -88,4 +111,4 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
   assert flat_one.keys() == flat_two.keys()
   for path, x in flat_one.items():
     np.testing.assert_allclose(flat_two[path], x, rtol=1e-4, atol=1e-6, err_msg=str(path))
-  assert os.listdir(tmp_path / "one" / "hf") == os.listdir(tmp_path / "two" / "hf")
+  assert sorted(os.listdir(tmp_path / "one" / "hf")) == sorted(os.listdir(tmp_path / "two" / "hf"))
