@@ -239,7 +239,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, shardings=None, *,
 
 
 def _copy_tokenizer(src: str, dst: str | os.PathLike) -> list[str]:
-  copied = [fn for fn in TOKENIZER_FILES if os.path.exists(os.path.join(src, fn))]
+  copied = [fn for fn in TOKENIZER_FILES if epath.Path(src, fn).exists()]
   for fn in copied:
     (epath.Path(dst) / fn).write_bytes(epath.Path(src, fn).read_bytes())
   return copied
@@ -304,8 +304,17 @@ def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
              "weight_map": {name: fn for fn, names in zip(file_names, shards) for name in names}}
     _write_json(out / INDEX_FILE, index)
 
+  write_hf_config(config, out, dtype, tokenizer_dir)
+
+
+def write_hf_config(config: Qwen2Config, path: str | os.PathLike, dtype: str,
+                    tokenizer_dir: str | os.PathLike | None = None) -> None:
+  """The files of an HF directory besides its weights: config.json (weights in `dtype`),
+  generation_config.json and the tokenizer's files. `path` may be a bucket."""
+  out = epath.Path(os.fspath(path))
+  out.mkdir(parents=True, exist_ok=True)
   hf_config = config.to_hf_dict()
-  hf_config["torch_dtype"] = hf_config["dtype"] = dtype
+  hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype)
   _write_json(out / "config.json", hf_config)
   _write_json(out / "generation_config.json",
               {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})

@@ -2,6 +2,11 @@
 
   python -m explore_jax.convert hf-to-orbax --hf_dir DIR --out DIR [--dtype bfloat16]
   python -m explore_jax.convert orbax-to-hf --checkpoint DIR --out DIR [--tokenizer_dir DIR]
+  python -m explore_jax.convert run-to-hf --workdir RUN_DIR --out DIR [--step N]
+
+run-to-hf exports the actor of a training run's checkpoint (the newest, or step N) from its local
+or gs:// workdir, with the model config and tokenizer the trainer keeps in WORKDIR/model: the
+final export for a run that skipped it, or any step's model for evaluation.
 
 hf-to-orbax copies the tokenizer files into the orbax directory, so orbax-to-hf restores them
 without --tokenizer_dir. Weights keep their dtype unless --dtype is given. Neither direction
@@ -31,6 +36,14 @@ def orbax_to_hf(ckpt: str, out: str, tokenizer_dir: str | None = None,
   checkpoint.save_hf(config, params, out, tokenizer_dir=tokenizer_dir)
 
 
+def run_to_hf(workdir: str, out: str, step: int | None = None) -> int:
+  """The actor of a training run's checkpoint as an HF directory; returns the step exported."""
+  from explore_jax import train
+  config, params, step = train.restore_actor(workdir, step)
+  checkpoint.save_hf(config, params, out, tokenizer_dir=os.path.join(workdir, train.MODEL_DIR))
+  return step
+
+
 def _hf_dtype(hf_dir: str) -> str:
   """The checkpoint's own dtype from config.json, so a conversion is lossless by default."""
   import json
@@ -53,12 +66,18 @@ def main(argv: list[str] | None = None) -> None:
   to_hf.add_argument("--out", required=True)
   to_hf.add_argument("--tokenizer_dir")
   to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+  from_run = sub.add_parser("run-to-hf", help="a training run's checkpoint -> HF directory")
+  from_run.add_argument("--workdir", required=True, help="the run's workdir (local or gs://)")
+  from_run.add_argument("--out", required=True)
+  from_run.add_argument("--step", type=int, help="default: the newest checkpoint")
   args = parser.parse_args(argv)
   try:
     if args.command == "hf-to-orbax":
       hf_to_orbax(args.hf_dir, args.out, args.dtype)
-    else:
+    elif args.command == "orbax-to-hf":
       orbax_to_hf(args.checkpoint, args.out, args.tokenizer_dir, args.dtype)
+    else:
+      print(f"step {run_to_hf(args.workdir, args.out, args.step)}")
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(f"wrote {args.out}")

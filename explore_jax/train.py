@@ -308,6 +308,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     check_resume_config(workdir, config, has_checkpoint=bool(ckpt.manager.all_steps()))
     if is_main:
       write_config(workdir, config)
+      # The model's HF config and tokenizer beside the checkpoints: enough to export any of them
+      # (python -m explore_jax.convert run-to-hf) wherever the workdir can be read.
+      checkpoint.write_hf_config(model_cfg, os.path.join(workdir, MODEL_DIR),
+                                 model_cfg.param_dtype, tokenizer_dir)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
     restored = ckpt.restore_latest(abstract)
@@ -425,6 +429,32 @@ def rollout_metrics(rollout, scores, config) -> dict:
 
 
 EXPORT_RECORD = "explore_jax_export.json"  # in the export: the train step it holds
+MODEL_DIR = "model"  # in the workdir: the model's HF config and tokenizer, no weights
+
+
+def restore_actor(workdir: str, step: int | None = None
+                  ) -> tuple[qwen2.Qwen2Config, qwen2.Params, int]:
+  """(model config, actor params as numpy, step) of a run's checkpoint, the newest when `step` is
+  None: only the actor is read, on this host, from a local or gs:// workdir."""
+  import orbax.checkpoint as ocp
+
+  hf = json.loads((epath.Path(workdir) / MODEL_DIR / "config.json").read_text())
+  model_cfg = qwen2.Qwen2Config.from_hf_dict(hf, source=os.path.join(workdir, MODEL_DIR),
+                                             param_dtype=hf["torch_dtype"])
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = ocp.CheckpointManager(ckpt_dir if "://" in ckpt_dir else os.path.abspath(ckpt_dir)
+                                ).all_steps()
+  if not steps or (step is not None and step not in steps):
+    raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint of step "
+                            f"{'any' if step is None else step}; saved: {sorted(steps)}")
+  step = max(steps) if step is None else step
+  # The actor alone: its shapes as the target, the rest of the state left on disk.
+  target = {"actor": jax.eval_shape(qwen2.init_params, model_cfg, jax.random.PRNGKey(0))}
+  args = ocp.args.PyTreeRestore(target, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  with ocp.PyTreeCheckpointer() as reader:
+    restored = reader.restore(os.path.join(ckpt_dir, str(step), "state"), args=args)
+  return model_cfg, restored["actor"], step
 
 
 def exported_step(path: str) -> int | None:

@@ -87,6 +87,22 @@ def test_metrics_config_and_export(train_env, tmp_path):
   run_train(train_env, workdir, overrides=["--config.total_steps=2"])
   assert weights.stat().st_mtime_ns == written
   assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+  # Any checkpoint exports from the workdir alone: the newest one holds the exported weights.
+  convert = [sys.executable, "-m", "explore_jax.convert", "run-to-hf", f"--workdir={workdir}"]
+  proc = subprocess.run(convert + [f"--out={tmp_path / 'from_ckpt'}"], env=train_env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "step 2" in proc.stdout, proc.stderr[-3000:]
+  from safetensors.numpy import load_file
+  exported = load_file(str(workdir / "hf" / "model.safetensors"))
+  converted = load_file(str(tmp_path / "from_ckpt" / "model.safetensors"))
+  assert exported.keys() == converted.keys()
+  for name, x in exported.items():
+    assert x.dtype == converted[name].dtype and x.tobytes() == converted[name].tobytes(), name
+  for fn in ("config.json", "tokenizer.json"):
+    assert (tmp_path / "from_ckpt" / fn).read_text() == (workdir / "hf" / fn).read_text(), fn
+  proc = subprocess.run(convert + ["--step=7", f"--out={tmp_path / 'none'}"], env=train_env,
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "no complete checkpoint of step 7; saved: [2]" in proc.stderr
   # An export cut short (its step record is written last, so it is missing) is redone.
   (workdir / "hf" / "explore_jax_export.json").unlink()
   run_train(train_env, workdir, overrides=["--config.total_steps=2"])
