@@ -257,8 +257,6 @@ def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
   """
   writer = jax.process_index() == 0
   out = epath.Path(os.fspath(path))
-  if writer:
-    out.mkdir(parents=True, exist_ok=True)
   layout = _hf_layout(config)
   leaves = {name: _get_path(params, entry[0]) for name, entry in layout.items()}
   dtypes = {str(x.dtype) for x in leaves.values()}
@@ -278,24 +276,27 @@ def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
   n = len(shards)
   file_names = ([SINGLE_FILE] if n == 1 else
                 [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-  # Remove weights of an earlier export so a directory never mixes two layouts.
-  if writer:
+
+  def clear():
+    # Remove weights of an earlier export so a directory never mixes two layouts.
+    out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
       if old.exists():
         old.unlink()
+
+  sharding.on_main(clear, f"save_hf: clearing {out}")
   failed = None
   for fn, names in zip(file_names, shards):
     # Only this shard's tensors are on the host at once (gathered from devices if sharded). Every
-    # process takes part in every gather: a failed write stops process 0 only after the last.
+    # process takes part in every gather, so a failed write is raised after the last one.
     tensors = {name: layout[name][3](sharding.to_host(leaves[name])) for name in names}
     if writer and failed is None:
       try:
         (out / fn).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
-      except OSError as e:
+      except Exception as e:  # raised below, on every process
         failed = e
     del tensors
-  if failed is not None:
-    raise failed
+  sharding.raise_together(failed, f"save_hf: writing {out}")
   if not writer:
     return
   if n > 1:

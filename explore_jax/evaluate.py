@@ -216,13 +216,15 @@ def load_graded(path: str, n: int) -> dict[str, list[dict]]:
 
 def model_fingerprint(path: str, probe_bytes: int = 1 << 20) -> str:
   """A hash of a model directory's files: names, sizes and their first and last MiB (a retrained
-  model differs everywhere; a copied or moved one does not differ at all). Cheap for a 7B."""
+  model differs everywhere; a copied or moved one does not differ at all). Cheap for a 7B. Hidden
+  files and directories (a download's own records, e.g. .cache/huggingface) are left out."""
   root = os.path.realpath(path)
   digest = hashlib.sha256()
-  for dirpath, dirs, files in sorted(os.walk(root)):
-    dirs.sort()
+  for dirpath, _, files in sorted(os.walk(root)):
     for name in sorted(files):
       full = os.path.join(dirpath, name)
+      if any(part.startswith(".") for part in os.path.relpath(full, root).split(os.sep)):
+        continue
       size = os.path.getsize(full)
       digest.update(f"{os.path.relpath(full, root)}\0{size}\0".encode())
       with open(full, "rb") as f:
@@ -364,7 +366,7 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
     problems = problems[:bench.max_problems]
   ids = [str(p["id"]) for p in problems]
   sharding.check_same_on_every_host(f"evaluate: the problems of {name} ({bench.dataset})",
-                                    "\n".join(ids))
+                                    json.dumps(problems, sort_keys=True, default=str))
 
   def read_done():
     os.makedirs(out_dir, exist_ok=True)
@@ -487,6 +489,9 @@ def run(config, workdir: str) -> dict | None:
       entry = results["models"][label] = {"path": os.path.abspath(path), "benchmarks": {}}
       fingerprint = model_fingerprint(path)
       sharding.check_same_on_every_host(f"evaluate: the model files of {path}", fingerprint)
+      if config.tokenizer:
+        sharding.check_same_on_every_host(f"evaluate: the tokenizer files of {config.tokenizer}",
+                                          model_fingerprint(config.tokenizer))
       for name in config.benchmarks:
         bench = config.benchmarks[name]
         how = {"model_files": fingerprint,

@@ -74,22 +74,26 @@ def from_main(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.broadcast_one_to_all(x))
 
 
-def on_main(fn, what: str):
-  """fn() on process 0 alone; its result there, None elsewhere. Every process learns whether it
-  raised and raises too, instead of waiting for process 0 in the next collective."""
-  if jax.process_count() == 1:
-    return fn()
-  result = error = None
-  if jax.process_index() == 0:
-    try:
-      result = fn()
-    except Exception as e:  # re-raised below, once the others know
-      error = e
+def raise_together(error: Exception | None, what: str) -> None:
+  """Raise on every process if process 0 hit `error` (None: it did not), instead of leaving the
+  others to wait for it in their next collective."""
   failed = from_main(np.array([error is not None], np.int32))[0]
   if error is not None:
     raise error
   if failed:
     raise RuntimeError(f"{what} failed on process 0 (its log says why); stopping here too")
+
+
+def on_main(fn, what: str):
+  """fn() on process 0 alone; its result there, None elsewhere. If it raises, every process
+  raises (`raise_together`)."""
+  result = error = None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # re-raised by raise_together, once the others know
+      error = e
+  raise_together(error, what)
   return result
 
 

@@ -306,12 +306,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     ckpt = train_state.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     check_resume_config(workdir, config, has_checkpoint=bool(ckpt.manager.all_steps()))
-    if is_main:
+
+    def write_run_files():
       write_config(workdir, config)
       # The model's HF config and tokenizer beside the checkpoints: enough to export any of them
       # (python -m explore_jax.convert run-to-hf) wherever the workdir can be read.
       checkpoint.write_hf_config(model_cfg, os.path.join(workdir, MODEL_DIR),
                                  model_cfg.param_dtype, tokenizer_dir)
+
+    sharding.on_main(write_run_files, f"train: writing {workdir}")
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
     restored = ckpt.restore_latest(abstract)
@@ -405,8 +408,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     hf_dir = os.path.join(workdir, "hf")
     # A run rerun after it finished keeps its export untouched (evaluations key on its files).
     # Process 0 decides, so that every process joins the export's gathers or none does.
-    stale = exported_step(hf_dir) != int(state.step)
-    if config.export_hf and sharding.from_main(np.array([stale], np.int32))[0]:
+    stale = sharding.on_main(lambda: exported_step(hf_dir) != int(state.step), "train: export")
+    if config.export_hf and sharding.from_main(np.array([bool(stale)], np.int32))[0]:
       export_hf(model_cfg, state.actor, hf_dir, tokenizer_dir, int(state.step))
 
 
@@ -438,12 +441,17 @@ def restore_actor(workdir: str, step: int | None = None
   None: only the actor is read, on this host, from a local or gs:// workdir."""
   import orbax.checkpoint as ocp
 
-  hf = json.loads((epath.Path(workdir) / MODEL_DIR / "config.json").read_text())
-  model_cfg = qwen2.Qwen2Config.from_hf_dict(hf, source=os.path.join(workdir, MODEL_DIR),
+  hf_path = epath.Path(workdir) / MODEL_DIR / "config.json"
+  if not hf_path.exists():
+    raise FileNotFoundError(f"{hf_path}: missing; a run started before the trainer kept it "
+                            "gets it when its command runs again")
+  hf = json.loads(hf_path.read_text())
+  model_cfg = qwen2.Qwen2Config.from_hf_dict(hf, source=os.fspath(hf_path),
                                              param_dtype=hf["torch_dtype"])
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = ocp.CheckpointManager(ckpt_dir if "://" in ckpt_dir else os.path.abspath(ckpt_dir)
-                                ).all_steps()
+  with ocp.CheckpointManager(ckpt_dir if "://" in ckpt_dir else os.path.abspath(ckpt_dir),
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    steps = manager.all_steps()
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint of step "
                             f"{'any' if step is None else step}; saved: {sorted(steps)}")

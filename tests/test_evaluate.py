@@ -249,10 +249,10 @@ def _two_processes(cmd, check=True):
 
 
 @pytest.mark.slow
-def test_mesh_and_two_processes_sample_what_one_device_does(model_dir, tmp_path):
-  """The same responses, grades and summary from one device, from a (data, fsdp, tensor) =
-  2 x 2 x 2 mesh of fake devices (parameters split over fsdp and tensor, rows over data x fsdp),
-  and from 2 processes of 2 devices each on a 2 x 1 x 2 mesh, rows split across the processes.
+def test_two_processes_sample_what_one_device_does(model_dir, tmp_path):
+  """The same responses, grades and summary from one device and from 2 processes of 2 devices
+  each on a (data, fsdp, tensor) = 2 x 1 x 2 mesh: parameters split over tensor, rows over data,
+  that is across the processes (the sampler alone is checked on 2 x 2 x 2 in test_sampling).
   The 2-process run is also resumed (2 problems, then 3): process 0 alone holds the responses
   file, and the other process must sample exactly the problems it says are left."""
   label = os.path.basename(model_dir)
@@ -260,13 +260,6 @@ def test_mesh_and_two_processes_sample_what_one_device_does(model_dir, tmp_path)
   ref = evaluate.run(_tiny_config(model_dir, max_problems=3), one)
   want = _responses(one, label)
   assert len(want) == 12
-
-  eight = str(tmp_path / "eight")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  out = subprocess.run(_cli(model_dir, eight, 3, "--config.mesh.shape=(2,2,2)"), cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
 
   two = str(tmp_path / "two")
   _two_processes(_cli(model_dir, two, 2, "--config.mesh.shape=(2,1,2)"))
@@ -291,14 +284,13 @@ def test_mesh_and_two_processes_sample_what_one_device_does(model_dir, tmp_path)
   for rc, _, err in results:
     assert rc != 0 and "the model files of" in err and "differs between hosts" in err, err[-2000:]
 
-  for workdir in (eight, two):
-    got = _responses(workdir, label)
-    assert got.keys() == want.keys()
-    for key, r in want.items():
-      for field in ("tokens", "response", "reward", "length", "finished"):
-        assert got[key][field] == r[field], (workdir, key, field)
-    with open(os.path.join(workdir, "results.json")) as f:
-      assert json.load(f)["models"][label]["benchmarks"] == ref["models"][label]["benchmarks"]
+  got = _responses(two, label)
+  assert got.keys() == want.keys()
+  for key, r in want.items():
+    for field in ("tokens", "response", "reward", "length", "finished"):
+      assert got[key][field] == r[field], (key, field)
+  with open(os.path.join(two, "results.json")) as f:
+    assert json.load(f)["models"][label]["benchmarks"] == ref["models"][label]["benchmarks"]
 
 
 @pytest.mark.slow

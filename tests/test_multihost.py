@@ -33,7 +33,7 @@ def launch_two(commands, env, cwd, timeout=600, check=True):
   """Run commands[0] and commands[1] as processes 0 and 1 of one job: 2 fake CPU devices each,
   gloo collectives, a coordinator on a free local port. Returns their (stdout, stderr), or with
   check=False their (returncode, stdout, stderr); past the timeout both are killed and it raises.
-  With check, a process that fails raises with its stderr."""
+  With check, the first process to fail kills the other and raises with its stderr."""
   port = _free_port()
   env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   # Each process compiles its own programs: a CI run hung once in the resumed run's first step
@@ -53,8 +53,12 @@ def launch_two(commands, env, cwd, timeout=600, check=True):
             "--config.distributed.cpu_collectives=gloo"], env=env, cwd=cwd, stdout=out,
             stderr=err, text=True))
       deadline = time.monotonic() + timeout
-      for p in procs:
-        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+      while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+          raise subprocess.TimeoutExpired(commands[0], timeout)
+        if check and any(p.returncode not in (None, 0) for p in procs):
+          break  # the other would only wait for it
+        time.sleep(0.2)
     finally:
       for p in procs:
         if p.poll() is None:
@@ -69,7 +73,8 @@ def launch_two(commands, env, cwd, timeout=600, check=True):
       err.close()
   if not check:
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, results)]
-  for p, (_, err) in zip(procs, results):
+  # The first to fail says why; a process killed above (returncode < 0) only waited for it.
+  for p, (_, err) in sorted(zip(procs, results), key=lambda pr: pr[0].returncode < 0):
     assert p.returncode == 0, err[-4000:]
   return results
 
