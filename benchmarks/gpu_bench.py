@@ -159,8 +159,7 @@ def bench_train(args, peak_flops) -> None:
   rows, micro, p, n = args.rows, args.micro, args.prompt, args.response
   if rows % micro:
     raise SystemExit(f"--rows={rows} must be a multiple of --micro={micro}")
-  n_params = sum(x.size for x in jax.tree.leaves(
-      jax.eval_shape(lambda r: qwen2.init_params(model_cfg, r), jax.random.PRNGKey(0))))
+  n_params = sum(x.size for x in jax.tree.leaves(qwen2.param_shapes(model_cfg)))
   while True:
     try:
       compile_s, step_s, loss = train_once(model_cfg, rows, micro, p, n, args.steps,

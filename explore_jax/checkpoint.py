@@ -370,8 +370,7 @@ def load_orbax(path: str | os.PathLike, shardings=None, *, dtype=None
     raise ValueError(f"{meta_path}: bad config ({e})") from None
   if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
     shardings = shardings(config)
-  init = qwen2.init_critic_params if meta.get("critic") else qwen2.init_params
-  shapes = jax.eval_shape(lambda: init(config, jax.random.key(0)))
+  shapes = qwen2.param_shapes(config, critic=bool(meta.get("critic")))
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   flat_shapes, treedef = jax.tree.flatten(shapes)
   if shardings is None or isinstance(shardings, jax.sharding.Sharding):

@@ -440,14 +440,11 @@ def _labels(paths: list[str]) -> list[str]:
 
 def _param_shardings(mesh, rules):
   """model config -> the NamedShardings of its parameters (for checkpoint.load_model)."""
-  import jax
   from explore_jax import sharding
   from explore_jax.models import qwen2
 
-  def of(model_config):
-    shapes = jax.eval_shape(qwen2.init_params, model_config, jax.random.PRNGKey(0))
-    return sharding.logical_to_mesh(qwen2.logical_axes(model_config), shapes, mesh, rules)
-  return of
+  return lambda model_config: sharding.logical_to_mesh(
+      qwen2.logical_axes(model_config), qwen2.param_shapes(model_config), mesh, rules)
 
 
 def run(config, workdir: str) -> dict | None:

@@ -457,7 +457,7 @@ def restore_actor(workdir: str, step: int | None = None
                             f"{'any' if step is None else step}; saved: {sorted(steps)}")
   step = max(steps) if step is None else step
   # The actor alone: its shapes as the target, the rest of the state left on disk.
-  target = {"actor": jax.eval_shape(qwen2.init_params, model_cfg, jax.random.PRNGKey(0))}
+  target = {"actor": qwen2.param_shapes(model_cfg)}
   args = ocp.args.PyTreeRestore(target, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target))
   with ocp.PyTreeCheckpointer() as reader:

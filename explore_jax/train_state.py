@@ -75,7 +75,7 @@ def _is_spec(x):
 def abstract_state(model_cfg: qwen2.Qwen2Config, actor_tx, critic_tx, ppo: bool):
   """(ShapeDtypeStruct pytree, logical PartitionSpec pytree) of the TrainState; allocates nothing."""
   rng = jax.random.PRNGKey(0)
-  actor = jax.eval_shape(lambda r: qwen2.init_params(model_cfg, r), rng)
+  actor = qwen2.param_shapes(model_cfg)
   actor_specs = qwen2.logical_axes(model_cfg)
   opt_specs = lambda tx, shapes, specs: optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, shapes), specs,
@@ -85,7 +85,7 @@ def abstract_state(model_cfg: qwen2.Qwen2Config, actor_tx, critic_tx, ppo: bool)
   specs = dict(step=P(), rng=P(), actor=actor_specs,
                actor_opt=opt_specs(actor_tx, actor, actor_specs))
   if ppo:
-    critic = jax.eval_shape(lambda r: qwen2.init_critic_params(model_cfg, r), rng)
+    critic = qwen2.param_shapes(model_cfg, critic=True)
     critic_specs = qwen2.logical_axes(model_cfg, critic=True)
     shapes.update(critic=critic, critic_opt=jax.eval_shape(critic_tx.init, critic))
     specs.update(critic=critic_specs, critic_opt=opt_specs(critic_tx, critic, critic_specs))

@@ -564,6 +564,12 @@ def critic_from_actor(actor_params: Params, config: Qwen2Config) -> Params:
           "value_bias": jnp.zeros((), jnp.dtype(config.param_dtype))}
 
 
+def param_shapes(config: Qwen2Config, critic: bool = False) -> Any:
+  """ShapeDtypeStructs of the actor's (or critic's) parameters; allocates nothing."""
+  init = init_critic_params if critic else init_params
+  return jax.eval_shape(init, config, jax.random.PRNGKey(0))
+
+
 def logical_axes(config: Qwen2Config, critic: bool = False) -> Any:
   """PartitionSpecs of logical axis names, one per parameter, from shapes only (no allocation)."""
   module = Qwen2Critic(config) if critic else Qwen2ForCausalLM(config)
