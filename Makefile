@@ -1,15 +1,19 @@
-# `make test` and `make demo` work on a fresh machine: they create .venv and install the package.
+# `make test` and `make demo` work on a fresh machine: they create .venv and install the locked
+# versions of requirements/cpu.txt (pip-tools; refresh with `make lock`), then the package itself.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+LOCK := requirements/cpu.txt
+TPU_LOCK := requirements/tpu.txt
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: venv test test-fast demo demo-seeds
+.PHONY: venv test test-fast demo demo-seeds demo-check lock
 venv: $(VENV)/.installed
 
 # The paper's comparison at CPU scale: base model, 3 RL variants, pass@k, report (runs/demo).
@@ -21,8 +25,24 @@ demo-seeds: $(VENV)/.installed
 	$(PY) -m explore_jax.demo --config configs/demo.py:seeds=3 --workdir runs/demo_seeds \
 	    --config.base_model_dir=runs/demo/base_model
 
+# Runs the demo twice from nothing (fresh cache and workdirs) and diffs the two results.json.
+demo-check: $(VENV)/.installed
+	$(PY) -m explore_jax.repro --workdir runs/demo_check
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -m "not slow" tests
+
+# Refresh the locks (after a change of pyproject.toml's dependencies, or to move to newer
+# releases): the newest versions that satisfy pyproject.toml, the CPU lock with the test extra,
+# the TPU lock with the CPU lock's JAX and the libtpu that goes with it (no torch).
+lock: $(VENV)/.installed
+	$(PY) -m pip install -q pip-tools
+	$(VENV)/bin/pip-compile -q --upgrade --extra test --strip-extras --no-emit-index-url \
+	    --no-emit-find-links -o $(LOCK) pyproject.toml
+	printf '# TPU hosts: the JAX of $(LOCK) with libtpu (no torch, no test tools).\njax[tpu]==%s\n' \
+	    "$$(sed -n 's/^jax==//p' $(LOCK))" > requirements/tpu.in
+	$(VENV)/bin/pip-compile -q --upgrade --strip-extras --no-emit-index-url --no-emit-find-links \
+	    -o $(TPU_LOCK) pyproject.toml requirements/tpu.in
