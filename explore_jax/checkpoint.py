@@ -255,7 +255,23 @@ def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
   be a bucket (gs://). With several processes every one must call this (the tensors are gathered
   collectively); process 0 alone writes.
   """
-  writer = jax.process_index() == 0
+  _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, collective=True)
+
+
+def save_hf_local(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
+                  tokenizer_dir: str | os.PathLike | None = None,
+                  max_shard_bytes: int = 5 * 10**9) -> None:
+  """`save_hf` of parameters this process holds whole, with no collective: whichever process
+  calls it writes a complete directory, whatever the others do. For a model built on one host
+  (the tiny base model: every process builds its own copy into a directory of its own)."""
+  for x in jax.tree.leaves(params):
+    if not getattr(x, "is_fully_addressable", True):
+      raise ValueError("save_hf_local: parameters are sharded over several processes; use save_hf")
+  _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, collective=False)
+
+
+def _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, *, collective: bool) -> None:
+  writer = jax.process_index() == 0 if collective else True
   out = epath.Path(os.fspath(path))
   layout = _hf_layout(config)
   leaves = {name: _get_path(params, entry[0]) for name, entry in layout.items()}
@@ -284,7 +300,10 @@ def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
       if old.exists():
         old.unlink()
 
-  sharding.on_main(clear, f"save_hf: clearing {out}")
+  if collective:
+    sharding.on_main(clear, f"save_hf: clearing {out}")
+  else:
+    clear()
   failed = None
   for fn, names in zip(file_names, shards):
     # Only this shard's tensors are on the host at once (gathered from devices if sharded). Every
@@ -296,7 +315,10 @@ def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
       except Exception as e:  # raised below, on every process
         failed = e
     del tensors
-  sharding.raise_together(failed, f"save_hf: writing {out}")
+  if collective:
+    sharding.raise_together(failed, f"save_hf: writing {out}")
+  elif failed is not None:
+    raise failed
   if not writer:
     return
   if n > 1:
@@ -385,6 +407,23 @@ def load_orbax(path: str | os.PathLike, shardings=None, *, dtype=None
     params = jax.tree.map(lambda x: x.astype(dtype), params)
     config = config.replace(param_dtype=_dtype_name(dtype))
   return config, params
+
+
+def load_model_config(path: str | os.PathLike) -> Qwen2Config:
+  """The model config of an orbax directory from `save_orbax` or of an HF directory, without
+  reading a weight."""
+  path = os.fspath(path)
+  if os.path.exists(os.path.join(path, ORBAX_META)):
+    meta_path = os.path.join(path, ORBAX_META)
+    with open(meta_path) as f:
+      try:
+        return Qwen2Config(**json.load(f)["config"])
+      except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{meta_path}: bad config ({e})") from None
+  if os.path.exists(os.path.join(path, "config.json")):
+    return Qwen2Config.from_hf_json(path)
+  raise FileNotFoundError(f"{path}: neither {ORBAX_META} (orbax) nor config.json (HF) found; "
+                          "not a model directory")
 
 
 def load_model(path: str | os.PathLike, dtype=None, shardings=None

@@ -37,7 +37,7 @@ from scipy import stats
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from explore_jax import analyze, checkpoint, defaults, evaluate, plots, pretrain, train
+from explore_jax import analyze, checkpoint, defaults, evaluate, plots, pretrain, provenance, train
 
 
 
@@ -129,6 +129,11 @@ def heatmap(config, model_dir: str, responses_path: str, count: int) -> list:
   return [([tokenizer.decode([t]) for t in toks], e.tolist()) for toks, e in zip(tokens, ents)]
 
 
+def format_cell(mean: float, ci: float, seeds: int) -> str:
+  """One cell of the report's table: the mean, and over several seeds the 95% half-width."""
+  return f"{mean:.3f} ± {ci:.3f}" if seeds > 1 else f"{mean:.3f}"
+
+
 def write_report(workdir: str, config, summary: dict, base_acc: float, runs: dict,
                  heat: list, titles: list[str]) -> str:
   plots.plot_training_curves({name: os.path.join(workdir, "runs", name, "metrics.jsonl")
@@ -147,8 +152,7 @@ def write_report(workdir: str, config, summary: dict, base_acc: float, runs: dic
       f"Base model held-out greedy accuracy after pre-training: {base_acc:.3f}.", "",
       "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
   for variant, row in summary.items():
-    cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if config.seeds > 1 else f"{row[c][0]:.3f}"
-             for c in cols]
+    cells = [format_cell(*row[c], seeds=config.seeds) for c in cols]
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")
   lines += ["", "± is the half-width of a 95% t-interval over seeds." if config.seeds > 1 else "",
             "", "![pass@k](pass_at_k.png)", "", "![training curves](training_curves.png)", "",
@@ -156,7 +160,7 @@ def write_report(workdir: str, config, summary: dict, base_acc: float, runs: dic
   md = "\n".join(lines)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(md)
-  table = "".join(f"<p>{html.escape(line)}</p>" for line in lines[:4])
+  table = "".join(f"<p>{html.escape(line)}</p>" for line in lines[2:4])  # lines[0]: the <h1>
   rows = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.split("|")[1:-1])
                  + "</tr>" for line in lines[5:5 + 2 + len(summary)] if "---" not in line)
   body = (f"<h1>explore_jax demo</h1>{table}<table border=1 cellpadding=4>{rows}</table>"
@@ -170,6 +174,7 @@ def write_report(workdir: str, config, summary: dict, base_acc: float, runs: dic
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
+  provenance.note_start(workdir)
   t0 = time.perf_counter()
   _say(f"1/4 base model: pre-training a tiny Qwen2 on the synthetic task ({workdir})")
   base = pretrain.base_model(config.train,

@@ -454,7 +454,7 @@ def run(config, workdir: str) -> dict | None:
   import jax
   from transformers import AutoTokenizer
 
-  from explore_jax import checkpoint, plots, rewards, sharding
+  from explore_jax import checkpoint, plots, provenance, rewards, sharding
 
   sharding.initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
@@ -466,6 +466,7 @@ def run(config, workdir: str) -> dict | None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    provenance.note_start(workdir)  # the commit and versions this evaluation ran with
 
   sharding.on_main(write_config, f"evaluate: writing {workdir}")
   mesh = sharding.make_mesh(config.mesh.shape)

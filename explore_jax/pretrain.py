@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -55,19 +57,45 @@ def _key(config: ml_collections.ConfigDict) -> str:
 
 
 def base_model(config: ml_collections.ConfigDict, root: str | None = None) -> str:
-  """Directory of the pre-trained tiny base model for this config; built on first use."""
+  """Directory of the pre-trained tiny base model for this config; built on first use.
+
+  Published complete or not at all: each caller (every process of a job, whether or not the
+  hosts share `root`) builds its own copy in a directory of its own and renames it into place;
+  a rename onto a directory another caller published first fails, and theirs is kept (the same
+  config and seed build the same model)."""
   path = os.path.join(root or paths.cache_dir("base_models"), _key(config))
-  if os.path.exists(os.path.join(path, "pretrain.json")):
+  if is_complete(path):
     logging.info("using cached base model %s", path)
     return path
-  tmp = path + f".tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  build(config, tmp)
-  if os.path.exists(path):  # another process finished first: keep theirs
-    shutil.rmtree(tmp)
-  else:
-    os.replace(tmp, path)
+  if os.path.exists(path):  # an older release could publish a directory without weights
+    aside = f"{path}.incomplete-{uuid.uuid4().hex[:8]}"
+    logging.warning("base model %s is incomplete (no %s); moving it to %s and rebuilding", path,
+                    ", ".join(f for f in COMPLETE_FILES if not os.path.exists(
+                        os.path.join(path, f))), aside)
+    try:
+      os.rename(path, aside)
+    except FileNotFoundError:
+      pass  # another process moved it first
+  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  try:
+    build(config, tmp)
+    try:
+      os.rename(tmp, path)
+    except OSError:
+      if not is_complete(path):
+        raise
+      logging.info("base model %s was published by another process; keeping it", path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return path
+
+
+COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "pretrain.json")
+
+
+def is_complete(path: str) -> bool:
+  """Whether `path` holds every file a finished `build` writes (pretrain.json is written last)."""
+  return all(os.path.exists(os.path.join(path, f)) for f in COMPLETE_FILES)
 
 
 def _sequences(records, tokenizer, template: str, seq_len: int, eos_id: int,
@@ -166,7 +194,8 @@ def build(config: ml_collections.ConfigDict, path: str) -> dict:
          else 0.0)
   logging.info("pretrained base model: held-out greedy accuracy %.3f (%d problems)", acc,
                len(test))
-  checkpoint.save_hf(cfg, params, path)  # the tokenizer is already in `path`
+  # Not collective: with several processes each builds and writes its own copy (base_model).
+  checkpoint.save_hf_local(cfg, params, path)  # the tokenizer is already in `path`
   summary = {"steps": steps, "train_seconds": train_s, "loss_curve": losses,
              "heldout_greedy_accuracy": acc, "heldout_problems": len(test),
              "num_params": int(sum(x.size for x in jax.tree.leaves(params)))}

@@ -32,7 +32,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from explore_jax import checkpoint, defaults, memory, sharding, train_state, train_step
+from explore_jax import checkpoint, defaults, memory, provenance, sharding, train_state, train_step
 from explore_jax import data as data_lib
 from explore_jax import rewards as rewards_lib
 from explore_jax import sampling
@@ -273,10 +273,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   # Model and tokenizer.
   model_dir, tokenizer_dir = resolve_model(config)
+  model_cfg = checkpoint.load_model_config(model_dir)  # names the directory if it holds no model
   import transformers
   tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-  model_cfg = qwen2.Qwen2Config.from_hf_json(model_dir) if os.path.exists(
-      os.path.join(model_dir, "config.json")) else checkpoint.load_config(model_dir)
   model_cfg = model_cfg.replace(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
                                 remat=config.model.remat)
   eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_id
@@ -309,6 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     def write_run_files():
       write_config(workdir, config)
+      provenance.note_start(workdir)  # the commit and versions; a warning if a resume changed them
       # The model's HF config and tokenizer beside the checkpoints: enough to export any of them
       # (python -m explore_jax.convert run-to-hf) wherever the workdir can be read.
       checkpoint.write_hf_config(model_cfg, os.path.join(workdir, MODEL_DIR),

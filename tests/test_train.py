@@ -87,6 +87,12 @@ def test_metrics_config_and_export(train_env, tmp_path):
   run_train(train_env, workdir, overrides=["--config.total_steps=2"])
   assert weights.stat().st_mtime_ns == written
   assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+  # Each start was recorded with its commit and versions; the same code and venv: no warning.
+  starts = json.loads((workdir / "environment.json").read_text())
+  assert len(starts) == 2 and starts[0]["packages"] == starts[-1]["packages"]
+  import jax
+  assert starts[-1]["packages"]["jax"] == jax.__version__
+  assert "other code or versions" not in proc.stderr
   # Any checkpoint exports from the workdir alone: the newest one holds the exported weights.
   convert = [sys.executable, "-m", "explore_jax.convert", "run-to-hf", f"--workdir={workdir}"]
   proc = subprocess.run(convert + [f"--out={tmp_path / 'from_ckpt'}"], env=train_env, cwd=REPO,
@@ -294,6 +300,12 @@ def test_resume_refuses_a_changed_config(train_env, tmp_path):
   proc = run_train(train_env, workdir, overrides=overrides + ["--config.model.path=/no/such/dir"],
                    check=False)
   assert proc.returncode != 0 and "/no/such/dir" in proc.stderr
+  empty = tmp_path / "empty_model"  # a directory that holds no model: named, nothing else tried
+  empty.mkdir()
+  proc = run_train(train_env, workdir, overrides=overrides + [f"--config.model.path={empty}"],
+                   check=False)
+  assert proc.returncode != 0
+  assert f"{empty}: neither explore_jax_model.json (orbax) nor config.json (HF)" in proc.stderr
   run_train(train_env, workdir, overrides=overrides)
   proc = run_train(train_env, workdir, overrides=overrides + ["--config.optim.lr=0.5"],
                    check=False)
@@ -305,6 +317,6 @@ def test_resume_refuses_a_changed_config(train_env, tmp_path):
   del recorded["pretrain"]["direct_answer_frac"]
   (workdir / "config.json").write_text(json.dumps(recorded))
   # How long a run lasts, and its memory layout, may change.
-  run_train(train_env, workdir, overrides=["--config.total_steps=2", "--config.export_hf=False",
-                                           "--config.rl.micro_batch_size=2"])
+  proc = run_train(train_env, workdir, overrides=[
+      "--config.total_steps=2", "--config.export_hf=False", "--config.rl.micro_batch_size=2"])
   assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
