@@ -30,10 +30,10 @@ demo-check: $(VENV)/.installed
 	$(PY) -m explore_jax.repro --workdir runs/demo_check
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -n 2 -m "not slow" tests
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" tests
 
 # Refresh the locks (after a change of pyproject.toml's dependencies, or to move to newer
 # releases): the newest versions that satisfy pyproject.toml, the CPU lock with the test extra,

@@ -54,6 +54,12 @@ def make_tiny_hf(seed: int = 0, **overrides) -> TinyHF:
   return TinyHF(hf, config, jax.tree.map(jax.numpy.asarray, params))
 
 
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first (stable within each kind): with `-n 2` the two workers then end together
+  instead of one of them starting a three-minute test while the other has nothing left."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_model() -> TinyHF:
   """Untied, 4 query heads over 2 kv heads, 2 layers, width 64."""

@@ -35,6 +35,10 @@ def demo(tmp_path_factory):
   return workdir, proc.stdout
 
 
+# One worker runs both (make test: --dist loadgroup), so the demo fixture runs once.
+pytestmark = pytest.mark.xdist_group("demo")
+
+
 @pytest.mark.slow
 def test_demo_writes_every_artefact(demo):
   workdir, stdout = demo
