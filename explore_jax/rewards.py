@@ -5,6 +5,8 @@ Two answer formats:
                         reference by math-verify (Qwen2.5-Math prompt).
   method="dapo"         the LAST "Answer: ..." line (DAPO prompt), compared as a normalised string,
                         as a number, then through math-verify.
+  method="countdown"    the LAST `\\boxed{...}` is an expression, evaluated by
+                        `data.countdown.is_solution` against "target|numbers" (bounded, in-process).
 A response without an extractable answer is incorrect; a correct number earlier in the text does
 not count.
 
@@ -42,7 +44,7 @@ import zlib
 
 import numpy as np
 
-METHODS = ("math_verify", "dapo")
+METHODS = ("math_verify", "dapo", "countdown")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_CHARS = 10_000  # responses are cut to their last MAX_CHARS characters before parsing
 MAX_ANSWER_CHARS = 1_000  # an extracted final answer longer than this is incorrect
@@ -153,11 +155,17 @@ def quick_check(extracted: str | None, gold: str) -> bool | None:
 
 
 def extract(response: str, method: str) -> str | None:
-  if method == "math_verify":
+  if method in ("math_verify", "countdown"):
     return last_boxed(response)
   if method == "dapo":
     return last_answer_line(response)
   raise ValueError(f"unknown reward method {method!r}; expected one of {METHODS}")
+
+
+def _countdown_solution(extracted: str | None, key: str) -> bool:
+  # Imported here: explore_jax.data imports TFDS, which the reward workers must not pay for.
+  from explore_jax.data import countdown  # pylint: disable=g-import-not-at-top
+  return countdown.is_solution(extracted, key)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -184,6 +192,8 @@ def grade(response: str | bytes, gold: str, method: str = "math_verify",
           timeout_s: float = 5.0) -> bool:
   """One response, in-process (no hard timeout: use RewardPool for untrusted text)."""
   extracted = extract(sanitize(response), method)
+  if method == "countdown":
+    return _countdown_solution(extracted, str(gold))
   decided = quick_check(extracted, str(gold))
   if decided is not None:
     return decided
@@ -364,6 +374,9 @@ class RewardPool:
     tasks = []
     for i, (response, gold) in enumerate(zip(responses, answers)):
       extracted = extract(sanitize(response), method)
+      if method == "countdown":  # an expression to evaluate, never math-verify's business
+        correct[i] = _countdown_solution(extracted, str(gold))
+        continue
       decided = quick_check(extracted, str(gold))
       if decided is None or (decided and not fast_path):
         tasks.append((i, extracted, str(gold)))
