@@ -58,7 +58,8 @@ flags (environment variable in brackets):
   --data DIR             setup copies DIR to ~/shared/data on every worker, where the package
                          looks for the benchmark data [TPU_DATA] (default \$EXPLORE_JAX_DATA, else
                          ../shared/data next to this checkout)
-  --jax SPEC             pip requirement for JAX on TPU [TPU_JAX_SPEC] (default 'jax[tpu]')
+  --jax SPEC             setup: a JAX to install over the locked one (requirements/tpu.txt, the
+                         default: jax, jaxlib and libtpu pinned together) [TPU_JAX_SPEC]
   --python EXE           Python on the workers [TPU_PYTHON] (default python3.11, apt-installed)
   --env KEY=VALUE        extra environment for the trainer (repeatable)
   --worker W             worker for logs / ssh: an index, a comma list, or all
@@ -96,7 +97,7 @@ config=""
 data="${TPU_DATA:-}"
 repo="${TPU_REPO:-}"
 ref="${TPU_REF:-main}"
-jax_spec="${TPU_JAX_SPEC:-jax[tpu]}"
+jax_spec="${TPU_JAX_SPEC:-}"
 python="${TPU_PYTHON:-python3.11}"
 dry_run="${TPU_DRY_RUN:-0}"
 worker=""
@@ -235,6 +236,13 @@ cmd_setup() {
       "${tpu_flags[@]}" --worker=all
     do_cmd rm -f "$tarball"
     fetch="rm -rf $code_dir && mkdir -p $code_dir && tar -xzf $home/explore_jax.tar.gz -C $code_dir"
+    # Without .git there, the run records this commit from COMMIT (explore_jax.provenance).
+    local commit
+    commit="$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)"
+    if [[ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+      commit+="+uncommitted"
+    fi
+    fetch+=" && echo $commit > $code_dir/COMMIT"
   fi
   # The benchmark data goes where the package looks by default: ../shared/data next to the code.
   local data_dir="${data:-${EXPLORE_JAX_DATA:-$root/../shared/data}}"
@@ -257,7 +265,12 @@ cmd_setup() {
   install+=" $(join_quoted "$python") $(join_quoted "$python-venv")))"
   install+=" && ([ -x $venv_dir/bin/python ] || $(join_quoted "$python") -m venv $venv_dir)"
   install+=" && $venv_dir/bin/pip install -q --upgrade pip"
-  install+=" && cd $code_dir && $venv_dir/bin/pip install -q -e . $(join_quoted "$jax_spec")"
+  # The locked versions (make lock), the package itself without resolving anything again.
+  install+=" && cd $code_dir && $venv_dir/bin/pip install -q -r requirements/tpu.txt"
+  install+=" && $venv_dir/bin/pip install -q --no-deps -e ."
+  if [[ -n "$jax_spec" ]]; then
+    install+=" && $venv_dir/bin/pip install -q $(join_quoted "$jax_spec")"
+  fi
   install+=" && $venv_dir/bin/python -c 'import jax; print(jax.process_index(), jax.devices())'"
   ssh_workers all "$install"
 }

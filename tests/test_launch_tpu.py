@@ -104,7 +104,13 @@ def test_setup_ships_the_checkout_and_data_and_installs_jax_tpu_on_every_worker(
   assert data_scp[5] == data_tarball and data_scp[6] == "rl-7b:explore_jax_data.tar.gz"
   assert flags(code_scp)["worker"] == flags(data_scp)["worker"] == flags(ssh)["worker"] == "all"
   script = flags(ssh)["command"]
-  assert "pip install -q -e . 'jax[tpu]'" in script
+  # The locked versions of requirements/tpu.txt, then the package alone; the commit recorded.
+  assert "pip install -q -r requirements/tpu.txt && $HOME/explore_jax_venv/bin/pip install -q " \
+      "--no-deps -e ." in script
+  assert "jax[tpu]" not in script
+  commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+  assert f"echo {commit}" in script and "> $HOME/explore_jax/COMMIT" in script
   # The data lands in ~/shared/data: ../shared/data next to the code, where the package looks.
   assert "tar -xzf $HOME/explore_jax_data.tar.gz -C $HOME/shared/data" in script
   assert "tar -xzf $HOME/explore_jax.tar.gz -C $HOME/explore_jax" in script
