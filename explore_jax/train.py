@@ -191,7 +191,7 @@ class MetricsLog:
 # extending it changes the learning rate from the resumed step on; a warning says so.)
 RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log_every",
                      "progress_bar", "export_hf", "dry_run", "on_nonfinite", "reward.workers",
-                     "reward.timeout_s", "distributed.", "mesh.", "model.remat", "model.path",
+                     "reward.timeout_s", "distributed.", "mesh.", "model.remat", "model.attention", "model.path",
                      "model.tokenizer", "data.data_dir", "rl.micro_batch_size", "rl.logit_chunk",
                      "rl.length_buckets", "rollout.prompts_per_wave")
 
@@ -278,7 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   model_cfg = qwen2.Qwen2Config.from_hf_json(model_dir) if os.path.exists(
       os.path.join(model_dir, "config.json")) else checkpoint.load_config(model_dir)
   model_cfg = model_cfg.replace(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                                remat=config.model.remat)
+                                remat=config.model.remat, attention=config.model.attention)
   eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_id
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
   cfg = step_config(config, model_cfg)

@@ -33,6 +33,8 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
+from explore_jax.models import attention as attention_lib
+
 Array = jax.Array
 Params = dict[str, Any]
 
@@ -60,6 +62,9 @@ class Qwen2Config:
   param_dtype: str = "float32"  # storage dtype of the parameters
   dtype: str = "float32"  # compute dtype of activations and matmuls
   remat: bool = False  # rematerialise each decoder layer in the backward pass
+  # Implementation of the uncached forward's attention (`explore_jax.models.attention`): auto,
+  # dense, blockwise, splash or cudnn. The cached prefill/decode of the sampler is always dense.
+  attention: str = "auto"
 
   @property
   def head_dim(self) -> int:
@@ -81,6 +86,7 @@ class Qwen2Config:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")
+    attention_lib.check(self.attention)
 
   def replace(self, **kw) -> "Qwen2Config":
     return dataclasses.replace(self, **kw)
@@ -319,18 +325,11 @@ class Attention(nn.Module):
                             v=(*cache.v[:i], new_v, *cache.v[i + 1:]))
       key, val = c(new_k), c(new_v)  # [B, K, S, H]
 
-    s, g = key.shape[2], cfg.group_size
-    # Heads first, so that both products are plain batched matmuls over [B, K] (the G query heads
-    # of a kv head share its keys): [B, K, G*T, H] x [B, K, S, H]. XLA:CPU runs these, and their
-    # gradients, faster than the same einsum over [B, T, K, G, H].
-    q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-    scores = jnp.einsum("BKQH,BKSH->BKQS", q, key, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, k, g, t, s) / jnp.sqrt(jnp.float32(h))
-    allowed = key_mask[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slots[None, :, None])
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)  # [B,K,G,T,S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(val.dtype).reshape(b, k, g * t, s)
-    out = jnp.matmul(probs, val)  # [B, K, G*T, H]
-    out = out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, n, h)
+    if cache is None:
+      out = attention_lib.attend(q, key, val, key_mask, cfg.attention)
+    else:
+      out = attention_lib.dense(q, key, val, key_mask, query_slots)  # [B, T, N, H]
+    out = out.reshape(b * t, n, h)
     return _project(out, c(wo), 2).reshape(b, t, d), cache
 
 
