@@ -44,8 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   c.model.remat = False
   # Attention of the training forward (explore_jax/models/attention.py): "auto" picks splash on
-  # TPU (head dim a multiple of 128), cuDNN on a GPU in bf16/fp16, else dense up to 1024 positions
-  # and blockwise (flash, memory linear in length) beyond; or "dense", "blockwise", "splash",
+  # TPU (head dim a multiple of 128), cuDNN on a GPU in bf16/fp16, else dense up to 128 positions
+  # and blockwise (flash, memory linear in length, faster on CPU) beyond; or "dense", "blockwise", "splash",
   # "cudnn". The sampler's cached decode is dense whatever this says.
   c.model.attention = "auto"
   # Architecture of a randomly initialised model (ignored when model.path is set).

@@ -103,8 +103,8 @@ def test_blockwise_forward_backward_memory_at_8k_is_an_eighth_of_dense():
 
 
 def test_auto_picks_by_platform_and_length(monkeypatch):
-  assert attention.resolve("auto", 1024, 64, "float32") == "dense"
-  assert attention.resolve("auto", 1025, 64, "float32") == "blockwise"
+  assert attention.resolve("auto", 128, 64, "float32") == "dense"
+  assert attention.resolve("auto", 129, 64, "float32") == "blockwise"
   assert attention.resolve("splash", 8, 64, "float32") == "splash"
   monkeypatch.setattr(attention, "_platform", lambda: "tpu")
   assert attention.resolve("auto", 8192, 128, "bfloat16") == "splash"

@@ -36,11 +36,12 @@ import numpy as np
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "splash", "cudnn")
-BLOCK = 512  # blockwise: query and key block (slots)
+BLOCK = 256  # blockwise: query and key block (slots); 256 ran faster than 512 on CPU
 SPLASH_BLOCK = 128  # splash: the kernel's tile; lengths are padded to a multiple of it
-# Below this length `auto` keeps dense attention off TPU: its [T, T] scores are small and one big
-# matmul beats a loop of tiles there (benchmarks/attention.py).
-DENSE_MAX_LEN = 1024
+# Up to this length `auto` keeps dense attention off TPU/cuDNN: at 128 slots the two ran equally
+# fast on CPU, from 256 on blockwise was 2x faster (benchmarks/attention.py), and short rows (the
+# CPU demo's) then keep their exact former numerics.
+DENSE_MAX_LEN = 128
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # masked score: exp(_NEG - m) == 0, no inf - inf
 
 
@@ -65,8 +66,8 @@ def resolve(name: str, length: int, head_dim: int, dtype) -> str:
   """The implementation `name` stands for at this length, head dim and compute dtype.
 
   `auto`: on TPU, splash where the head dim is a multiple of 128 (its kernel's lane width); on a
-  GPU in bf16/fp16, cuDNN; otherwise dense up to DENSE_MAX_LEN slots (fastest there, measured)
-  and blockwise beyond (memory linear in T instead of quadratic, and faster at long lengths).
+  GPU in bf16/fp16, cuDNN; otherwise dense up to DENSE_MAX_LEN slots and blockwise beyond, which
+  on CPU was both faster (0.3-0.5x dense's time from 256 slots on) and linear in memory.
   """
   check(name)
   if name != "auto":
