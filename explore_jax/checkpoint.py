@@ -205,24 +205,41 @@ def _dtype_name(dtype) -> str:
 
 
 def load_hf(path: str | os.PathLike, dtype=jnp.float32, shardings=None, *,
-            compute_dtype=None) -> tuple[Qwen2Config, qwen2.Params]:
+            compute_dtype=None, scan_layers: bool = False) -> tuple[Qwen2Config, qwen2.Params]:
   """Read an HF Qwen2 safetensors directory into (config, params), one tensor at a time.
 
   `dtype` is the parameter dtype (config.param_dtype); the compute dtype defaults to the same.
   `shardings`: None (default device), one Sharding for every parameter, a pytree of Shardings
   matching the params, or a function config -> such a pytree (the config is only known here).
+  `scan_layers`: the decoder layers stacked on a leading axis (`Qwen2Config.scan_layers`).
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: not a directory")
   dtype = _dtype_name(dtype)
   config = Qwen2Config.from_hf_json(path, param_dtype=dtype, dtype=_dtype_name(
-      compute_dtype or dtype))
+      compute_dtype or dtype), scan_layers=scan_layers)
   if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
     shardings = shardings(config)
   layout = _hf_layout(config)
   to_read = _check_headers(path, _weight_files(path), layout, config.tie_word_embeddings)
+  read = lambda name: layout[name][2](_read_tensor(path, to_read[name], name)).astype(
+      jnp.dtype(dtype))
   params: qwen2.Params = {}
+  if config.scan_layers:
+    # One parameter kind at a time: its L layers read, stacked on the host, placed at once.
+    in_layer = lambda name: layout[name][0][1:2] and layout[name][0][1].startswith("layers_")
+    kinds: dict[tuple[str, ...], list[str]] = {}
+    for name in to_read:
+      tree_path = layout[name][0]
+      if in_layer(name):
+        kinds.setdefault(("model", "layers") + tree_path[2:], []).append(name)
+    for tree_path, names in kinds.items():
+      names.sort(key=lambda n: int(layout[n][0][1][len("layers_"):]))
+      x = np.stack([read(n) for n in names])
+      _set_path(params, tree_path, _place(x, _sharding_at(shardings, tree_path)))
+      del x
+    to_read = {n: f for n, f in to_read.items() if not in_layer(n)}
   for fn in sorted(set(to_read.values())):
     with safe_open(os.path.join(path, fn), "np") as f:
       for name in [n for n, file in to_read.items() if file == fn]:
@@ -231,6 +248,11 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, shardings=None, *,
         _set_path(params, tree_path, _place(x, _sharding_at(shardings, tree_path)))
         del x
   return config, params
+
+
+def _read_tensor(path: str, fn: str, name: str) -> np.ndarray:
+  with safe_open(os.path.join(path, fn), "np") as f:
+    return f.get_tensor(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,6 +295,7 @@ def save_hf_local(config: Qwen2Config, params: qwen2.Params, path: str | os.Path
 def _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, *, collective: bool) -> None:
   writer = jax.process_index() == 0 if collective else True
   out = epath.Path(os.fspath(path))
+  params = qwen2.unstack_layers(params)  # HF names one tensor per layer (a slice, taken lazily)
   layout = _hf_layout(config)
   leaves = {name: _get_path(params, entry[0]) for name, entry in layout.items()}
   dtypes = {str(x.dtype) for x in leaves.values()}
@@ -426,12 +449,37 @@ def load_model_config(path: str | os.PathLike) -> Qwen2Config:
                           "not a model directory")
 
 
-def load_model(path: str | os.PathLike, dtype=None, shardings=None
+def load_model(path: str | os.PathLike, dtype=None, shardings=None, scan_layers: bool | None = None
                ) -> tuple[Qwen2Config, qwen2.Params]:
-  """An orbax directory from `save_orbax` or an HF safetensors directory, by its contents."""
+  """An orbax directory from `save_orbax` or an HF safetensors directory, by its contents.
+
+  `scan_layers`: the layer layout wanted (None: an orbax directory's own, HF's per-layer one). An
+  orbax model saved in the other layout is restacked after restoring (placed as saved first)."""
   path = os.fspath(path)
   if os.path.exists(os.path.join(path, ORBAX_META)):
-    return load_orbax(path, shardings, dtype=dtype)
+    config, params = load_orbax(path, None if scan_layers not in (None, _orbax_scan(path))
+                                else shardings, dtype=dtype)
+    if scan_layers is None or scan_layers == config.scan_layers:
+      return config, params
+    return restack(config, params, scan_layers, shardings)
   if os.path.exists(os.path.join(path, "config.json")):
-    return load_hf(path, jnp.float32 if dtype is None else dtype, shardings)
+    return load_hf(path, jnp.float32 if dtype is None else dtype, shardings,
+                   scan_layers=bool(scan_layers))
   raise FileNotFoundError(f"{path}: neither {ORBAX_META} (orbax) nor config.json (HF) found")
+
+
+def _orbax_scan(path: str) -> bool:
+  with open(os.path.join(path, ORBAX_META)) as f:
+    return bool(json.load(f)["config"].get("scan_layers", False))  # older metadata: per-layer
+
+
+def restack(config: Qwen2Config, params: qwen2.Params, scan_layers: bool, shardings=None
+            ) -> tuple[Qwen2Config, qwen2.Params]:
+  """(config, params) in the other layer layout: stacked for scan_layers, else per layer."""
+  config = config.replace(scan_layers=scan_layers)
+  params = (qwen2.stack_layers if scan_layers else qwen2.unstack_layers)(params)
+  if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+    shardings = shardings(config)
+  if shardings is not None:
+    params = jax.device_put(params, shardings)
+  return config, params

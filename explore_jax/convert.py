@@ -3,6 +3,10 @@
   python -m explore_jax.convert hf-to-orbax --hf_dir DIR --out DIR [--dtype bfloat16]
   python -m explore_jax.convert orbax-to-hf --checkpoint DIR --out DIR [--tokenizer_dir DIR]
   python -m explore_jax.convert run-to-hf --workdir RUN_DIR --out DIR [--step N]
+  python -m explore_jax.convert restack --checkpoint DIR --out DIR --scan_layers true|false
+
+restack rewrites an orbax model checkpoint in the other decoder-layer layout: stacked on a leading
+layer axis (model.scan_layers=True) or one entry per layer (the layout before scan_layers).
 
 run-to-hf exports the actor of a training run's checkpoint (the newest, or step N) from its local
 or gs:// workdir, with the model config and tokenizer the trainer keeps in WORKDIR/model: the
@@ -44,6 +48,13 @@ def run_to_hf(workdir: str, out: str, step: int | None = None) -> int:
   return step
 
 
+def restack(ckpt: str, out: str, scan_layers: bool) -> None:
+  config, params = checkpoint.load_orbax(ckpt)
+  config, params = checkpoint.restack(config, params, scan_layers)
+  has_tokenizer = any(os.path.exists(os.path.join(ckpt, fn)) for fn in checkpoint.TOKENIZER_FILES)
+  checkpoint.save_orbax(config, params, out, tokenizer_dir=ckpt if has_tokenizer else None)
+
+
 def _hf_dtype(hf_dir: str) -> str:
   """The checkpoint's own dtype from config.json, so a conversion is lossless by default."""
   import json
@@ -70,12 +81,18 @@ def main(argv: list[str] | None = None) -> None:
   from_run.add_argument("--workdir", required=True, help="the run's workdir (local or gs://)")
   from_run.add_argument("--out", required=True)
   from_run.add_argument("--step", type=int, help="default: the newest checkpoint")
+  re = sub.add_parser("restack", help="orbax checkpoint -> the other decoder-layer layout")
+  re.add_argument("--checkpoint", required=True)
+  re.add_argument("--out", required=True)
+  re.add_argument("--scan_layers", required=True, choices=("true", "false"))
   args = parser.parse_args(argv)
   try:
     if args.command == "hf-to-orbax":
       hf_to_orbax(args.hf_dir, args.out, args.dtype)
     elif args.command == "orbax-to-hf":
       orbax_to_hf(args.checkpoint, args.out, args.tokenizer_dir, args.dtype)
+    elif args.command == "restack":
+      restack(args.checkpoint, args.out, args.scan_layers == "true")
     else:
       print(f"step {run_to_hf(args.workdir, args.out, args.step)}")
   except (FileNotFoundError, ValueError) as e:

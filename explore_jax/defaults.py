@@ -43,6 +43,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"
   c.model.remat = False
+  # Attention of the training forward (explore_jax/models/attention.py): "auto" picks splash on
+  # TPU (head dim a multiple of 128), cuDNN on a GPU in bf16/fp16, else dense up to 128 positions
+  # and blockwise (flash, memory linear in length, faster on CPU) beyond; or "dense", "blockwise", "splash",
+  # "cudnn". The sampler's cached decode is dense whatever this says.
+  c.model.attention = "auto"
+  # One nn.scan over the decoder layers (parameters stacked on a leading layer axis; compiles one
+  # layer instead of L). A checkpoint keeps the layout it was written with: restoring it under the
+  # other layout is an error (convert it with `python -m explore_jax.convert restack`).
+  c.model.scan_layers = False
+  # What a rematerialised layer saves: "none", "full", "projections" (the q/k/v/o and MLP
+  # projection outputs); "" = model.remat decides (True: "full", False: "none").
+  c.model.remat_policy = ""
   # Architecture of a randomly initialised model (ignored when model.path is set).
   c.model.hidden_size = 128
   c.model.intermediate_size = 384

@@ -51,7 +51,8 @@ def _key(config: ml_collections.ConfigDict) -> str:
   fields = {"model": config.model.to_dict(), "pretrain": config.pretrain.to_dict(),
             "task": config.data.synthetic.to_dict(),
             "template": config.data.template, "version": FORMAT_VERSION}
-  for k in ("path", "tokenizer", "param_dtype", "dtype", "remat"):
+  for k in ("path", "tokenizer", "param_dtype", "dtype", "remat", "attention", "scan_layers",
+            "remat_policy"):
     fields["model"].pop(k, None)
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -191,7 +191,7 @@ class MetricsLog:
 # extending it changes the learning rate from the resumed step on; a warning says so.)
 RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log_every",
                      "progress_bar", "export_hf", "dry_run", "on_nonfinite", "reward.workers",
-                     "reward.timeout_s", "distributed.", "mesh.", "model.remat", "model.path",
+                     "reward.timeout_s", "distributed.", "mesh.", "model.remat", "model.attention", "model.remat_policy", "model.path",
                      "model.tokenizer", "data.data_dir", "rl.micro_batch_size", "rl.logit_chunk",
                      "rl.length_buckets", "rollout.prompts_per_wave")
 
@@ -277,7 +277,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   import transformers
   tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
   model_cfg = model_cfg.replace(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                                remat=config.model.remat)
+                                remat=config.model.remat, attention=config.model.attention,
+                                scan_layers=config.model.scan_layers,
+                                remat_policy=config.model.remat_policy)
   eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_id
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
   cfg = step_config(config, model_cfg)
@@ -321,7 +323,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     ref_params = None
     if restored is None or config.rl.kl_coef:
       _, params = checkpoint.load_model(model_dir, dtype=jnp.dtype(model_cfg.param_dtype),
-                                        shardings=shardings.actor)
+                                        shardings=shardings.actor,
+                                        scan_layers=model_cfg.scan_layers)
       ref_params = params if config.rl.kl_coef else None
     if restored is None:
       state = train_state.init_state(model_cfg, params, actor_tx, critic_tx, ppo, config.seed,
@@ -457,6 +460,8 @@ def restore_actor(workdir: str, step: int | None = None
                             f"{'any' if step is None else step}; saved: {sorted(steps)}")
   step = max(steps) if step is None else step
   # The actor alone: its shapes as the target, the rest of the state left on disk.
+  stacked = train_state.saved_layout(os.path.join(ckpt_dir, str(step), "state")) == "stacked"
+  model_cfg = model_cfg.replace(scan_layers=stacked)
   target = {"actor": qwen2.param_shapes(model_cfg)}
   args = ocp.args.PyTreeRestore(target, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target))

@@ -114,6 +114,23 @@ def init_state(model_cfg, actor_params, actor_tx, critic_tx, ppo: bool, seed: in
 # --------------------------------------------------------------------------------------------------
 
 
+def saved_layout(state_dir: str) -> str | None:
+  """"stacked" or "per-layer": how the actor's decoder layers are laid out in an orbax state
+  directory, read from its tree metadata; None when that cannot be read (a torn step)."""
+  import json
+  from etils import epath
+  try:
+    keys = json.loads((epath.Path(state_dir) / "_METADATA").read_text())["tree_metadata"]
+  except Exception:  # missing or unreadable: the restore below decides
+    return None
+  for key in keys:
+    if key.startswith("('actor', 'model', 'layers'"):
+      return "stacked"
+    if key.startswith("('actor', 'model', 'layers_"):
+      return "per-layer"
+  return None
+
+
 class Checkpointer:
   """Orbax CheckpointManager over (state pytree, data-iterator JSON), robust to torn directories."""
 
@@ -132,8 +149,20 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore_latest(self, abstract: TrainState) -> tuple[TrainState, dict] | None:
-    """The newest step that restores completely; None (fresh start) when there is none."""
+    """The newest step that restores completely; None (fresh start) when there is none.
+
+    A step whose parameters are laid out otherwise than `abstract`'s (stacked by scan_layers or
+    one entry per layer) is not torn: that raises, rather than falling back to an older step or a
+    fresh start."""
+    want = qwen2.params_layout(abstract.actor)
     for step in sorted(self.manager.all_steps(), reverse=True):
+      saved = saved_layout(os.path.join(self.directory, str(step), "state"))
+      if saved is not None and saved != want:
+        raise ValueError(
+            f"{self.directory}/{step}: the checkpoint's parameters are {saved} "
+            f"(model.scan_layers={saved == 'stacked'}) but this config has "
+            f"model.scan_layers={want == 'stacked'}; set it to match the run, or start a fresh "
+            "workdir (`python -m explore_jax.convert restack` converts model checkpoints)")
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from explore_jax.models import attention as attention_lib
 from explore_jax.models import qwen2
 from explore_jax.rl import actor_loss as actor_lib
 from explore_jax.rl import advantages as adv_lib
@@ -78,11 +79,13 @@ def _merge(tree):
   return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
 
 
-def bucket_lengths(total: int, count: int) -> tuple[int, ...]:
-  """`count` row lengths up to `total` (P + N), evenly spaced, rounded up to multiples of 8."""
+def bucket_lengths(total: int, count: int, multiple: int = 8) -> tuple[int, ...]:
+  """`count` row lengths up to `total` (P + N), evenly spaced, rounded up to multiples of
+  `multiple` (8; splash attention's block of 128, see `attention.length_multiple`), the last
+  being `total` itself."""
   if count < 1:
     raise ValueError(f"rl.length_buckets={count}: need at least 1")
-  return tuple(sorted({min(total, math.ceil(total * k / count / 8) * 8)
+  return tuple(sorted({min(total, math.ceil(total * k / count / multiple) * multiple)
                        for k in range(1, count + 1)}))
 
 
@@ -192,7 +195,9 @@ def response_values(critic, tokens, attn_mask, n: int, cfg: StepConfig, length=N
 
 
 def _lengths(cfg: StepConfig, batch: dict) -> tuple[int, ...]:
-  return bucket_lengths(batch["tokens"].shape[1], cfg.length_buckets)
+  m = cfg.model
+  return bucket_lengths(batch["tokens"].shape[1], cfg.length_buckets,
+                        attention_lib.length_multiple(m.attention, m.head_dim, m.dtype))
 
 
 def _explained_variance(values, returns, mask):

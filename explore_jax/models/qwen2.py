@@ -33,6 +33,8 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
+from explore_jax.models import attention as attention_lib
+
 Array = jax.Array
 Params = dict[str, Any]
 
@@ -60,6 +62,15 @@ class Qwen2Config:
   param_dtype: str = "float32"  # storage dtype of the parameters
   dtype: str = "float32"  # compute dtype of activations and matmuls
   remat: bool = False  # rematerialise each decoder layer in the backward pass
+  # Implementation of the uncached forward's attention (`explore_jax.models.attention`): auto,
+  # dense, blockwise, splash or cudnn. The cached prefill/decode of the sampler is always dense.
+  attention: str = "auto"
+  # Training forward as one nn.scan over the decoder layers: parameters stacked on a leading
+  # "layers" axis under model/layers (instead of model/layers_0 ...), one layer compiled once.
+  scan_layers: bool = False
+  # What a rematerialised layer keeps for the backward pass (`REMAT_POLICIES`); "" = `remat`
+  # decides (True: "full", False: "none").
+  remat_policy: str = ""
 
   @property
   def head_dim(self) -> int:
@@ -81,6 +92,13 @@ class Qwen2Config:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")
+    attention_lib.check(self.attention)
+    if self.remat_policy not in ("",) + tuple(REMAT_POLICIES):
+      raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {sorted(REMAT_POLICIES)}")
+
+  @property
+  def remat_mode(self) -> str:
+    return self.remat_policy or ("full" if self.remat else "none")
 
   def replace(self, **kw) -> "Qwen2Config":
     return dataclasses.replace(self, **kw)
@@ -172,6 +190,13 @@ class Qwen2Config:
         "use_cache": True,
         "torch_dtype": self.param_dtype,
     }
+
+
+# Name -> what a decoder layer saves for its backward pass (None: no rematerialisation).
+# "projections": the outputs of the q/k/v/o and MLP projections (2-D matmuls, no batch dims), the
+# rest (norms, RoPE, attention, activations) recomputed.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "projections": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def _preset(layers, width, mlp, heads, kv_heads, vocab, theta, tied, max_pos=32768):
@@ -319,18 +344,11 @@ class Attention(nn.Module):
                             v=(*cache.v[:i], new_v, *cache.v[i + 1:]))
       key, val = c(new_k), c(new_v)  # [B, K, S, H]
 
-    s, g = key.shape[2], cfg.group_size
-    # Heads first, so that both products are plain batched matmuls over [B, K] (the G query heads
-    # of a kv head share its keys): [B, K, G*T, H] x [B, K, S, H]. XLA:CPU runs these, and their
-    # gradients, faster than the same einsum over [B, T, K, G, H].
-    q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-    scores = jnp.einsum("BKQH,BKSH->BKQS", q, key, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, k, g, t, s) / jnp.sqrt(jnp.float32(h))
-    allowed = key_mask[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slots[None, :, None])
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)  # [B,K,G,T,S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(val.dtype).reshape(b, k, g * t, s)
-    out = jnp.matmul(probs, val)  # [B, K, G*T, H]
-    out = out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, n, h)
+    if cache is None:
+      out = attention_lib.attend(q, key, val, key_mask, cfg.attention)
+    else:
+      out = attention_lib.dense(q, key, val, key_mask, query_slots)  # [B, T, N, H]
+    out = out.reshape(b * t, n, h)
     return _project(out, c(wo), 2).reshape(b, t, d), cache
 
 
@@ -377,8 +395,16 @@ class Qwen2Backbone(nn.Module):
     self.embed_tokens = self.param(
         "embed_tokens", nn.with_logical_partitioning(_dense_init, ("vocab", "embed")),
         (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
-    layer_cls = nn.remat(DecoderLayer, prevent_cse=True) if cfg.remat else DecoderLayer
-    self.layers = [layer_cls(cfg, i, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+    layer_cls = DecoderLayer
+    if cfg.remat_mode != "none":  # inside a scan, CSE cannot merge the recomputation away
+      layer_cls = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers,
+                           policy=REMAT_POLICIES[cfg.remat_mode])
+    if cfg.scan_layers:
+      self.layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast,) * 4, length=cfg.num_hidden_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, 0, name="layers")
+    else:
+      self.layers = [layer_cls(cfg, i, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg, name="norm")
 
   def __call__(self, tokens, positions, attention_mask, cache: KVCache | None = None):
@@ -393,8 +419,13 @@ class Qwen2Backbone(nn.Module):
       key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
       query_slots = cache.index + jnp.arange(t)
       cache = cache.replace(mask=key_mask)
-    for layer in self.layers:
-      x, cache = layer(x, positions, key_mask, query_slots, cache)
+    if cfg.scan_layers:
+      if cache is not None:
+        raise ValueError("a scanned model decodes through apply_with_cache (unrolled layers)")
+      x, _ = self.layers(x, positions, key_mask, query_slots, None)
+    else:
+      for layer in self.layers:
+        x, cache = layer(x, positions, key_mask, query_slots, cache)
     if cache is not None:
       cache = cache.replace(index=cache.index + t)
     return self.norm(x), cache
@@ -487,9 +518,46 @@ def output_embedding(params: Params, config: Qwen2Config) -> Array:
 
 def apply_with_cache(params: Params, tokens: Array, positions: Array, attention_mask: Array,
                      cache: KVCache, config: Qwen2Config) -> tuple[Array, KVCache]:
-  """Prefill or decode: writes tokens [B, T] into slots cache.index..+T; logits [B, T, V] f32."""
+  """Prefill or decode: writes tokens [B, T] into slots cache.index..+T; logits [B, T, V] f32.
+
+  A scanned model's stacked layers are read one slice per layer and decoded unrolled, as an
+  unscanned model's are: the cache stays one buffer per layer (see KVCache)."""
+  if config.scan_layers:
+    params, config = unstack_layers(params), config.replace(scan_layers=False)
   return Qwen2ForCausalLM(config).apply({"params": params}, tokens, positions, attention_mask,
                                         cache)
+
+
+def _is_stacked(params: Params) -> bool:
+  return "layers" in params["model"]
+
+
+def stack_layers(params: Params) -> Params:
+  """Per-layer parameters (model/layers_i/...) -> the scanned layout (model/layers/..., [L, ...])."""
+  model = params["model"]
+  if _is_stacked(params):
+    return params
+  count = sum(1 for k in model if k.startswith("layers_"))
+  layers = [model[f"layers_{i}"] for i in range(count)]
+  rest = {k: v for k, v in model.items() if not k.startswith("layers_")}
+  return {**params, "model": {**rest, "layers": jax.tree.map(lambda *x: jnp.stack(x), *layers)}}
+
+
+def unstack_layers(params: Params) -> Params:
+  """The scanned layout -> per-layer parameters; the inverse of `stack_layers`."""
+  model = params["model"]
+  if not _is_stacked(params):
+    return params
+  stacked = model["layers"]
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  rest = {k: v for k, v in model.items() if k != "layers"}
+  layers = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count)}
+  return {**params, "model": {**rest, **layers}}
+
+
+def params_layout(params_or_paths) -> str:
+  """"stacked" (scan_layers) or "per-layer", from a params pytree's model keys."""
+  return "stacked" if _is_stacked(params_or_paths) else "per-layer"
 
 
 def critic_values(params: Params, tokens: Array, config: Qwen2Config,
