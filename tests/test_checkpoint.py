@@ -154,7 +154,7 @@ def test_load_onto_a_mesh(hf_dirs, tmp_path):
 
 _FAKE_DEVICES_SCRIPT = """
 import jax, numpy as np, sys
-sys.path.insert(0, "tests")
+sys.path.insert(0, sys.argv[2])
 from test_checkpoint import _mesh_shardings
 from explore_jax import checkpoint, sharding
 assert jax.device_count() == 4
@@ -173,7 +173,8 @@ def test_load_onto_fake_devices_in_a_subprocess(hf_dirs):
     pytest.skip("test_load_onto_a_mesh already covers several devices")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, "-c", _FAKE_DEVICES_SCRIPT, hf_dirs[2]], env=env,
+  tests_dir = os.path.dirname(os.path.abspath(__file__))  # whatever pytest's working directory
+  run = subprocess.run([sys.executable, "-c", _FAKE_DEVICES_SCRIPT, hf_dirs[2], tests_dir], env=env,
                        capture_output=True, text=True, timeout=300)
   assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
 

@@ -218,7 +218,11 @@ def test_worker_scripts_run_stop_and_tail_a_real_process(tmp_path):
     assert argv == [str(home / "explore_jax"), "2"] + TRAIN_ARGV
     again = sh(_worker_script(["run"] + RUN_ARGS))
     assert again.returncode == 1 and "already running" in again.stderr
-    logs = sh(_worker_script(["logs"] + BASE + ["--worker", "0"]))
+    for _ in range(200):  # the stub writes argv before it logs its line
+      logs = sh(_worker_script(["logs"] + BASE + ["--worker", "0"]))
+      if "] step 1 loss 0.5" in logs.stdout:
+        break
+      time.sleep(0.05)
     assert "] step 1 loss 0.5" in logs.stdout and logs.stdout.startswith("[")
     stopped = sh(_worker_script(["stop"] + BASE))
     assert "sent SIGTERM" in stopped.stdout

@@ -115,5 +115,7 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
                         for p in (params_one, params_two))
   assert flat_one.keys() == flat_two.keys()
   for path, x in flat_one.items():
-    np.testing.assert_allclose(flat_two[path], x, rtol=1e-4, atol=1e-6, err_msg=str(path))
+    # atol 1e-4: Adam turns summation-order noise in gradients near eps into ~1e-5 updates; a
+    # layout or gather bug shows at ~0.1.
+    np.testing.assert_allclose(flat_two[path], x, rtol=1e-4, atol=1e-4, err_msg=str(path))
   assert sorted(os.listdir(tmp_path / "one" / "hf")) == sorted(os.listdir(tmp_path / "two" / "hf"))

@@ -220,10 +220,16 @@ def test_top_p_threshold_equals_sorted_rule():
     got = probs >= np.asarray(sampling._top_p_threshold(jnp.asarray(probs), top_p))
     order = np.argsort(-probs, axis=-1)
     sorted_p = np.take_along_axis(probs.astype(np.float64), order, axis=-1)
-    keep_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p < top_p
+    above = np.cumsum(sorted_p, axis=-1) - sorted_p  # the mass of the tokens before each
+    keep_sorted = above < top_p
     want = np.zeros_like(got)
     np.put_along_axis(want, order, keep_sorted, axis=-1)
-    np.testing.assert_array_equal(got, want)
+    # A token whose mass above lies within float32 summation error of top_p may go either way
+    # (the order of XLA's sum depends on the CPU's vector width); every other must match.
+    tie = np.zeros_like(got)
+    np.put_along_axis(tie, order, np.abs(above - top_p) < 1e-5, axis=-1)
+    assert tie.mean() < 1e-3  # a handful of the 32,000 entries (tail tokens at top_p 0.99)
+    np.testing.assert_array_equal(got[~tie], want[~tie])
 
 
 def test_greedy_sampler_is_argmax():
