@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,17 @@ def test_blockwise_matches_dense_across_blocks():
 def test_splash_interpret_matches_dense():
   # Splash's constraints: head dim 128, lengths a multiple of its 128-slot block.
   _compare(lambda q, k, v, m: attention.splash(q, k, v, m, interpret=True), 2, 256, 4, 2, 128)
+
+
+def test_cudnn_path_alignment_matches_dense_through_xla():
+  # The cuDNN path's left-alignment and sequence lengths, with XLA's kernel in cuDNN's place
+  # (forward only: its gradient is the kernel's own).
+  q, k, v, mask, _ = _batch(4, 24, 4, 2, 16)
+  real = np.asarray(mask)[:, :, None, None]
+  got = jax.jit(functools.partial(attention.cudnn, implementation="xla"))(q, k, v, mask)
+  assert np.all(np.asarray(got)[~np.broadcast_to(real, got.shape)] == 0)  # padding rows zeroed
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, _dense(q, k, v, mask), 0),
+                             atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
