@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,17 @@ def test_blockwise_matches_dense_across_blocks():
 def test_splash_interpret_matches_dense():
   # Splash's constraints: head dim 128, lengths a multiple of its 128-slot block.
   _compare(lambda q, k, v, m: attention.splash(q, k, v, m, interpret=True), 2, 256, 4, 2, 128)
+
+
+def test_cudnn_path_alignment_matches_dense_through_xla():
+  # The cuDNN path's left-alignment and sequence lengths, with XLA's kernel in cuDNN's place
+  # (forward only: its gradient is the kernel's own).
+  q, k, v, mask, _ = _batch(4, 24, 4, 2, 16)
+  real = np.asarray(mask)[:, :, None, None]
+  got = jax.jit(functools.partial(attention.cudnn, implementation="xla"))(q, k, v, mask)
+  assert np.all(np.asarray(got)[~np.broadcast_to(real, got.shape)] == 0)  # padding rows zeroed
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, _dense(q, k, v, mask), 0),
+                             atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
@@ -128,3 +141,37 @@ def test_length_buckets_round_to_the_splash_block():
       value_clip=0.5, epochs=1, mini_batch_size=2, micro_batch_size=2, logit_chunk=8,
       on_nonfinite="raise", length_buckets=4)
   assert train_step._lengths(cfg, {"tokens": jnp.zeros((2, 1100))}) == (384, 640, 896, 1100)
+
+
+_SHARDED_SCRIPT = """
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from explore_jax import sharding
+from explore_jax.models import attention
+rng = np.random.default_rng(0)
+q = jnp.asarray(rng.normal(size=(2, 128, 4, 128)), jnp.float32)
+k, v = (jnp.asarray(rng.normal(size=(2, 2, 128, 128)), jnp.float32) for _ in range(2))
+mask = jnp.asarray(np.arange(128)[None] >= np.array([[0], [77]]))
+real = mask[:, :, None, None]
+loss = lambda f: lambda q, k, v: jnp.sum(jnp.where(real, f(q, k, v, mask), 0.0) ** 2)
+dense = lambda q, k, v, m: attention.dense(q, k, v, m, jnp.arange(128))
+want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+# batch over fsdp (2), kv heads over tensor (2): splash runs per device in its shard_map
+with jax.set_mesh(sharding.make_mesh((1, 2, 2))), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+  got = jax.jit(jax.grad(loss(attention.splash), argnums=(0, 1, 2)))(q, k, v)
+  text = jax.jit(attention.splash).lower(q, k, v, mask).as_text()
+assert "sdy.manual_computation" in text or "shard_map" in text, text[:2000]
+for a, b in zip(want, got):
+  np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+def test_splash_runs_per_device_in_shard_map_on_a_mesh():
+  import os
+  import subprocess
+  import sys
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]

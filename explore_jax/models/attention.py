@@ -311,8 +311,9 @@ def splash(q: Array, k: Array, v: Array, key_mask: Array, interpret: bool | None
 # --------------------------------------------------------------------------------------------------
 
 
-def cudnn(q: Array, k: Array, v: Array, key_mask: Array) -> Array:
-  """Same contract as `attend` for rows whose real tokens are contiguous; see the module doc."""
+def cudnn(q: Array, k: Array, v: Array, key_mask: Array, implementation: str = "cudnn") -> Array:
+  """Same contract as `attend` for rows whose real tokens are contiguous; see the module doc.
+  `implementation="xla"` runs the same alignment through XLA's kernel (any platform; tests)."""
   b, t, n, h = q.shape
   lengths = jnp.sum(key_mask.astype(jnp.int32), axis=1)
   shift = jnp.argmax(key_mask, axis=1)  # leading padding of each row
@@ -321,6 +322,9 @@ def cudnn(q: Array, k: Array, v: Array, key_mask: Array) -> Array:
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, T, K, H]
   out = jax.nn.dot_product_attention(
       roll(q, cols), roll(k, cols), roll(v, cols), scale=1.0 / math.sqrt(h), is_causal=True,
-      query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="cudnn")
+      query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation)
+  # Rows past a sequence's length are padding: zeros, whatever the kernel left there, so that no
+  # NaN reaches a later layer's values (0 * NaN is NaN even under a zero probability).
+  out = jnp.where((jnp.arange(t)[None, :] < lengths[:, None])[:, :, None, None], out, 0)
   back = (jnp.arange(t)[None, :] - shift[:, None]) % t
   return roll(out, back)
