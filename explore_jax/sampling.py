@@ -392,7 +392,8 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
              rng: Array, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, eos_id: int, n: int = 1, mesh: Mesh | None = None,
              segments: int = 4, prompt_index: Array | None = None, sample_offset: int = 0,
-             engine: str = "static", slots: int = 0, chunk: int = 16) -> Rollout:
+             engine: str = "static", slots: int = 0, chunk: int = 16, with_stats: bool = False
+             ) -> Rollout | tuple[Rollout, dict]:
   """Sample n responses per left-padded prompt [B, P]; rows i*n .. i*n+n-1 answer prompt i.
 
   Every row gets exactly max_new_tokens columns; eos_id=NO_EOS never stops (fixed lengths).
@@ -408,7 +409,9 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
   when a step is sampled in several calls).
   engine="static" samples all rows at once (this module); "continuous" keeps `slots` decode slots
   busy and refills each finished one at once (`explore_jax.rollout_engine`; `chunk` decode steps
-  per device call, `segments` cache-view buckets). Both return the same Rollout.
+  per device call, `segments` cache-view buckets). Both return the same Rollout. with_stats:
+  (Rollout, stats) with stats["slot_utilization"] = generated tokens / decode slot-steps (the
+  static sampler's slots are its rows).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -424,10 +427,11 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
   prompt_index = np.asarray(prompt_index, np.int32)  # the same on every process
   if engine == "continuous":
     from explore_jax import rollout_engine  # imports this module
-    return rollout_engine.generate(
+    rollout, stats = rollout_engine.run(
         config, params, prompt_tokens, prompt_mask, rng, max_new_tokens=max_new_tokens,
         sampler=sampler, eos_id=eos_id, n=n, mesh=mesh, slots=slots, chunk=chunk,
         buckets=segments, prompt_index=prompt_index, sample_offset=sample_offset)
+    return (rollout, stats) if with_stats else rollout
   if engine != "static":
     raise ValueError(f"engine={engine!r}: use 'static' or 'continuous'")
   state = _prefill(params, jnp.asarray(prompt_tokens, jnp.int32),
@@ -438,7 +442,17 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
                   segments=segments)
   mask = (jnp.arange(max_new_tokens)[None, :] < state.lengths[:, None]).astype(jnp.int32)
   repeat = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), n, axis=0)
-  return Rollout(tokens=state.tokens, logprobs=state.logprobs, entropy=state.entropy, mask=mask,
-                 lengths=state.lengths,
-                 finish_reason=jnp.where(state.done, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32),
-                 prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
+  rollout = Rollout(
+      tokens=state.tokens, logprobs=state.logprobs, entropy=state.entropy, mask=mask,
+      lengths=state.lengths,
+      finish_reason=jnp.where(state.done, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32),
+      prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
+  if not with_stats:
+    return rollout
+  # Decode steps run: the first token comes from the prefill, the loop ran until the longest row.
+  steps = jnp.max(state.lengths) - 1
+  busy = jnp.sum(state.lengths) - state.lengths.shape[0]
+  stats = {"slot_steps": steps * state.lengths.shape[0], "busy_slot_steps": busy,
+           "decode_steps": steps,
+           "slot_utilization": busy / jnp.maximum(steps * state.lengths.shape[0], 1)}
+  return rollout, stats
