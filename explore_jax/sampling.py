@@ -117,7 +117,7 @@ def row_keys(rng: Array, prompt_index: Array, sample_index: Array) -> Array:
 
 def step_keys(keys: Array, position: Array) -> Array:
   """The keys [R] of response position `position` ([] or [R]) of each row."""
-  return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(position, keys.shape))
+  return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(position, keys.shape[:1]))
 
 
 def _take(ids: Array, choice: Array) -> Array:
