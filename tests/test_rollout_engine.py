@@ -86,6 +86,15 @@ def test_continuous_equals_static(setup, greedy):
   assert stats["decode_steps"] < 24 * 18 / 4 + 24 and stats["slot_utilization"] > 0.6
   busy = int(np.sum(lengths)) - len(lengths)  # decode steps of live rows (first tokens: prefill)
   assert stats["busy_slot_steps"] == busy
+  if not greedy:
+    # A row's draws follow its prompt's index, not its batch mates or place (same shapes: no
+    # compile): the prompts reversed, with their indices, give the same rows reversed.
+    back = sampling.generate(cfg, params, tokens[::-1], mask[::-1], jax.random.key(1),
+                             prompt_index=np.arange(6)[::-1], **kw)
+    np.testing.assert_array_equal(np.asarray(back.tokens).reshape(6, 3, -1)[::-1],
+                                  np.asarray(ref.tokens).reshape(6, 3, -1))
+    other = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), sample_offset=3, **kw)
+    assert np.mean(np.all(np.asarray(other.tokens) == np.asarray(ref.tokens), axis=1)) < 0.5
 
 
 def test_continuous_fixed_lengths_and_bad_input(setup):

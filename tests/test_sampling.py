@@ -232,21 +232,6 @@ def test_row_tokens_do_not_depend_on_batch_mates(monkeypatch, top_k, top_p):
                             full) or top_k == 1
 
 
-def test_static_rows_do_not_depend_on_batch_mates(model):
-  _, cfg, params = model
-  tokens, mask = _prompts([5, 3, 7, 2], 7, seed=6)
-  kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, eos_id=5, n=2)
-  full = sampling.generate(cfg, params, tokens, mask, jax.random.key(9), **kw)
-  # Prompts 2 and 0 alone, in another order, with their indices in the full batch.
-  part = sampling.generate(cfg, params, tokens[[2, 0]], mask[[2, 0]], jax.random.key(9),
-                           prompt_index=[2, 0], **kw)
-  np.testing.assert_array_equal(np.asarray(part.tokens),
-                                np.asarray(full.tokens)[[4, 5, 0, 1]])
-  # Samples 2..3 of each prompt in a second call: fresh draws (not a copy of samples 0..1).
-  more = sampling.generate(cfg, params, tokens, mask, jax.random.key(9), sample_offset=2, **kw)
-  assert not np.array_equal(np.asarray(more.tokens), np.asarray(full.tokens))
-
-
 def test_top_p_threshold_equals_sorted_rule():
   rng = np.random.default_rng(5)
   logits = rng.normal(size=(64, 500)) * rng.uniform(0.2, 5.0, size=(64, 1))
