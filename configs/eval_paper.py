@@ -17,7 +17,7 @@ n = 256 (AIME 2024, AIME 2025), 128 (AMC 2023), 16 (MATH500) as in the paper's p
 (not in the paper) gets n = 16. The template follows the model: "qwen_math" (Qwen2.5-Math-7B, graded
 by math-verify) or "dapo" (Qwen2.5-7B base, DAPO template and answer checker).
 
-Memory of a 7B model in bf16 at batch_size 64: 15 GB of weights and ~31 GB of KV cache (64 rows x
+Memory of a 7B model in bf16 at 64 decode slots: 15 GB of weights and ~31 GB of KV cache (64 rows x
 8.4K slots x 57 KB). With 4-way tensor parallelism (Qwen2.5-7B has 4 kv heads) both are split in
 four, ~12 GB a chip.
 """
@@ -31,9 +31,10 @@ def get_config(arg: str | None = None):
   reward = "dapo" if args.template == "dapo" else "math_verify"
   c = evaluate.base_config()
   c.dtype = "bfloat16"
-  # Fits one 80 GB GPU, or 4 TPU chips with tensor parallelism (memory: above); n = 256 then
-  # takes 4 generate calls per problem.
-  c.batch_size = 64
+  # 64 decode slots fit one 80 GB GPU, or 4 TPU chips with tensor parallelism (memory: above);
+  # each call pushes 512 rows (2 problems at n = 256) through them, refilling slots as rows end.
+  c.batch_size = 512
+  c.slots = 64
   c.sampling.temperature = 0.6
   c.sampling.top_p = 0.95
   c.sampling.max_new_tokens = 8192

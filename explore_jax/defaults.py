@@ -92,7 +92,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0
-  c.rollout.prompts_per_wave = 0  # prompts sampled at once (KV-cache memory); 0 = all of a step
+  c.rollout.prompts_per_wave = 0  # static engine: prompts sampled at once; 0 = all of a step
+  # "continuous": `slots` decode slots, each refilled as soon as its row ends
+  # (explore_jax.rollout_engine; the KV cache is slots x (max_prompt_len + max_new_tokens));
+  # "static": all rows of a wave decode until the last one ends (explore_jax.sampling).
+  c.rollout.engine = "continuous"
+  c.rollout.slots = 0  # rows decoded at once (the KV-cache memory bound); 0 = all rows of a step
+  c.rollout.chunk = 16  # decode steps per device call between the host's refills
 
   c.reward = ml_collections.ConfigDict()
   c.reward.method = "dapo"  # "dapo" | "math_verify"
@@ -230,6 +236,8 @@ def _shrink_for_tests(c: ml_collections.ConfigDict) -> None:
   c.data.max_prompt_len = 16
   c.rollout.n = 4
   c.rollout.max_new_tokens = 24
+  c.rollout.slots = 8  # 16 rows through 8 slots: the engine refills
+  c.rollout.chunk = 4
   c.rl.mini_batch_size = 8
   c.rl.micro_batch_size = 4
   c.rl.logit_chunk = 8
@@ -249,7 +257,9 @@ def paper_7b(c: ml_collections.ConfigDict, model_path: str) -> None:
   c.data.name = "dapo_math_17k"
   c.rl.mini_batch_size = 256
   c.rl.micro_batch_size = 64  # global; a multiple of data x fsdp (one sequence per chip on 64)
-  c.rollout.prompts_per_wave = 64  # 512 rollout rows at once bound the KV cache
+  c.rollout.prompts_per_wave = 64  # static engine: 512 rollout rows at once bound the KV cache
+  c.rollout.slots = 512  # continuous engine: the same KV cache (512 x 9K slots)
+  c.rollout.chunk = 32
   c.optim.lr = 1e-6
   c.mesh.shape = (1, -1, 4)  # FSDP over the slice, 4-way tensor parallelism (4 kv heads)
 

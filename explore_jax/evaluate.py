@@ -39,8 +39,8 @@ check that their model files and problem lists agree, and an error on process 0 
 Resume: a problem whose n responses are all in responses.jsonl is not sampled again; a problem
 with fewer (an interrupted write) is dropped from the file and sampled again. So a long evaluation
 killed and restarted, or one run first with `max_problems` and then without, only does new work.
-The sampling key of a batch folds in its first problem's index, so a resumed run draws what an
-uninterrupted one would have drawn (given the same batch boundaries).
+A response's sampling keys fold in its problem's index and its sample index, so a resumed run
+draws what an uninterrupted one would have drawn, whatever the batch boundaries and the engine.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import zlib
 from typing import Any, Iterable, Sequence
 
@@ -87,6 +88,11 @@ def base_config():
   c.data_dir = ""  # empty: ../shared/data next to the checkout
   c.seed = 0
   c.batch_size = 256  # sequences (prompts x samples) per generate call
+  # "continuous": each call decodes through `slots` decode slots, refilled as rows end
+  # (explore_jax.rollout_engine); "static": all rows of a call until its longest one ends.
+  c.engine = "continuous"
+  c.slots = 0  # continuous: rows decoded at once (the KV-cache bound); 0 = batch_size
+  c.chunk = 16  # continuous: decode steps per device call between refills
   c.prompt_bucket = 64  # prompts are left-padded to a multiple of this many tokens
   c.save_tokens = True  # keep response token ids in responses.jsonl (for explore_jax.analyze)
   c.reward_timeout_s = 10.0  # per response; past it the grading worker is killed, 'incorrect'
@@ -285,7 +291,7 @@ def append_records(path: str, records: list[dict]) -> None:
 
 
 def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, rng, eos_id: int,
-           mesh) -> list[list[tuple[list[int], int]]]:
+           mesh, prompt_index: Sequence[int] | None = None) -> list[list[tuple[list[int], int]]]:
   """n (token ids, length) responses for each prompt of one batch, on every process.
 
   Every generate call has the same shape (prompts_per_call x n_call rows, bucketed prompt width):
@@ -296,8 +302,14 @@ def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, 
   import jax
   from explore_jax import sampling, sharding
 
-  n_call = min(n, config.batch_size)  # samples per prompt per generate call
+  if config.engine not in ("static", "continuous"):
+    raise ValueError(f"config.engine={config.engine!r}: use 'continuous' or 'static'")
+  continuous = config.engine == "continuous"
+  # The engine bounds memory by its slots: a call takes all n samples of its prompts.
+  n_call = n if continuous else min(n, config.batch_size)  # samples per prompt per call
   per_call = max(1, config.batch_size // n)
+  index = list(range(len(prompts)) if prompt_index is None else prompt_index)
+  index += [index[-1]] * (per_call - len(index))
   # No special tokens: a chat template already writes its own (as the trainer encodes prompts).
   prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
   prompt_ids += [prompt_ids[-1]] * (per_call - len(prompt_ids))
@@ -310,13 +322,21 @@ def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, 
                                                lambda idx: x[idx])
   per_prompt: list[list[tuple]] = [[] for _ in prompts]
   for chunk in range(-(-n // n_call)):
-    out = sampling.generate(
-        model_config, params, put(tokens), put(mask), jax.random.fold_in(rng, chunk),
+    start = time.perf_counter()
+    out, stats = sampling.generate(
+        model_config, params, put(tokens), put(mask), rng,
         max_new_tokens=config.sampling.max_new_tokens, temperature=config.sampling.temperature,
         top_p=config.sampling.top_p, top_k=config.sampling.top_k, eos_id=eos_id, n=n_call,
-        mesh=mesh)
+        mesh=mesh, prompt_index=np.asarray(index), sample_offset=chunk * n_call,
+        engine=config.engine, slots=config.slots or config.batch_size, chunk=config.chunk,
+        with_stats=True)
     out_tokens, out_mask, out_len = (sharding.to_host(x) for x in (out.tokens, out.mask,
                                                                    out.lengths))
+    seconds = time.perf_counter() - start
+    if jax.process_index() == 0:
+      print(f"[evaluate] {int(out_len.sum())} tokens in {seconds:.1f} s "
+            f"({out_len.sum() / max(seconds, 1e-9):.0f} tokens/s, {config.engine} engine, "
+            f"slot utilization {float(stats['slot_utilization']):.2f})", flush=True)
     for row in range(out_tokens.shape[0]):
       i = row // n_call
       if i < len(prompts) and len(per_prompt[i]) < n:
@@ -385,9 +405,9 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
     probs = [p for _, p in batch]
     prompts = [templates.apply_template(bench.template, p["problem"], tokenizer=tokenizer)
                for p in probs]
-    # Fold in the problem's index in the full list, so a resumed run draws the same samples.
-    rng = jax.random.fold_in(base_rng, batch[0][0])
-    samples = sample(model_config, params, tokenizer, prompts, bench.n, config, rng, eos_id, mesh)
+    # The problems' indices in the full list key their draws: a resumed run draws the same.
+    samples = sample(model_config, params, tokenizer, prompts, bench.n, config, base_rng, eos_id,
+                     mesh, prompt_index=[i for i, _ in batch])
 
     def save():
       records = grade(tokenizer, probs, prompts, samples, config, name, bench, eos_id, pool)

@@ -328,11 +328,13 @@ def plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]
   """The plan of a trainer config (`configs/*.py`) on a resolved (data, fsdp, tensor) mesh.
 
   Reads the trainer's own settings, so its numbers line up with `--config.dry_run`: the trainer's
-  AdamW keeps mu in float32 and nu in the parameter dtype; the rollout decodes one wave of
-  `rollout.prompts_per_wave` prompts at a time.
+  AdamW keeps mu in float32 and nu in the parameter dtype; the rollout decodes `rollout.slots`
+  rows at a time (continuous engine) or one wave of `rollout.prompts_per_wave` prompts (static).
   """
   rl = config.rl
   rows = (config.rollout.prompts_per_wave or config.data.prompts_per_step) * config.rollout.n
+  if config.rollout.engine == "continuous":
+    rows = config.rollout.slots or config.data.prompts_per_step * config.rollout.n
   rules = with_default_rules(config.mesh.rules)
   return plan(model_config, mesh_shape=mesh_shape, algorithm=rl.algorithm,
               param_dtype=model_config.param_dtype, compute_dtype=model_config.dtype,

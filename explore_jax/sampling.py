@@ -19,9 +19,11 @@ Log-probabilities and entropies are those of the policy itself (the raw logits, 
 whatever the sampling temperature / top-k / top-p: they are what the RL losses need (H_t of the
 paper). After a row's EOS its tokens are `eos_id` (padding), with mask, logprob and entropy 0.
 
-Randomness: the key of step t is `fold_in(rng, t)`, and one draw covers the whole [R, V] block,
-so every row (including the n samples of the same prompt) gets different noise, and a given rng
-always gives the same rollout.
+Randomness is per row: the draw of response position t of sample j of prompt i uses the key
+`fold_in(fold_in(fold_in(rng, prompt_index[i]), j), t)` (`row_keys`, `step_keys`), and every choice
+the samplers make is made row by row. So a row's tokens depend only on (rng, its prompt's index,
+its sample index), never on its batch mates or on when it was scheduled: the static sampler and
+the continuous engine (`explore_jax.rollout_engine`) draw the same tokens from the same rng.
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ class Sampler:
   def greedy(self) -> bool:
     return self.temperature == 0
 
-  def next_token(self, logits: Array, rng: Array) -> Array:
-    """logits [R, V] float32 -> sampled token ids [R] int32."""
+  def next_token(self, logits: Array, keys: Array) -> Array:
+    """logits [R, V] float32, one key per row [R] -> sampled token ids [R] int32. A row's token
+    depends only on its own logits and key."""
     if self.greedy:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / self.temperature
@@ -100,20 +103,34 @@ class Sampler:
       values, ids = jax.lax.top_k(logits, self.top_k)  # [R, C], descending
       if self.top_p < 1:
         values = _nucleus(values, jax.nn.logsumexp(values, axis=-1, keepdims=True), self.top_p)
-      return _take(ids, _categorical(rng, values))
+      return _take(ids, _categorical(keys, values))
     if self.top_p < 1:
-      return _sample_top_p(logits, rng, self.top_p)
-    return _categorical(rng, logits)
+      return _sample_top_p(logits, keys, self.top_p)
+    return _categorical(keys, logits)
+
+
+def row_keys(rng: Array, prompt_index: Array, sample_index: Array) -> Array:
+  """One key per row [R] from its prompt's index [R] and its sample index [R]."""
+  fold = jax.vmap(jax.random.fold_in, in_axes=(0, 0))
+  return fold(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, prompt_index), sample_index)
+
+
+def step_keys(keys: Array, position: Array) -> Array:
+  """The keys [R] of response position `position` ([] or [R]) of each row."""
+  return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(position, keys.shape[:1]))
 
 
 def _take(ids: Array, choice: Array) -> Array:
   return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def _categorical(rng: Array, logits: Array) -> Array:
+def _categorical(keys: Array, logits: Array) -> Array:
+  """One draw per row of logits [R, V], row r from keys[r]."""
   if logits.shape[-1] >= _BLOCKED_MIN_VOCAB:
-    return _categorical_blocked(rng, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    draw = lambda key, row: _categorical_blocked(key, row[None])[0]
+  else:
+    draw = lambda key, row: jax.random.categorical(key, row)
+  return jax.vmap(draw)(keys, logits).astype(jnp.int32)
 
 
 def _categorical_blocked(rng: Array, logits: Array) -> Array:
@@ -170,26 +187,31 @@ def _top_p_threshold(probs: Array, top_p: float) -> Array:
   return as_float(hi)
 
 
-def _sample_top_p(logits: Array, rng: Array, top_p: float) -> Array:
-  """Nucleus sampling over the whole vocabulary."""
+def _sample_top_p(logits: Array, keys: Array, top_p: float) -> Array:
+  """Nucleus sampling over the whole vocabulary; each row takes its own path (below)."""
   vocab = logits.shape[-1]
   log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [R, 1]
 
   def from_threshold(_):
     probs = jnp.exp(logits - log_norm)
     kept = probs >= _top_p_threshold(probs, top_p)
-    return _categorical(rng, jnp.where(kept, logits, -jnp.inf))
+    return _categorical(keys, jnp.where(kept, logits, -jnp.inf))
 
   if vocab < max(_CANDIDATES_MIN_VOCAB, _TOP_P_CANDIDATES + 1):
     return from_threshold(None)
   values, ids = jax.lax.top_k(logits, _TOP_P_CANDIDATES)  # [R, C]
-  covered = jnp.all(jnp.sum(jnp.exp(values - log_norm), axis=-1) >= top_p)
+  covered = jnp.sum(jnp.exp(values - log_norm), axis=-1) >= top_p  # [R]
 
   def from_candidates(_):
-    return _take(ids, _categorical(rng, _nucleus(values, log_norm, top_p)))
+    return _take(ids, _categorical(keys, _nucleus(values, log_norm, top_p)))
 
-  # A peaked distribution (a trained model, temperature < 1) rarely needs the threshold pass.
-  return jax.lax.cond(covered, from_candidates, from_threshold, None)
+  def per_row(_):
+    return jnp.where(covered, from_candidates(None), from_threshold(None))
+
+  # A row draws from its candidates when they cover its nucleus, else from its threshold: a
+  # choice per row, so its token does not depend on the other rows. The batch-wide cond only
+  # skips the threshold pass when no row needs it (a peaked distribution, temperature < 1).
+  return jax.lax.cond(jnp.all(covered), from_candidates, per_row, None)
 
 
 def token_stats(logits: Array, tokens: Array) -> tuple[Array, Array]:
@@ -227,7 +249,7 @@ class DecodeState:
   done: Array  # [R] bool; the row has emitted EOS
   lengths: Array  # [R] int32
   step: Array  # [] int32; tokens sampled so far
-  rng: Array
+  keys: Array  # [R] the row keys (`row_keys`)
 
 
 def _constrain(state: DecodeState, mesh: Mesh | None) -> DecodeState:
@@ -246,7 +268,7 @@ def _constrain(state: DecodeState, mesh: Mesh | None) -> DecodeState:
 
 def _record(state: DecodeState, logits: Array, sampler: Sampler, eos_id: Array) -> DecodeState:
   """Sample token number `state.step` from logits [R, V] and write it into the buffers."""
-  token = sampler.next_token(logits, jax.random.fold_in(state.rng, state.step))
+  token = sampler.next_token(logits, step_keys(state.keys, state.step))
   logp, entropy = token_stats(logits, token)
   active = ~state.done
   token = jnp.where(active, token, eos_id)
@@ -289,8 +311,8 @@ def _write_back(full: KVCache, part: KVCache) -> KVCache:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "n", "sampler", "mesh"))
-def _prefill(params, prompt_tokens, prompt_mask, rng, eos_id, *, config, max_new_tokens, n,
-             sampler, mesh) -> DecodeState:
+def _prefill(params, prompt_tokens, prompt_mask, rng, eos_id, prompt_index, sample_offset, *,
+             config, max_new_tokens, n, sampler, mesh) -> DecodeState:
   b, p = prompt_tokens.shape
   rows = b * n
   cache = qwen2.init_cache(config, b, p + max_new_tokens)
@@ -308,7 +330,7 @@ def _prefill(params, prompt_tokens, prompt_mask, rng, eos_id, *, config, max_new
       done=jnp.zeros((rows,), bool),
       lengths=jnp.zeros((rows,), jnp.int32),
       step=jnp.zeros((), jnp.int32),
-      rng=rng)
+      keys=row_keys(rng, rep(prompt_index, 0), sample_offset + jnp.tile(jnp.arange(n), b)))
   state = _constrain(state, mesh)
   return _record(state, rep(logits[:, -1], 0), sampler, eos_id)
 
@@ -369,7 +391,9 @@ def _check_prompts(prompt_tokens, prompt_mask) -> None:
 def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_mask: Array,
              rng: Array, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, eos_id: int, n: int = 1, mesh: Mesh | None = None,
-             segments: int = 4) -> Rollout:
+             segments: int = 4, prompt_index: Array | None = None, sample_offset: int = 0,
+             engine: str = "static", slots: int = 0, chunk: int = 16, with_stats: bool = False
+             ) -> Rollout | tuple[Rollout, dict]:
   """Sample n responses per left-padded prompt [B, P]; rows i*n .. i*n+n-1 answer prompt i.
 
   Every row gets exactly max_new_tokens columns; eos_id=NO_EOS never stops (fixed lengths).
@@ -379,6 +403,15 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
   sharded on it). `segments`: the decode loop runs in that many pieces over a growing view of the
   cache, so that early steps do not attend over its empty tail (same results; each piece is
   compiled, so compile time grows with it).
+
+  Randomness: row i*n+j draws with the keys of (rng, prompt_index[i], sample_offset + j) (module
+  docstring); prompt_index [B] defaults to 0..B-1 (give the prompts' indices in the whole step
+  when a step is sampled in several calls).
+  engine="static" samples all rows at once (this module); "continuous" keeps `slots` decode slots
+  busy and refills each finished one at once (`explore_jax.rollout_engine`; `chunk` decode steps
+  per device call, `segments` cache-view buckets). Both return the same Rollout. with_stats:
+  (Rollout, stats) with stats["slot_utilization"] = generated tokens / decode slot-steps (the
+  static sampler's slots are its rows).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -389,14 +422,37 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
                      f"use {NO_EOS} for fixed-length rollouts")
   _check_prompts(prompt_tokens, prompt_mask)
   sampler = Sampler(float(temperature), int(top_k), float(top_p))
+  if prompt_index is None:
+    prompt_index = np.arange(prompt_tokens.shape[0], dtype=np.int32)
+  prompt_index = np.asarray(prompt_index, np.int32)  # the same on every process
+  if engine == "continuous":
+    from explore_jax import rollout_engine  # imports this module
+    rollout, stats = rollout_engine.run(
+        config, params, prompt_tokens, prompt_mask, rng, max_new_tokens=max_new_tokens,
+        sampler=sampler, eos_id=eos_id, n=n, mesh=mesh, slots=slots, chunk=chunk,
+        buckets=segments, prompt_index=prompt_index, sample_offset=sample_offset)
+    return (rollout, stats) if with_stats else rollout
+  if engine != "static":
+    raise ValueError(f"engine={engine!r}: use 'static' or 'continuous'")
   state = _prefill(params, jnp.asarray(prompt_tokens, jnp.int32),
-                   jnp.asarray(prompt_mask, jnp.int32), rng, jnp.int32(eos_id), config=config,
-                   max_new_tokens=max_new_tokens, n=n, sampler=sampler, mesh=mesh)
+                   jnp.asarray(prompt_mask, jnp.int32), rng, jnp.int32(eos_id), prompt_index,
+                   jnp.int32(sample_offset), config=config, max_new_tokens=max_new_tokens, n=n,
+                   sampler=sampler, mesh=mesh)
   state = _decode(params, state, jnp.int32(eos_id), config=config, sampler=sampler, mesh=mesh,
                   segments=segments)
   mask = (jnp.arange(max_new_tokens)[None, :] < state.lengths[:, None]).astype(jnp.int32)
   repeat = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), n, axis=0)
-  return Rollout(tokens=state.tokens, logprobs=state.logprobs, entropy=state.entropy, mask=mask,
-                 lengths=state.lengths,
-                 finish_reason=jnp.where(state.done, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32),
-                 prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
+  rollout = Rollout(
+      tokens=state.tokens, logprobs=state.logprobs, entropy=state.entropy, mask=mask,
+      lengths=state.lengths,
+      finish_reason=jnp.where(state.done, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32),
+      prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
+  if not with_stats:
+    return rollout
+  # Decode steps run: the first token comes from the prefill, the loop ran until the longest row.
+  steps = jnp.max(state.lengths) - 1
+  busy = jnp.sum(state.lengths) - state.lengths.shape[0]
+  stats = {"slot_steps": steps * state.lengths.shape[0], "busy_slot_steps": busy,
+           "decode_steps": steps,
+           "slot_utilization": busy / jnp.maximum(steps * state.lengths.shape[0], 1)}
+  return rollout, stats

@@ -63,6 +63,12 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
         f"of rl.micro_batch_size={rl.micro_batch_size}")
   train_step.bucket_lengths(config.data.max_prompt_len + config.rollout.max_new_tokens,
                             rl.length_buckets)  # checks rl.length_buckets before any tracing
+  if config.rollout.engine not in ("static", "continuous"):
+    raise ValueError(f"config.rollout.engine={config.rollout.engine!r}: use 'continuous' or "
+                     "'static'")
+  if config.rollout.slots < 0 or config.rollout.chunk < 1:
+    raise ValueError(f"config.rollout.slots={config.rollout.slots} must be >= 0 and "
+                     f"config.rollout.chunk={config.rollout.chunk} >= 1")
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
   if config.data.prompts_per_step % wave or wave % jax.process_count():
     raise ValueError(
@@ -122,7 +128,10 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
   """
   n = config.rollout.n
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
+  if config.rollout.engine == "continuous":  # the slots bound the memory: one call per step
+    wave = config.data.prompts_per_step
   rollouts, scores, truncated, timing = [], [], [], {"rollout": 0.0, "reward": 0.0}
+  busy = slot_steps = 0
   for w, first in enumerate(range(0, len(records), wave)):
     chunk = process_slice(records[first:first + wave])
     t0 = time.perf_counter()
@@ -131,11 +140,17 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
     tokens, mask, trunc = encode_prompts(tokenizer, texts, config.data.max_prompt_len, pad_id)
     rows_sharding = sharding.logical_sharding(("batch",), (wave,), mesh, rules)
     put = lambda x: jax.make_array_from_process_local_data(rows_sharding, x)
-    rollout = sampling.generate(
-        model_cfg, params, put(tokens), put(mask), jax.random.fold_in(rng, w),
+    # A row's draws depend on (rng, its prompt's index in the step, its sample): the same
+    # rollout from either engine, however the step is cut into waves.
+    rollout, stats = sampling.generate(
+        model_cfg, params, put(tokens), put(mask), rng,
         max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
-        top_p=config.rollout.top_p, top_k=config.rollout.top_k, eos_id=eos_id, n=n, mesh=mesh)
+        top_p=config.rollout.top_p, top_k=config.rollout.top_k, eos_id=eos_id, n=n, mesh=mesh,
+        prompt_index=np.arange(first, first + wave), engine=config.rollout.engine,
+        slots=config.rollout.slots, chunk=config.rollout.chunk, with_stats=True)
     jax.block_until_ready(rollout.tokens)
+    busy += int(stats["busy_slot_steps"])
+    slot_steps += int(stats["slot_steps"])
     t1 = time.perf_counter()
     resp_tokens, resp_len = local_rows(rollout.tokens), local_rows(rollout.lengths)
     responses = tokenizer.batch_decode(
@@ -152,6 +167,7 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
     truncated.append(trunc)
     timing["rollout"] += t1 - t0
     timing["reward"] += time.perf_counter() - t1
+  timing["slot_utilization"] = busy / max(slot_steps, 1)
   if len(rollouts) == 1:
     return rollouts[0], scores[0], truncated[0], timing
   cat = lambda *xs: jnp.concatenate(xs, axis=0)
@@ -193,7 +209,8 @@ RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log
                      "progress_bar", "export_hf", "dry_run", "on_nonfinite", "reward.workers",
                      "reward.timeout_s", "distributed.", "mesh.", "model.remat", "model.attention", "model.remat_policy", "model.path",
                      "model.tokenizer", "data.data_dir", "rl.micro_batch_size", "rl.logit_chunk",
-                     "rl.length_buckets", "rollout.prompts_per_wave")
+                     "rl.length_buckets", "rollout.prompts_per_wave", "rollout.engine",
+                     "rollout.slots", "rollout.chunk")
 
 
 def _flat(tree: dict) -> dict:
@@ -380,6 +397,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
             "perf/rollout_s": timing["rollout"], "perf/reward_s": timing["reward"],
             "perf/update_s": t3 - t2, "perf/step_s": t3 - t0,
             "perf/rollout_tokens_per_s": n_generated / max(timing["rollout"], 1e-9),
+            # Decode slot-steps that produced a token (the static engine's slots are its rows).
+            "rollout/slot_utilization": timing["slot_utilization"],
             # Padded [P + N] positions (with rl.length_buckets > 1 the update's model body runs
             # over perf/update_length_frac of them: the same rows in less time).
             "perf/update_tokens_per_s": config.rl.epochs * rows * (

@@ -172,6 +172,8 @@ def _tiny_config(model_dir, n=4, max_problems=3):
   c = module.get_config()
   c.model = model_dir
   c.batch_size = 2 * n  # two problems per generate call
+  c.slots = n  # through half as many decode slots: the engine refills
+  c.chunk = 4
   c.sampling.max_new_tokens = 8
   c.benchmarks.synthetic.n = n
   c.benchmarks.synthetic.max_problems = max_problems
@@ -328,6 +330,12 @@ def test_evaluate_resumes_without_resampling(model_dir, tmp_path, monkeypatch):
   assert len(calls) == 1 and len(set(prompts_seen)) == 2
   with open(os.path.join(workdir, label, "synthetic", "responses.jsonl")) as f:
     first = f.readlines()
+  # The static engine draws the same responses.
+  static = _tiny_config(model_dir, max_problems=2)
+  static.engine = "static"
+  evaluate.run(static, str(tmp_path / "static"))
+  with open(os.path.join(tmp_path, "static", label, "synthetic", "responses.jsonl")) as f:
+    assert [json.loads(r)["tokens"] for r in f] == [json.loads(r)["tokens"] for r in first]
 
   prompts_seen.clear()
   calls.clear()

@@ -245,7 +245,7 @@ def _trainer_config(**rl):
   import ml_collections
   c = ml_collections.ConfigDict()
   c.data = dict(prompts_per_step=4, max_prompt_len=16)
-  c.rollout = dict(n=2, max_new_tokens=48, prompts_per_wave=0)
+  c.rollout = dict(n=2, max_new_tokens=48, prompts_per_wave=0, engine="static", slots=0)
   c.rl = dict(algorithm="ppo", micro_batch_size=4, mini_batch_size=8, logit_chunk=16, kl_coef=0.1)
   c.rl.update(rl)
   c.mesh = dict(rules=(("embed", None),))  # extra rules take precedence over the defaults
@@ -269,6 +269,10 @@ def test_plan_for_config_reads_the_trainer_settings(capsys):
   waves.rollout.prompts_per_wave = 2
   in_waves = memory.plan_for_config(waves, cfg, (1, 2, 2))["components"]["kv_cache"]["bytes"]
   assert in_waves * 2 == got["components"]["kv_cache"]["bytes"]
+  slots = _trainer_config()
+  slots.rollout.update(engine="continuous", slots=4)  # the engine's slots bound the cache
+  in_slots = memory.plan_for_config(slots, cfg, (1, 2, 2))["components"]["kv_cache"]["bytes"]
+  assert in_slots == in_waves
   grpo = memory.plan_for_config(_trainer_config(algorithm="grpo", micro_batch_size=8, kl_coef=0.0),
                                 cfg, (1, 2, 2))
   assert "critic_params" not in grpo["components"]

@@ -197,7 +197,7 @@ def test_sampling_distribution_chi_square(monkeypatch, vocab, peaked, temperatur
   draws = 40_000
   sampler = sampling.Sampler(temperature, top_k, top_p)
   # A fresh lambda: jit must not reuse a trace made under other limits.
-  tokens = jax.jit(lambda x, key: sampler.next_token(x, key))(
+  tokens = jax.jit(lambda x, key: sampler.next_token(x, jax.random.split(key, draws)))(
       jnp.broadcast_to(logits, (draws, vocab)), jax.random.key(0))
   counts = np.bincount(np.asarray(tokens), minlength=vocab)
   support = expected > 0
@@ -210,6 +210,26 @@ def test_sampling_distribution_chi_square(monkeypatch, vocab, peaked, temperatur
   f_exp = np.append(exp_s[big], exp_s[~big].sum()) if (~big).any() else exp_s
   f_obs = np.append(cnt_s[big], cnt_s[~big].sum()) if (~big).any() else cnt_s
   assert scipy.stats.chisquare(f_obs, f_exp * draws / f_exp.sum()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0)])
+def test_row_tokens_do_not_depend_on_batch_mates(monkeypatch, top_k, top_p):
+  # A 300-token vocabulary down the large-vocabulary paths: blocked draws, and top-p's choice
+  # between candidates and threshold, which a peaked row and a flat row take differently.
+  monkeypatch.setattr(sampling, "_BLOCKED_MIN_VOCAB", 100)
+  monkeypatch.setattr(sampling, "_CANDIDATES_MIN_VOCAB", 100)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 300)).astype(np.float32) * np.array([[8.0], [0.5]] * 3)
+  keys = jax.random.split(jax.random.key(3), 6)
+  sampler = sampling.Sampler(1.0, top_k, top_p)
+  draw = jax.jit(lambda x, k: sampler.next_token(x, k))
+  full = np.asarray(draw(logits, keys))
+  for rows in ([0, 2, 4], [1], [5, 0], [3, 1, 4, 2]):
+    np.testing.assert_array_equal(np.asarray(draw(logits[rows], keys[np.array(rows)])),
+                                  full[rows], err_msg=str(rows))
+  # Other keys give other tokens (the draw is not just an argmax).
+  assert not np.array_equal(np.asarray(draw(logits, jax.random.split(jax.random.key(4), 6))),
+                            full) or top_k == 1
 
 
 def test_top_p_threshold_equals_sorted_rule():

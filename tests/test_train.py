@@ -22,7 +22,8 @@ REQUIRED_METRICS = (
     "rollout/response_length_max", "rollout/truncated_frac", "rollout/entropy", "actor/entropy",
     "actor/psi_mean", "actor/psi_over_abs_adv", "actor/clip_frac", "actor/approx_kl",
     "actor/grad_norm", "optim/actor_lr", "rollout/logprob_gap", "perf/rollout_s", "perf/reward_s",
-    "perf/update_s", "perf/rollout_tokens_per_s", "perf/update_tokens_per_s")
+    "perf/update_s", "perf/rollout_tokens_per_s", "perf/update_tokens_per_s",
+    "rollout/slot_utilization")
 
 
 @pytest.fixture(scope="session")
@@ -176,15 +177,19 @@ def test_reward_rises(train_env, tmp_path):
 @pytest.mark.slow
 def test_one_device_equals_eight_fake_devices(train_env, tmp_path):
   """Same losses on one CPU device and on a 2 x 2 x 2 (data, fsdp, tensor) mesh of fake devices,
-  there also with length buckets (rows sorted, micro-batches cut: the same update)."""
+  there also with length buckets (rows sorted, micro-batches cut: the same update); and with the
+  static rollout engine instead of the continuous one (the same rollouts)."""
   overrides = ["--config.total_steps=3", "--config.export_hf=False"]
   run_train(train_env, tmp_path / "one", variant="entropy_reg", overrides=overrides)
   mesh = overrides + ["--config.mesh.shape=(2,2,2)"]
   run_train(train_env, tmp_path / "eight", variant="entropy_reg", overrides=mesh, devices=8)
   run_train(train_env, tmp_path / "buckets", variant="entropy_reg",
             overrides=mesh + ["--config.rl.length_buckets=3"], devices=8)
+  run_train(train_env, tmp_path / "static", variant="entropy_reg",
+            overrides=overrides + ["--config.rollout.engine=static"])
   one = read_metrics(tmp_path / "one")
-  for other in ("eight", "buckets"):
+  assert all(0 < r["rollout/slot_utilization"] <= 1 for r in one)
+  for other in ("eight", "buckets", "static"):
     rows = read_metrics(tmp_path / other)
     assert len(one) == len(rows) == 3
     for a, b in zip(one, rows):
@@ -192,7 +197,8 @@ def test_one_device_equals_eight_fake_devices(train_env, tmp_path):
                   "rollout/response_length_mean", "actor/psi_mean"):
         np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=f"{other} {key}")
   assert one[-1]["actor/grad_norm"] > 0
-  assert max(r["perf/update_length_frac"] for r in rows) < 1.0  # padding was skipped
+  buckets = read_metrics(tmp_path / "buckets")
+  assert max(r["perf/update_length_frac"] for r in buckets) < 1.0  # padding was skipped
 
 
 def _wait_for_step(workdir, step, proc, timeout=600):

@@ -108,7 +108,8 @@ def attend(q: Array, k: Array, v: Array, key_mask: Array, implementation: str) -
 
 
 def dense(q: Array, k: Array, v: Array, key_mask: Array, query_slots: Array) -> Array:
-  """q [B, T, N, H], k and v [B, K, S, H], key_mask [B, S], query_slots [T] -> [B, T, N, H]."""
+  """q [B, T, N, H], k and v [B, K, S, H], key_mask [B, S], query_slots [T] (or [B, T]: rows of
+  the rollout engine sit at different positions) -> [B, T, N, H]."""
   b, t, n, h = q.shape
   kh, s = k.shape[1], k.shape[2]
   g = n // kh
@@ -118,7 +119,8 @@ def dense(q: Array, k: Array, v: Array, key_mask: Array, query_slots: Array) -> 
   q = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
   scores = jnp.einsum("BKQH,BKSH->BKQS", q, k, preferred_element_type=jnp.float32)
   scores = scores.reshape(b, kh, g, t, s) / jnp.sqrt(jnp.float32(h))
-  allowed = key_mask[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slots[None, :, None])
+  query_slots = jnp.broadcast_to(query_slots, (b, t))
+  allowed = key_mask[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slots[:, :, None])
   scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)  # [B,K,G,T,S]
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, g * t, s)
   out = jnp.matmul(probs, v)  # [B, K, G*T, H]

@@ -242,11 +242,21 @@ class KVCache:
   k: tuple[Array, ...]  # per layer [B, K, S, H] (CACHE_AXES)
   v: tuple[Array, ...]  # per layer [B, K, S, H]
   mask: Array  # [B, S] bool: the slot holds a real (non-padding) token
-  index: Array  # [] int32: the next slot to write
+  index: Array  # [] int32: the next slot to write; or [B]: one per row (the rollout engine)
 
   def map(self, fn) -> "KVCache":
     """fn applied to every layer's key and value array."""
     return self.replace(k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)))
+
+
+def _write_slots(buf: Array, x: Array, index: Array) -> Array:
+  """Write x [B, ..., T, (H)] into buf [B, ..., S, (H)] at slot `index` ([] for all rows, or [B]
+  one per row); the slot axis is axis 2 of a key/value array and axis 1 of a mask."""
+  axis = 1 if buf.ndim == 2 else 2
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buf, x, index, axis)
+  row = lambda b, y, i: jax.lax.dynamic_update_slice_in_dim(b, y, i, axis - 1)
+  return jax.vmap(row)(buf, x, index)
 
 
 def init_cache(config: Qwen2Config, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
@@ -337,9 +347,9 @@ class Attention(nn.Module):
 
     if cache is not None:
       # Write this step's keys and values into their slots; attend over the whole cache.
-      i, start = self.layer, (0, 0, cache.index, 0)
-      new_k = jax.lax.dynamic_update_slice(cache.k[i], key.astype(cache.k[i].dtype), start)
-      new_v = jax.lax.dynamic_update_slice(cache.v[i], val.astype(cache.v[i].dtype), start)
+      i = self.layer
+      new_k = _write_slots(cache.k[i], key.astype(cache.k[i].dtype), cache.index)
+      new_v = _write_slots(cache.v[i], val.astype(cache.v[i].dtype), cache.index)
       cache = cache.replace(k=(*cache.k[:i], new_k, *cache.k[i + 1:]),
                             v=(*cache.v[:i], new_v, *cache.v[i + 1:]))
       key, val = c(new_k), c(new_v)  # [B, K, S, H]
@@ -416,8 +426,8 @@ class Qwen2Backbone(nn.Module):
     if cache is None:
       key_mask, query_slots = mask, jnp.arange(t)
     else:
-      key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
-      query_slots = cache.index + jnp.arange(t)
+      key_mask = _write_slots(cache.mask, mask, cache.index)
+      query_slots = cache.index[..., None] + jnp.arange(t)  # [T], or [B, T] for a per-row index
       cache = cache.replace(mask=key_mask)
     if cfg.scan_layers:
       if cache is not None:

@@ -1,0 +1,144 @@
+"""Static sampler vs continuous-batching engine (and transformers `generate`) on RL-like lengths.
+
+  .venv/bin/python benchmarks/rollout_engine.py                  # both settings, with transformers
+  .venv/bin/python benchmarks/rollout_engine.py --no_hf --rows 128
+
+Model: a random Qwen2 (vocab 96, width 128, 4 layers, 4 q / 2 kv heads, MLP 384) whose EOS column
+of the output head is zero: at temperature 1 every other logit is near 0 too, so each step ends a
+row with probability about 1/96 and response lengths are geometric (median ~1/8 of the 512-token
+cap, the longest rows reaching it), long-tailed like RL rollouts. A second setting has no EOS
+(fixed lengths). Both JAX engines sample the same tokens (same rng, per-row keys), so they count
+the same tokens; the static one runs in waves of `slots` rows (equal KV-cache memory).
+Tokens/s = generated tokens / seconds of a warm call; compile = first call minus a warm call;
+utilization = decode slot-steps that produced a token / slot-steps run; KV memory from the cache
+shapes (the engine adds its prefill pool of 2 x ceil(slots / n) prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from explore_jax import checkpoint, sampling
+
+SPEC = dict(vocab_size=96, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2)
+EOS, PROMPT = 3, 32
+
+
+def _models():
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  hcfg = transformers.Qwen2Config(**SPEC, max_position_embeddings=2048, tie_word_embeddings=False,
+                                  bos_token_id=None, eos_token_id=EOS, pad_token_id=0)
+  hf = transformers.Qwen2ForCausalLM(hcfg).float().eval()
+  with torch.no_grad():
+    hf.lm_head.weight[EOS] = 0.0
+  cfg, params = checkpoint.from_hf_model(hf)
+  return hf, cfg, jax.device_put(params)
+
+
+def _kv_bytes(cfg, rows, length):
+  return rows * length * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+
+
+def _timed(fn, repeats):
+  start = time.perf_counter()
+  out = fn()
+  first = time.perf_counter() - start
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = fn()
+    best = min(best, time.perf_counter() - start)
+  return out, first, best
+
+
+def run(setting, hf, cfg, params, prompts, n, slots, new, chunk, repeats, with_hf):
+  eos = EOS if setting == "long-tailed" else sampling.NO_EOS
+  b = prompts.shape[0]
+  mask = np.ones_like(prompts)
+  wave = slots // n  # static: prompts per wave, so that both hold `slots` rows of cache
+  kw = dict(max_new_tokens=new, temperature=1.0, eos_id=eos, n=n, with_stats=True)
+
+  def static():
+    outs, busy, steps = [], 0, 0
+    for first in range(0, b, wave):
+      r, st = sampling.generate(cfg, params, prompts[first:first + wave], mask[first:first + wave],
+                                jax.random.key(0), prompt_index=np.arange(first, first + wave),
+                                **kw)
+      outs.append(np.asarray(r.tokens))
+      busy, steps = busy + int(st["busy_slot_steps"]), steps + int(st["slot_steps"])
+    return np.concatenate(outs), busy / steps
+
+  def continuous():
+    r, st = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), engine="continuous",
+                              slots=slots, chunk=chunk, **kw)
+    return np.asarray(r.tokens), np.asarray(r.lengths), st["slot_utilization"]
+
+  (s_tokens, s_util), s_first, s_best = _timed(static, repeats)
+  (c_tokens, c_len, c_util), c_first, c_best = _timed(continuous, repeats)
+  tokens = int(c_len.sum())
+  same = float(np.mean(np.all(s_tokens == c_tokens, axis=1)))
+  length = PROMPT + new
+  f = -(-slots // n)
+  rows = [("static", tokens / s_best, s_util, _kv_bytes(cfg, slots, length), s_first - s_best),
+          ("continuous", tokens / c_best, c_util,
+           _kv_bytes(cfg, slots, length) + _kv_bytes(cfg, 2 * f, PROMPT), c_first - c_best)]
+  if with_hf:
+    import torch
+    hf_tokens, t_hf = 0, 0.0
+    torch.manual_seed(0)
+    for first in range(0, b, wave):
+      ids = torch.tensor(np.repeat(prompts[first:first + wave], n, axis=0)).long()
+      start = time.perf_counter()
+      with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                          top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=new,
+                          eos_token_id=EOS if eos >= 0 else None,
+                          min_new_tokens=new if eos < 0 else 0)
+      t_hf += time.perf_counter() - start
+      gen = out[:, PROMPT:].numpy()
+      if eos >= 0:  # tokens up to and including the first EOS
+        hit = gen == EOS
+        hf_tokens += int(np.where(hit.any(1), hit.argmax(1) + 1, gen.shape[1]).sum())
+      else:
+        hf_tokens += gen.size
+    rows.append(("transformers", hf_tokens / t_hf, float("nan"), _kv_bytes(cfg, slots, length),
+                 float("nan")))
+  print(f"\n{setting}: {b} prompts x n={n} = {b * n} rows, {slots} slots, cap {new}, chunk "
+        f"{chunk}; response lengths median {np.median(c_len):.0f}, max {c_len.max()}, "
+        f"{tokens} tokens; rows identical between the JAX engines: {same:.0%}")
+  print(f"{'engine':<14}{'tok/s':>9}{'vs static':>11}{'slot util':>11}{'KV MiB':>9}"
+        f"{'compile s':>11}")
+  for name, tps, util, kv, comp in rows:
+    print(f"{name:<14}{tps:>9.0f}{tps / rows[0][1]:>10.2f}x{util:>11.2f}{kv / 2**20:>9.1f}"
+          f"{comp:>11.1f}", flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--rows", type=int, default=256, help="prompts x n")
+  parser.add_argument("--n", type=int, default=8)
+  parser.add_argument("--slots", type=int, default=32)
+  parser.add_argument("--chunk", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=1)
+  parser.add_argument("--no_hf", action="store_true")
+  args = parser.parse_args()
+  hf, cfg, params = _models()
+  prompts = np.random.default_rng(0).integers(4, SPEC["vocab_size"], (args.rows // args.n,
+                                                                       PROMPT)).astype(np.int32)
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}); float32, temperature 1; shared, "
+        "noisy machine: ratios are more telling than absolute figures")
+  run("long-tailed", hf, cfg, params, prompts, args.n, args.slots, 512, args.chunk, args.repeats,
+      not args.no_hf)
+  run("fixed", hf, cfg, params, prompts, args.n, args.slots, 128, args.chunk, args.repeats,
+      not args.no_hf)
+
+
+if __name__ == "__main__":
+  main()

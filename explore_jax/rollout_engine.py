@@ -1,0 +1,290 @@
+"""Continuous-batching rollouts: a fixed set of decode slots, each refilled as soon as its row ends.
+
+The static sampler (`explore_jax.sampling`) decodes all rows of a batch until its last row ends,
+so with long-tailed response lengths most of its row-steps are spent on finished rows. Here `S`
+decode slots share one KV cache [S, K, P + N, H] whose write index is per row; when a slot's row
+emits EOS or reaches max_new_tokens, the host gives the slot the next pending (prompt, sample) row:
+the prompt's prefill is copied into the slot and decoding goes on with no wave boundary.
+
+Flow of `run` (host loop; every decision is a function of replicated data, so every process of a
+multi-host run makes the same one):
+  1. Prefill in fixed batches of F = ceil(S / n) prompts into a ring of 2F prompt caches (the pool):
+     the n samples of a prompt share its prefill. Rows are taken in prompt-major order, so at most
+     two prefill batches are live at once.
+  2. `_insert` (jitted, state donated): copy the pool entries of the next rows into the free slots,
+     sample each row's first token from the prompt's last logits, write it to the output buffers.
+     Insert sizes are powers of two (padding entries are dropped), so few shapes compile.
+  3. `_decode_chunk` (jitted, state donated): up to `chunk` decode steps in a `lax.while_loop` over
+     a view of the cache's first `view` slots (a power-of-two bucket above the longest row in
+     flight, as the static sampler's segments). Each step writes every live slot's token, log-prob
+     and entropy at (its row, its position) of the [R, N] output buffers; a slot stops when its row
+     ends. The chunk returns the slots' state, replicated, for the host to schedule from.
+  4. The Rollout is read off the output buffers: the same layout and values as the static sampler.
+
+Randomness is that of `sampling` (`row_keys`, `step_keys`): a row's draws depend on (rng, prompt
+index, sample index, position) only, so both engines draw the same tokens from the same rng.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from explore_jax import sampling
+from explore_jax.models import qwen2
+from explore_jax.models.qwen2 import KVCache, Params, Qwen2Config
+from explore_jax.sharding import logical_sharding
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Pool:
+  """Prefilled prompts, Q = 2F entries; prompt i lives in entry i mod Q."""
+  cache: KVCache  # k/v per layer [Q, K, P, H], mask [Q, P]
+  logits: Array  # [Q, V] f32: the last prompt token's logits
+  lengths: Array  # [Q] int32: real prompt tokens (the RoPE position of the first response token)
+
+
+@flax.struct.dataclass
+class EngineState:
+  cache: KVCache  # k/v per layer [S, K, P + N, H], mask [S, P + N], index [S]
+  last: Array  # [S] int32: the last sampled token of the slot's row
+  positions: Array  # [S] int32: its RoPE position
+  t: Array  # [S] int32: tokens the slot's row has sampled so far
+  row: Array  # [S] int32: the output row the slot fills
+  keys: Array  # [S] the row keys
+  active: Array  # [S] bool: the slot holds a row still generating
+  tokens: Array  # [R, N] int32 output buffers, as sampling.Rollout
+  logprobs: Array  # [R, N] f32
+  entropy: Array  # [R, N] f32
+  lengths: Array  # [R] int32
+  eos: Array  # [R] bool: the row ended with EOS
+  busy: Array  # [] int32: live slot-steps of decode so far
+  steps: Array  # [] int32: decode steps so far
+
+
+def _shard(x, names, mesh):
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_sharding(names, x.shape, mesh))
+
+
+def _constrain(s: EngineState, mesh: Mesh | None) -> EngineState:
+  """Slots and output rows over the data axes, kv heads over `tensor`."""
+  if mesh is None:
+    return s
+  c = s.cache
+  cache = c.map(lambda x: _shard(x, qwen2.CACHE_AXES, mesh)).replace(
+      mask=_shard(c.mask, ("cache_batch", "cache_length"), mesh))
+  rows = lambda x: _shard(x, ("batch", None), mesh)
+  return s.replace(cache=cache, tokens=rows(s.tokens), logprobs=rows(s.logprobs),
+                   entropy=rows(s.entropy))
+
+
+def _replicate(x, mesh):
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _record(s: EngineState, logits, token_keys, sampler, eos_id, max_new_tokens, live):
+  """Sample the next token of every live slot from logits [S, V]; write it at (row, t)."""
+  token = sampler.next_token(logits, token_keys)
+  logp, entropy = sampling.token_stats(logits, token)
+  rows_out = s.tokens.shape[0]
+  row = jnp.where(live, s.row, rows_out)  # dead slots write out of bounds: dropped
+  put = lambda buf, x: buf.at[row, s.t].set(x.astype(buf.dtype), mode="drop")
+  ended = token == eos_id
+  return s.replace(
+      tokens=put(s.tokens, token), logprobs=put(s.logprobs, logp),
+      entropy=put(s.entropy, entropy),
+      lengths=s.lengths.at[row].set(s.t + 1, mode="drop"),
+      eos=s.eos.at[row].set(ended, mode="drop"),
+      last=jnp.where(live, token, s.last),
+      t=jnp.where(live, s.t + 1, s.t),
+      active=jnp.where(live, ~ended & (s.t + 1 < max_new_tokens), s.active))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnames=("pool",))
+def _prefill(params, pool: Pool, tokens, mask, first, *, config, mesh) -> Pool:
+  """Prefill prompts tokens/mask [F, P] into pool entries first .. first + F - 1."""
+  f, p = tokens.shape
+  cache = qwen2.init_cache(config, f, p)
+  logits, cache = qwen2.apply_with_cache(params, tokens, qwen2.positions_from_mask(mask), mask,
+                                         cache, config)
+  put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), first, 0)
+  new = pool.cache.replace(k=tuple(map(put, pool.cache.k, cache.k)),
+                           v=tuple(map(put, pool.cache.v, cache.v)),
+                           mask=put(pool.cache.mask, cache.mask))
+  if mesh is not None:
+    new = new.map(lambda x: _shard(x, (None, "kv_heads", None, None), mesh))
+  return Pool(cache=new, logits=put(pool.logits, logits[:, -1]),
+              lengths=put(pool.lengths, jnp.sum(mask, axis=-1).astype(jnp.int32)))
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "max_new_tokens", "mesh"),
+                   donate_argnames=("state",))
+def _insert(state: EngineState, pool: Pool, rng, eos_id, slot, entry, row, prompt_index,
+            sample_index, *, sampler, max_new_tokens, mesh) -> EngineState:
+  """Start rows `row` [M] (prompt_index, sample_index) in slots `slot` [M] from pool entries
+  `entry` [M]; padding entries have slot = S and are dropped."""
+  s = state
+  p = pool.cache.mask.shape[1]
+  c = s.cache
+  put_kv = lambda buf, x: buf.at[slot, :, :p].set(x[entry], mode="drop")
+  mask_rows = jnp.zeros((slot.shape[0], c.mask.shape[1]), bool).at[:, :p].set(pool.cache.mask[entry])
+  cache = c.replace(k=tuple(map(put_kv, c.k, pool.cache.k)),
+                    v=tuple(map(put_kv, c.v, pool.cache.v)),
+                    mask=c.mask.at[slot].set(mask_rows, mode="drop"),
+                    index=c.index.at[slot].set(p, mode="drop"))
+  keys = sampling.row_keys(rng, prompt_index, sample_index)  # [M]
+  set_ = lambda buf, x: buf.at[slot].set(x, mode="drop")
+  s = s.replace(cache=cache, positions=set_(s.positions, pool.lengths[entry]),
+                t=set_(s.t, jnp.zeros_like(slot)), row=set_(s.row, row),
+                keys=s.keys.at[slot].set(keys, mode="drop"),
+                active=set_(s.active, jnp.ones(slot.shape, bool)))
+  # The first token of each new row, from its prompt's logits, as in the static prefill.
+  inserted = jnp.zeros(s.active.shape, bool).at[slot].set(True, mode="drop")
+  logits = jnp.zeros((s.active.shape[0], pool.logits.shape[1]), jnp.float32).at[slot].set(
+      pool.logits[entry], mode="drop")
+  s = _record(s, logits, sampling.step_keys(s.keys, s.t), sampler, eos_id, max_new_tokens,
+              inserted)
+  return _constrain(s, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "chunk", "view", "mesh"),
+                   donate_argnames=("state",))
+def _decode_chunk(params, state: EngineState, eos_id, *, config, sampler, chunk, view, mesh):
+  max_new_tokens = state.tokens.shape[1]
+  full = state.cache
+  length = full.mask.shape[1]
+  if view < length:  # attend over the first `view` slots only (every live row fits in them)
+    state = state.replace(cache=full.map(lambda x: x[:, :, :view]).replace(mask=full.mask[:, :view]))
+
+  def body(carry):
+    i, s = carry
+    live = s.active
+    logits, cache = sampling.decode_logits(params, config, s.cache, s.last, s.positions)
+    # Dead slots keep their index (their writes land in their own, unused row of the cache).
+    cache = cache.replace(index=jnp.where(live, cache.index, s.cache.index))
+    s = s.replace(cache=cache, positions=jnp.where(live, s.positions + 1, s.positions),
+                  busy=s.busy + jnp.sum(live.astype(jnp.int32)), steps=s.steps + 1)
+    s = _record(s, logits, sampling.step_keys(s.keys, s.t), sampler, eos_id, max_new_tokens, live)
+    return i + 1, _constrain(s, mesh)
+
+  _, state = jax.lax.while_loop(lambda c: (c[0] < chunk) & jnp.any(c[1].active), body,
+                                (jnp.zeros((), jnp.int32), state))
+  if view < length:
+    put = lambda x, y: jax.lax.dynamic_update_slice(x, y, (0,) * x.ndim)
+    state = state.replace(cache=full.replace(
+        k=tuple(map(put, full.k, state.cache.k)), v=tuple(map(put, full.v, state.cache.v)),
+        mask=put(full.mask, state.cache.mask), index=state.cache.index))
+  state = _constrain(state, mesh)
+  # What the host schedules from, on every process.
+  return state, _replicate(jnp.stack([state.active.astype(jnp.int32), state.t]), mesh), \
+      _replicate(jnp.stack([state.busy, state.steps]), mesh)
+
+
+def _host(x) -> np.ndarray:
+  """A replicated array's value (its first local shard holds all of it)."""
+  return np.asarray(x.addressable_shards[0].data)
+
+
+def _pow2(x: int, cap: int) -> int:
+  return min(cap, 1 << max(0, int(x) - 1).bit_length())
+
+
+def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
+        max_new_tokens: int, sampler: sampling.Sampler, eos_id: int, n: int, slots: int,
+        chunk: int, buckets: int, prompt_index, sample_offset: int = 0,
+        mesh: Mesh | None = None) -> tuple[sampling.Rollout, dict]:
+  """Rollout of n samples per prompt [B, P] through `slots` decode slots; (Rollout, stats)."""
+  b, p = prompt_tokens.shape
+  rows = b * n
+  slots = slots or rows
+  if slots < 1 or chunk < 1:
+    raise ValueError(f"rollout engine: slots={slots} and chunk={chunk} must be >= 1")
+  tokens_h = np.asarray(sampling_host(prompt_tokens), np.int32)
+  mask_h = np.asarray(sampling_host(prompt_mask), np.int32)
+  f = -(-slots // n)  # prompts per prefill batch: one batch covers any refill
+  length = p + max_new_tokens
+  cache = qwen2.init_cache(config, slots, length)
+  cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))
+  shp = lambda *s: jnp.zeros(s, jnp.int32)
+  state = EngineState(
+      cache=cache, last=shp(slots), positions=shp(slots), t=shp(slots), row=shp(slots),
+      keys=jax.random.split(rng, slots), active=jnp.zeros((slots,), bool),
+      tokens=jnp.full((rows, max_new_tokens), eos_id, jnp.int32),
+      logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+      entropy=jnp.zeros((rows, max_new_tokens), jnp.float32),
+      lengths=shp(rows), eos=jnp.zeros((rows,), bool), busy=shp(), steps=shp())
+  state = jax.jit(functools.partial(_constrain, mesh=mesh), donate_argnums=0)(state)
+  pool_cache = qwen2.init_cache(config, 2 * f, p)
+  pool = Pool(cache=pool_cache, logits=jnp.zeros((2 * f, config.vocab_size), jnp.float32),
+              lengths=jnp.zeros((2 * f,), jnp.int32))
+  eos = jnp.int32(eos_id)
+  prefilled = 0  # prompts [0, prefilled) have been prefilled
+  next_row = 0
+  active, t = np.zeros(slots, bool), np.zeros(slots, np.int32)
+  ends = sampling._segment_ends(max_new_tokens, buckets)
+  chunks = 0
+  while True:
+    free = np.nonzero(~active)[0]
+    take = min(len(free), rows - next_row)
+    if take:
+      last_prompt = (next_row + take - 1) // n
+      while prefilled <= last_prompt:
+        ids = np.minimum(np.arange(prefilled, prefilled + f), b - 1)
+        pool = _prefill(params, pool, tokens_h[ids], mask_h[ids], jnp.int32(prefilled % (2 * f)),
+                        config=config, mesh=mesh)
+        prefilled += f
+      m = _pow2(take, slots)
+      new_rows = np.arange(next_row, next_row + take)
+      pad = lambda x, fill: np.concatenate([x, np.full(m - take, fill, np.int32)]).astype(np.int32)
+      prompt_of = new_rows // n
+      state = _insert(state, pool, rng, eos, pad(free[:take], slots),
+                      pad(prompt_of % (2 * f), 0), pad(new_rows, rows),
+                      pad(np.asarray(prompt_index)[prompt_of], 0),
+                      pad(sample_offset + new_rows % n, 0), sampler=sampler,
+                      max_new_tokens=max_new_tokens, mesh=mesh)
+      next_row += take
+      active[free[:take]] = True
+      t[free[:take]] = 1
+    if not active.any() and next_row == rows:
+      break
+    # The longest live row's cache slots after this chunk, rounded up to a segment end.
+    need = int(np.max(np.where(active, t, 0))) + chunk
+    view = p + next(e for e in ends + [max_new_tokens] if e >= min(need, max_new_tokens))
+    state, sched, counts = _decode_chunk(params, state, eos, config=config, sampler=sampler,
+                                 chunk=chunk, view=view, mesh=mesh)
+    chunks += 1
+    sched = _host(sched)
+    active, t = sched[0].astype(bool), sched[1].copy()
+  busy, steps = (int(x) for x in _host(counts)) if chunks else (0, 0)
+  mask = (jnp.arange(max_new_tokens)[None, :] < state.lengths[:, None]).astype(jnp.int32)
+  repeat = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), n, axis=0)
+  rollout = sampling.Rollout(
+      tokens=state.tokens, logprobs=state.logprobs, entropy=state.entropy, mask=mask,
+      lengths=state.lengths,
+      finish_reason=jnp.where(state.eos, sampling.FINISH_EOS, sampling.FINISH_LENGTH).astype(
+          jnp.int32),
+      prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
+  stats = {"slot_steps": steps * slots, "busy_slot_steps": busy, "decode_steps": steps,
+           "chunks": chunks, "slot_utilization": busy / max(steps * slots, 1)}
+  return rollout, stats
+
+
+def sampling_host(x) -> np.ndarray:
+  """Prompts as numpy on every process (they are small)."""
+  from explore_jax import sharding
+  return sharding.to_host(x)
+
+
+def generate(*args, **kw) -> sampling.Rollout:
+  return run(*args, **kw)[0]

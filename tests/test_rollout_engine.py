@@ -1,0 +1,148 @@
+"""The continuous-batching engine against the static sampler: same tokens, lengths, finish reasons,
+log-probs and entropies from the same rng, with fewer slots than rows (so slots are refilled)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from explore_jax import sampling
+from explore_jax.models import qwen2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Shared with the mesh subprocess below.
+COMPARE = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from explore_jax import sampling
+    from explore_jax.models import qwen2
+
+    def tiny():
+      cfg = qwen2.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              rope_theta=1e4)
+      # Scaled weights: peaked, varied continuations (at init scale they repeat one token).
+      return cfg, jax.tree.map(lambda x: x * 3, qwen2.init_params(cfg, jax.random.key(0)))
+
+    def prompts(b=6, p=6):
+      rng = np.random.default_rng(0)
+      tokens = rng.integers(3, 128, (b, p)).astype(np.int32)
+      mask = (np.arange(p)[None] >= rng.integers(0, p, b)[:, None]).astype(np.int32)
+      return tokens, mask
+
+    def compare(cfg, params, ref, got, greedy):
+      '''Share of identical rows; each differing row must first differ at a near-tie.'''
+      ref_t, got_t = np.asarray(ref.tokens), np.asarray(got.tokens)
+      same = np.all(ref_t == got_t, axis=1) & (np.asarray(ref.lengths) == np.asarray(got.lengths))
+      same &= np.asarray(ref.finish_reason) == np.asarray(got.finish_reason)
+      m = np.asarray(ref.mask).astype(bool)
+      for row in np.nonzero(same)[0]:
+        np.testing.assert_allclose(np.asarray(got.logprobs)[row], np.asarray(ref.logprobs)[row],
+                                   atol=1e-4)
+        np.testing.assert_allclose(np.asarray(got.entropy)[row], np.asarray(ref.entropy)[row],
+                                   atol=1e-4)
+      for row in np.nonzero(~same)[0]:
+        t = int(np.nonzero(ref_t[row] != got_t[row])[0][0])
+        full = np.concatenate([np.asarray(ref.prompt_tokens)[row], ref_t[row, :t]])[None]
+        fmask = np.concatenate([np.asarray(ref.prompt_mask)[row], np.ones(t, np.int32)])[None]
+        logp = np.asarray(jax.nn.log_softmax(qwen2.forward(params, full, cfg, fmask)[0, -1]))
+        gap = abs(logp[ref_t[row, t]] - logp[got_t[row, t]])
+        # Greedy: the two tokens were (nearly) tied; sampled: both were likely under the policy.
+        assert gap < (1e-3 if greedy else 2.0), (row, t, gap)
+      return float(same.mean())
+""")
+exec(COMPARE)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg, params = tiny()
+  tokens, mask = prompts()
+  # An EOS that the greedy continuations emit at different positions: rows of different lengths.
+  free = sampling.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=24,
+                           temperature=0.0, eos_id=sampling.NO_EOS)
+  counts = np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)
+  return cfg, params, tokens, mask, int(np.argmax(counts))
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_continuous_equals_static(setup, greedy):
+  cfg, params, tokens, mask, eos = setup
+  kw = dict(max_new_tokens=24, eos_id=eos, n=3, **({"temperature": 0.0} if greedy else
+                                                    {"temperature": 1.0, "top_p": 0.9}))
+  ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), **kw)
+  got, stats = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), engine="continuous",
+                                 slots=4, chunk=4, with_stats=True, **kw)
+  lengths = np.asarray(ref.lengths)
+  assert len(set(lengths.tolist())) >= 3 and (lengths < 24).any() and (lengths == 24).any()
+  share = compare(cfg, params, ref, got, greedy)
+  print(f"identical rows: {share:.0%}")
+  assert share >= 0.95
+  # 18 rows through 4 slots: refilled, and busy most of the time.
+  assert stats["decode_steps"] < 24 * 18 / 4 + 24 and stats["slot_utilization"] > 0.6
+  busy = int(np.sum(lengths)) - len(lengths)  # decode steps of live rows (first tokens: prefill)
+  assert stats["busy_slot_steps"] == busy
+  if not greedy:
+    # A row's draws follow its prompt's index, not its batch mates or place (same shapes: no
+    # compile): the prompts reversed, with their indices, give the same rows reversed.
+    back = sampling.generate(cfg, params, tokens[::-1], mask[::-1], jax.random.key(1),
+                             prompt_index=np.arange(6)[::-1], **kw)
+    np.testing.assert_array_equal(np.asarray(back.tokens).reshape(6, 3, -1)[::-1],
+                                  np.asarray(ref.tokens).reshape(6, 3, -1))
+    other = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), sample_offset=3, **kw)
+    assert np.mean(np.all(np.asarray(other.tokens) == np.asarray(ref.tokens), axis=1)) < 0.5
+
+
+def test_continuous_fixed_lengths_and_bad_input(setup):
+  cfg, params, tokens, mask, _ = setup
+  # The shapes of the greedy test above (eos_id is traced): nothing compiles again.
+  kw = dict(max_new_tokens=24, eos_id=sampling.NO_EOS, n=3, temperature=0.0)
+  ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(2), **kw)
+  got = sampling.generate(cfg, params, tokens, mask, jax.random.key(2), engine="continuous",
+                          slots=4, chunk=4, **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+  np.testing.assert_array_equal(np.asarray(got.finish_reason), np.asarray(ref.finish_reason))
+  with pytest.raises(ValueError, match="engine="):
+    sampling.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged", **kw)
+
+
+_MESH = COMPARE + textwrap.dedent("""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from explore_jax import sharding
+    cfg, params = tiny()
+    tokens, mask = prompts(8)
+    free = sampling.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=16,
+                             temperature=0.0, eos_id=sampling.NO_EOS)
+    eos = int(np.argmax(np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)))
+    mesh = sharding.make_mesh((2, 2, 2))
+    params_m = jax.device_put(params, sharding.logical_to_mesh(qwen2.logical_axes(cfg), params,
+                                                               mesh))
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    for greedy in (True, False):
+      kw = dict(max_new_tokens=16, eos_id=eos, n=2,
+                **({"temperature": 0.0} if greedy else {"top_p": 0.9}))
+      ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), **kw)
+      got = sampling.generate(cfg, params_m, jax.device_put(tokens, batch),
+                              jax.device_put(mask, batch), jax.random.key(1), mesh=mesh,
+                              engine="continuous", slots=8, chunk=4, **kw)
+      assert len(got.tokens.sharding.device_set) == 8, got.tokens.sharding
+      assert len(set(np.asarray(ref.lengths).tolist())) >= 3
+      share = compare(cfg, params, ref, got, greedy)
+      assert share >= 0.95, share
+      print("SHARE", greedy, share)
+    print("MESH_OK")
+""")
+
+
+@pytest.mark.slow
+def test_mesh_continuous_equals_single_device_static():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _MESH], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+  print(proc.stdout)
