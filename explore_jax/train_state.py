@@ -129,7 +129,9 @@ def agree_outcome(outcome: int) -> tuple[int, int]:
 def structure_mismatch(abstract, meta) -> str:
   """'' when the saved tree `meta` (orbax metadata: leaves with .shape) has the paths and shapes
   of `abstract`; else what differs, naming the first paths."""
-  flat = lambda t: {jax.tree_util.keystr(k): v for k, v in
+  # Paths as names: orbax saves named tuples (optax states) as dicts, attributes as keys.
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  flat = lambda t: {"/".join(map(name, path)): v for path, v in
                     jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: x is None)[0]}
   want = {k: v for k, v in flat(jax.tree.map(lambda x: x, abstract.__dict__ if isinstance(
       abstract, TrainState) else abstract)).items() if v is not None}
