@@ -175,8 +175,14 @@ class Checkpointer:
     steps = sharding.steps_from_main(sorted(self.manager.all_steps(), reverse=True))
     for step in steps:
       for attempt in range(retries + 1):
-        outcome, detail, restored = self._try_restore(step, abstract)
+        # First each process checks its view of the step alone (orbax's restore is collective:
+        # a process failing inside it would leave the others in its barrier), then all read.
+        outcome, detail = self._probe(step, abstract)
         worst, who = agree_outcome(outcome)
+        restored = None
+        if worst == OK:
+          outcome, detail, restored = self._read(step, abstract)
+          worst, who = agree_outcome(outcome)
         if worst != TRANSIENT:
           break
         logging.warning("checkpoint step %d: transient read error on process %d (%s); retry "
@@ -202,20 +208,26 @@ class Checkpointer:
     logging.info("no complete checkpoint in %s: starting fresh", self.directory)
     return None
 
-  def _try_restore(self, step: int, abstract: TrainState):
-    """(outcome, detail, restored or None) of restoring `step` on this process alone."""
+  def _probe(self, step: int, abstract: TrainState) -> tuple[int, str]:
+    """(outcome, detail) of reading `step`'s tree metadata on this process alone."""
     path = os.path.join(self.directory, str(step), "state")
     try:
       meta = ocp.PyTreeCheckpointer().metadata(path)
       meta = getattr(meta, "item_metadata", meta)
       meta = getattr(meta, "tree", meta)
+    except FileNotFoundError as e:
+      return TORN, f"{type(e).__name__}: {str(e)[:200]}"
+    except OSError as e:  # a network or bucket error: may succeed on a retry
+      return TRANSIENT, f"{type(e).__name__}: {str(e)[:200]}"
     except Exception as e:  # no readable metadata: written in part
-      return TORN, f"{type(e).__name__}: {str(e)[:200]}", None
+      return TORN, f"{type(e).__name__}: {str(e)[:200]}"
     if not jax.tree.leaves(meta, is_leaf=lambda x: hasattr(x, "shape")):
-      return TORN, "no readable metadata", None
+      return TORN, "no readable metadata"
     problem = structure_mismatch(abstract, meta)
-    if problem:
-      return MISMATCH, problem, None
+    return (MISMATCH, problem) if problem else (OK, "")
+
+  def _read(self, step: int, abstract: TrainState):
+    """(outcome, detail, restored or None) of orbax's (collective) restore of `step`."""
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))

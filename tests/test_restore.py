@@ -76,3 +76,15 @@ def test_structure_mismatch_is_an_error(tmp_path, other, message):
     _saved(tmp_path).restore_latest(_abstract(_state(**other)))
   assert e.match(message)
   assert (tmp_path / "ckpt" / "2").is_dir()  # nothing set aside: the run's config is at fault
+
+
+def test_step_decision_on_one_process():
+  """Stop on this process's SIGTERM; save for time once `every_minutes` passed (0: never)."""
+  import time
+
+  from explore_jax import train
+  now = time.monotonic()
+  assert train.step_decision(True, now, 0.0) == (True, False)
+  assert train.step_decision(False, now - 61, 1.0) == (False, True)
+  assert train.step_decision(False, now - 59, 1.0) == (False, False)
+  assert train.step_decision(False, now - 1e6, 0.0) == (False, False)

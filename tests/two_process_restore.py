@@ -38,26 +38,27 @@ ckpt = train_state.Checkpointer(args.dir, keep=5)
 for step in (1, 2):
   ckpt.save(step, state(step), {"step": step})
 ckpt.wait()
-real = ckpt.manager.restore
+real = ckpt._probe
 
 
 def failing(error):
-  def restore(step, **kw):
+  def probe(step, abstract):
     if step == 2 and jax.process_index() == 1:
-      raise error
-    return real(step, **kw)
-  return restore
+      return train_state.TRANSIENT if isinstance(error, TimeoutError) else train_state.TORN, \
+          f"{type(error).__name__}: {error}"
+    return real(step, abstract)
+  return probe
 
 
 # Process 1 alone keeps timing out on step 2: both stop with the reason.
-ckpt.manager.restore = failing(TimeoutError("read timed out"))
+ckpt._probe = failing(TimeoutError("read timed out"))
 try:
   ckpt.restore_latest(abstract, retries=1, backoff_s=0)
   print("A: restored", flush=True)
 except RuntimeError as e:
   print(f"A: stopped: {e}", flush=True)
 # Process 1 alone finds step 2 torn: both restore step 1.
-ckpt.manager.restore = failing(FileNotFoundError("state/array.zarr missing"))
+ckpt._probe = failing(FileNotFoundError("state/array.zarr missing"))
 restored, data = ckpt.restore_latest(abstract, backoff_s=0)
 local = np.concatenate([np.asarray(s.data) for s in restored.actor["w"].addressable_shards])
 print(f"B: restored step {int(restored.step)} data {data['step']} w {float(local.mean())}",
