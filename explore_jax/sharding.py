@@ -75,6 +75,32 @@ def from_main(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.broadcast_one_to_all(x))
 
 
+def gather_ints(values) -> np.ndarray:
+  """[processes, len(values)] int32: every process's `values` on every process."""
+  mine = np.asarray(values, np.int32).reshape(1, -1)
+  if jax.process_count() == 1:
+    return mine
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+
+
+def steps_from_main(steps) -> list[int]:
+  """Process 0's list of ints on every process (the lists may differ in length)."""
+  if jax.process_count() == 1:
+    return list(steps)
+  n = int(from_main(np.array([len(steps)], np.int32))[0])
+  mine = np.zeros((n,), np.int32)
+  if jax.process_index() == 0:
+    mine[:] = steps
+  return [int(s) for s in from_main(mine)]
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def raise_together(error: Exception | None, what: str) -> None:
   """Raise on every process if process 0 hit `error` (None: it did not), instead of leaving the
   others to wait for it in their next collective."""

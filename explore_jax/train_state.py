@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, PartitionSpec as P
@@ -131,6 +132,39 @@ def saved_layout(state_dir: str) -> str | None:
   return None
 
 
+# Outcomes of restoring one step on one process, in order of precedence when processes differ.
+OK, TORN, TRANSIENT, MISMATCH = 0, 1, 2, 3
+
+
+def agree_outcome(outcome: int) -> tuple[int, int]:
+  """(the worst outcome over processes, the first process that had it)."""
+  every = sharding.gather_ints([outcome])[:, 0]
+  worst = int(every.max())
+  return worst, int(np.argmax(every == worst))
+
+
+def structure_mismatch(abstract, meta) -> str:
+  """'' when the saved tree `meta` (orbax metadata: leaves with .shape) has the paths and shapes
+  of `abstract`; else what differs, naming the first paths."""
+  # Paths as names: orbax saves named tuples (optax states) as dicts, attributes as keys.
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  flat = lambda t: {"/".join(map(name, path)): v for path, v in
+                    jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: x is None)[0]}
+  want = {k: v for k, v in flat(jax.tree.map(lambda x: x, abstract.__dict__ if isinstance(
+      abstract, TrainState) else abstract)).items() if v is not None}
+  have = {k: v for k, v in flat(meta).items() if v is not None and hasattr(v, "shape")}
+  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+  if missing or extra:
+    return (f"saved tree differs: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+  shapes = [k for k in sorted(want) if tuple(want[k].shape) != tuple(have[k].shape)]
+  if shapes:
+    k = shapes[0]
+    return (f"{len(shapes)} saved shapes differ, e.g. {k}: saved {tuple(have[k].shape)}, this "
+            f"run {tuple(want[k].shape)}")
+  return ""
+
+
 class Checkpointer:
   """Orbax CheckpointManager over (state pytree, data-iterator JSON), robust to torn directories."""
 
@@ -148,37 +182,85 @@ class Checkpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
-  def restore_latest(self, abstract: TrainState) -> tuple[TrainState, dict] | None:
-    """The newest step that restores completely; None (fresh start) when there is none.
-
-    A step whose parameters are laid out otherwise than `abstract`'s (stacked by scan_layers or
-    one entry per layer) is not torn: that raises, rather than falling back to an older step or a
-    fresh start."""
-    want = qwen2.params_layout(abstract.actor)
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      saved = saved_layout(os.path.join(self.directory, str(step), "state"))
-      if saved is not None and saved != want:
-        raise ValueError(
-            f"{self.directory}/{step}: the checkpoint's parameters are {saved} "
-            f"(model.scan_layers={saved == 'stacked'}) but this config has "
-            f"model.scan_layers={want == 'stacked'}; set it to match the run, or start a fresh "
-            "workdir (`python -m explore_jax.convert restack` converts model checkpoints)")
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-      except Exception as e:  # a torn or foreign directory: set it aside, try the one before
+  def restore_latest(self, abstract: TrainState, retries: int = 3, backoff_s: float = 2.0
+                     ) -> tuple[TrainState, dict] | None:
+    """The newest step that every process restores completely; None (fresh start) when there is
+    none. Every process tries the same step (process 0's list) and the outcomes are agreed:
+    a transient read error (an OSError other than a missing file) is retried `retries` times by
+    all, a torn step (missing or unreadable files) is skipped by all, and a checkpoint whose tree
+    or shapes differ from `abstract` is an error on every process, never a silent fresh start."""
+    steps = sharding.steps_from_main(sorted(self.manager.all_steps(), reverse=True))
+    for step in steps:
+      for attempt in range(retries + 1):
+        # First each process checks its view of the step alone (orbax's restore is collective:
+        # a process failing inside it would leave the others in its barrier), then all read.
+        outcome, detail = self._probe(step, abstract)
+        worst, who = agree_outcome(outcome)
+        restored = None
+        if worst == OK:
+          outcome, detail, restored = self._read(step, abstract)
+          worst, who = agree_outcome(outcome)
+        if worst != TRANSIENT:
+          break
+        logging.warning("checkpoint step %d: transient read error on process %d (%s); retry "
+                        "%d of %d", step, who, detail, attempt + 1, retries)
+        time.sleep(backoff_s * 2**attempt)
+      if worst == OK:
+        logging.info("restored checkpoint step %d from %s", step, self.directory)
+        return restored.state, dict(restored.data)
+      if worst == MISMATCH or worst == TRANSIENT:
+        what = ("does not match this run's state" if worst == MISMATCH else
+                f"could not be read after {retries + 1} tries")
+        raise RuntimeError(f"{self.directory}: checkpoint step {step} {what} (process {who}"
+                           f"{': ' + detail if detail else ', see its log'}); no process "
+                           "restored it. Fix the workdir or the config, or use a fresh workdir.")
+      logging.warning("checkpoint step %d in %s is incomplete on process %d (%s); every process "
+                      "skips it", step, self.directory, who, detail or "see its log")
+      if jax.process_index() == 0 and "://" not in self.directory:
         torn = os.path.join(self.directory, f"torn_{step}_{int(time.time())}")
-        logging.warning("checkpoint step %d in %s is incomplete or unreadable (%s: %s); moved it "
-                        "to %s and trying an older one", step, self.directory, type(e).__name__,
-                        str(e)[:200], torn)
-        if "://" not in self.directory:
-          os.rename(os.path.join(self.directory, str(step)), torn)
-          self.manager.reload()
-        continue
-      logging.info("restored checkpoint step %d from %s", step, self.directory)
-      return restored.state, dict(restored.data)
+        os.rename(os.path.join(self.directory, str(step)), torn)
+        logging.warning("moved it to %s", torn)
+      sharding.barrier(f"checkpoint step {step} set aside")
+      self.manager.reload()
     logging.info("no complete checkpoint in %s: starting fresh", self.directory)
     return None
+
+  def _probe(self, step: int, abstract: TrainState) -> tuple[int, str]:
+    """(outcome, detail) of reading `step`'s tree metadata on this process alone."""
+    path = os.path.join(self.directory, str(step), "state")
+    try:
+      meta = ocp.PyTreeCheckpointer().metadata(path)
+      meta = getattr(meta, "item_metadata", meta)
+      meta = getattr(meta, "tree", meta)
+    except FileNotFoundError as e:
+      return TORN, f"{type(e).__name__}: {str(e)[:200]}"
+    except OSError as e:  # a network or bucket error: may succeed on a retry
+      return TRANSIENT, f"{type(e).__name__}: {str(e)[:200]}"
+    except Exception as e:  # no readable metadata: written in part
+      return TORN, f"{type(e).__name__}: {str(e)[:200]}"
+    if not jax.tree.leaves(meta, is_leaf=lambda x: hasattr(x, "shape")):
+      return TORN, "no readable metadata"
+    want, saved = qwen2.params_layout(abstract.actor), saved_layout(path)
+    if saved is not None and saved != want:  # scan_layers differs: say so, not "a tree differs"
+      return MISMATCH, (f"the checkpoint's parameters are {saved} (model.scan_layers="
+                        f"{saved == 'stacked'}) but this config has model.scan_layers="
+                        f"{want == 'stacked'}; set it to match the run, or start a fresh workdir "
+                        "(`python -m explore_jax.convert restack` converts model checkpoints)")
+    problem = structure_mismatch(abstract, meta)
+    return (MISMATCH, problem) if problem else (OK, "")
+
+  def _read(self, step: int, abstract: TrainState):
+    """(outcome, detail, restored or None) of orbax's (collective) restore of `step`."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    except FileNotFoundError as e:
+      return TORN, f"{type(e).__name__}: {str(e)[:200]}", None
+    except OSError as e:  # a network or bucket error: may succeed on a retry
+      return TRANSIENT, f"{type(e).__name__}: {str(e)[:200]}", None
+    except Exception as e:  # corrupt or truncated files
+      return TORN, f"{type(e).__name__}: {str(e)[:200]}", None
+    return OK, "", restored
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -1,14 +1,18 @@
 """Multi-controller JAX on one machine: 2 processes x 2 fake CPU devices, gloo collectives.
 
 The same tiny GRPO run on 2 processes must log the losses of a 1-process run on a mesh of the same
-global size (4 devices), a checkpoint written cooperatively by the 2 processes must restore, and
+global size (4 devices), a SIGTERM to one process must stop both at one step with one checkpoint,
+which both restore (the resumed steps matching the uninterrupted run), and
 the Hugging Face export (each tensor gathered from both processes, written by process 0) must hold
 the 1-process run's weights.
 """
 
 import os
+import re
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -29,11 +33,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch_two(commands, env, cwd, timeout=600, check=True):
+def launch_two(commands, env, cwd, timeout=600, check=True, watch=None):
   """Run commands[0] and commands[1] as processes 0 and 1 of one job: 2 fake CPU devices each,
   gloo collectives, a coordinator on a free local port. Returns their (stdout, stderr), or with
   check=False their (returncode, stdout, stderr); past the timeout both are killed and it raises.
-  With check, the first process to fail kills the other and raises with its stderr."""
+  With check, the first process to fail kills the other and raises with its stderr. `watch(procs)`,
+  if given, is called while they run (to signal one, for example)."""
   port = _free_port()
   env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   # Each process compiles its own programs: a CI run hung once in the resumed run's first step
@@ -58,6 +63,8 @@ def launch_two(commands, env, cwd, timeout=600, check=True):
           raise subprocess.TimeoutExpired(commands[0], timeout)
         if check and any(p.returncode not in (None, 0) for p in procs):
           break  # the other would only wait for it
+        if watch is not None:
+          watch(procs)
         time.sleep(0.2)
     finally:
       for p in procs:
@@ -79,9 +86,22 @@ def launch_two(commands, env, cwd, timeout=600, check=True):
   return results
 
 
-def run_two_processes(env, workdir, overrides):
+def run_two_processes(env, workdir, overrides, watch=None):
   cmd = _command(workdir, "entropy_reg", overrides)
-  return [err for _, err in launch_two([cmd, cmd], env, REPO)]
+  return [err for _, err in launch_two([cmd, cmd], env, REPO, watch=watch)]
+
+
+def sigterm_after(workdir, step, pid):
+  """A `watch` for launch_two: SIGTERM to process `pid` alone once process 0 logged `step`."""
+  sent = []
+
+  def watch(procs):
+    logged = os.path.exists(workdir / "metrics.jsonl") and len(read_metrics(workdir)) >= step
+    if not sent and logged:
+      procs[pid].send_signal(signal.SIGTERM)
+      sent.append(time.monotonic())
+
+  return watch, sent
 
 
 @pytest.mark.slow
@@ -90,22 +110,27 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
   run_train(train_env, tmp_path / "one", variant="entropy_reg",
             overrides=["--config.total_steps=4"] + base, devices=4)
   one = read_metrics(tmp_path / "one")
-  run_two_processes(train_env, tmp_path / "two", ["--config.total_steps=3"] + base)
+  # SIGTERM to process 1 alone after step 1 (as a maintenance event stops one TPU host): both
+  # processes stop at the same step boundary, save that step together and exit 0.
+  watch, sent = sigterm_after(tmp_path / "two", 1, pid=1)
+  errs = run_two_processes(train_env, tmp_path / "two", ["--config.total_steps=4"] + base,
+                           watch=watch)
+  assert sent and time.monotonic() - sent[0] < 120
+  stopped = [int(m) for e in errs for m in re.findall(r"saved step (\d+) in", e)]
+  assert len(stopped) == 2 and stopped[0] == stopped[1] < 4, stopped
+  k = stopped[0]
+  assert k in [int(p) for p in os.listdir(tmp_path / "two" / "checkpoints") if p.isdigit()]
   two = read_metrics(tmp_path / "two")
-  assert [r["step"] for r in two] == [1, 2, 3]
+  assert [r["step"] for r in two] == list(range(1, k + 1))
+  # The same command resumes both from step k; every step matches the uninterrupted run's.
+  errs = run_two_processes(train_env, tmp_path / "two", ["--config.total_steps=4"] + base)
+  assert all(f"restored checkpoint step {k}" in e for e in errs)
+  two = read_metrics(tmp_path / "two")
+  assert [r["step"] for r in two] == [1, 2, 3, 4]
   for a, b in zip(one, two):
     for key in KEYS:
       np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
-  # Both processes wrote the step-2 and final checkpoints together; extend the run by one step:
-  # the 2 processes restore step 3, and step 4 matches the uninterrupted 1-process run.
-  errs = run_two_processes(train_env, tmp_path / "two", ["--config.total_steps=4"] + base)
-  assert any("restored checkpoint step 3" in e for e in errs)
-  two = read_metrics(tmp_path / "two")
-  assert [r["step"] for r in two] == [1, 2, 3, 4]
-  for key in KEYS:
-    np.testing.assert_allclose(two[3][key], one[3][key], rtol=2e-4, atol=2e-5, err_msg=key)
-  # The export of step 4 (written over the 2-process run's step-3 export) holds the weights of the
-  # 1-process run's.
+  # The export of step 4 holds the weights of the 1-process run's.
   from explore_jax import checkpoint, train
   assert train.exported_step(str(tmp_path / "two" / "hf")) == 4
   cfg_one, params_one = checkpoint.load_hf(tmp_path / "one" / "hf")
@@ -119,3 +144,19 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
     # layout or gather bug shows at ~0.1.
     np.testing.assert_allclose(flat_two[path], x, rtol=1e-4, atol=1e-4, err_msg=str(path))
   assert sorted(os.listdir(tmp_path / "one" / "hf")) == sorted(os.listdir(tmp_path / "two" / "hf"))
+
+
+def test_one_process_cannot_read_the_newest_checkpoint(tmp_path):
+  """Process 1 alone fails to read step 2: with a persistent read error both stop naming it;
+  with a torn step both restore step 1 (not one process step 2 and the other step 1)."""
+  cmd = [sys.executable, os.path.join(REPO, "tests", "two_process_restore.py"),
+         f"--dir={tmp_path / 'ckpt'}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  outs = [out for out, _ in launch_two([cmd, cmd], env, REPO, timeout=300)]
+  for out in outs:
+    assert "A: stopped:" in out and "checkpoint step 2 could not be read after 2 tries" in out
+    assert "B: restored step 1 data 1 w 1.0" in out
+  # Process 1 says what it saw; process 0 names it and points at its log.
+  assert "(process 1: TimeoutError: read timed out)" in outs[1]
+  assert "(process 1, see its log)" in outs[0]
+  assert sorted(p.name.split("_")[0] for p in (tmp_path / "ckpt").iterdir()) == ["1", "torn"]
