@@ -246,7 +246,8 @@ def _trainer_config(**rl):
   c = ml_collections.ConfigDict()
   c.data = dict(prompts_per_step=4, max_prompt_len=16)
   c.rollout = dict(n=2, max_new_tokens=48, prompts_per_wave=0)
-  c.rl = dict(algorithm="ppo", micro_batch_size=4, mini_batch_size=8, logit_chunk=16, kl_coef=0.1)
+  c.rl = dict(algorithm="ppo", micro_batch_size=4, micro_batch_per_shard=0, mini_batch_size=8,
+              logit_chunk=16, kl_coef=0.1)
   c.rl.update(rl)
   c.mesh = dict(rules=(("embed", None),))  # extra rules take precedence over the defaults
   return c
