@@ -242,7 +242,8 @@ def paper_7b(c: ml_collections.ConfigDict, model_path: str) -> None:
   From base_config, also Table 4: 512 prompts x 8 samples per rollout (data.prompts_per_step,
   rollout.n), 8K response tokens (rollout.max_new_tokens = 8192), rollout temperature 1.0,
   clip 0.2 / 0.28 (clip-higher); kappa 2 and alpha 0.4 (GRPO) / 0.1 (PPO, apply_variant) are the
-  paper's published settings (DESIGN.md section 1). AdamW weight decay 0.01, grad-norm clip 1.0: ours.
+  paper's published settings (DESIGN.md section 1). AdamW weight decay 0.01, grad-norm clip
+  1.0: ours.
   """
   c.total_steps = 500  # ours: rollouts to run; the paper gives curves, not a step count here
   c.checkpoint_every = 10  # ours
