@@ -300,10 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     model_cfg = model_config(config)
   else:
     model_dir, tokenizer_dir = resolve_model(config)
-    model_cfg = qwen2.Qwen2Config.from_hf_json(model_dir) if os.path.exists(
-        os.path.join(model_dir, "config.json")) else checkpoint.load_config(model_dir)
-    model_cfg = model_cfg.replace(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                                  remat=config.model.remat)
+    model_cfg = model_config(config, model_dir)
   cfg = step_config(config, model_cfg, tuple(mesh.shape.values()))
   # Scoring a rollout does not depend on the loss: one compilation serves every variant.
   score_cfg = dataclasses.replace(cfg, loss=actor_loss.LossConfig())
