@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 1
   c.on_nonfinite = "raise"  # "raise": stop naming step and quantity; "skip": drop that update
   c.dry_run = False  # build the state from shapes on the mesh, print per-device memory, exit
+  # The chip (explore_jax.memory.HBM_BYTES: v4, v5e, v5p, v6e) whose HBM the dry run checks its
+  # estimate against when the devices report no memory size (a CPU mesh standing in for a
+  # slice); exits 1 when the estimate does not fit. Empty: the device's own figure.
+  c.dry_run_chip = ""
   c.progress_bar = True
   c.export_hf = True  # at the end, write the actor to WORKDIR/hf (local or gs://) in HF format
 
@@ -129,7 +133,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.value_clip = 0.5
   c.rl.epochs = 1  # passes over each rollout; updates per rollout = epochs * rollouts / mini_batch
   c.rl.mini_batch_size = 256  # sequences per policy update
-  c.rl.micro_batch_size = 32  # sequences per forward/backward (gradient accumulation)
+  # Sequences per forward/backward (gradient accumulation), set by exactly one of two keys:
+  # micro_batch_size counts the whole mesh's sequences (it must split evenly over the data x fsdp
+  # batch shards); micro_batch_per_shard counts one batch shard's, so the global micro-batch is
+  # micro_batch_per_shard x data x fsdp. The other must be 0.
+  c.rl.micro_batch_size = 32
+  c.rl.micro_batch_per_shard = 0
   c.rl.critic_warmup_steps = 10  # PPO: critic-only rollouts before policy updates start
   c.rl.logit_chunk = 1024  # tokens per chunk when projecting hidden states to the vocabulary
   # Static row lengths (evenly spaced up to prompt + response) a micro-batch is cut to after
@@ -250,21 +259,35 @@ def _shrink_for_tests(c: ml_collections.ConfigDict) -> None:
 
 
 def paper_7b(c: ml_collections.ConfigDict, model_path: str) -> None:
-  """Settings shared by the 7B configs (Cheng et al., Table 4) on a TPU pod slice."""
-  c.total_steps = 500
-  c.checkpoint_every = 10
-  c.model.path = model_path  # a local HF directory of the released checkpoint
-  c.model.param_dtype = "float32"  # master weights and AdamW states in float32
-  c.model.dtype = "bfloat16"
-  c.model.remat = True
-  c.data.name = "dapo_math_17k"
+  """Settings shared by the 7B configs on a TPU pod slice. Sources: "Table 4" is Cheng et al.,
+  arXiv 2506.14758, Appendix B, Table 4; "ours" is a choice of this project (memory, bookkeeping).
+
+  From base_config, also Table 4: 512 prompts x 8 samples per rollout (data.prompts_per_step,
+  rollout.n), 8K response tokens (rollout.max_new_tokens = 8192), rollout temperature 1.0,
+  clip 0.2 / 0.28 (clip-higher); kappa 2 and alpha 0.4 (GRPO) / 0.1 (PPO, apply_variant) are the
+  paper's published settings (DESIGN.md section 1). AdamW weight decay 0.01, grad-norm clip
+  1.0: ours.
+  """
+  c.total_steps = 500  # ours: rollouts to run; the paper gives curves, not a step count here
+  c.checkpoint_every = 10  # ours
+  c.model.path = model_path  # a local HF directory of the released checkpoint (or its name,
+  # which the dry run and explore_jax.aot read as the preset of the same name)
+  c.model.param_dtype = "float32"  # ours: master weights and AdamW states in float32
+  c.model.dtype = "bfloat16"  # ours: bf16 matmuls
+  c.model.remat = True  # ours: 9K-token sequences need every layer recomputed (memory plan)
+  c.data.name = "dapo_math_17k"  # the paper's training data (DESIGN.md section 2)
+  # Table 4: mini-batch 32 prompts = 32 x 8 = 256 sequences, so 512 / 32 = 16 policy updates per
+  # rollout (rl.epochs = 1).
   c.rl.mini_batch_size = 256
-  c.rl.micro_batch_size = 64  # global; a multiple of data x fsdp (one sequence per chip on 64)
-  c.rollout.prompts_per_wave = 64  # static engine: 512 rollout rows at once bound the KV cache
-  c.rollout.slots = 512  # continuous engine: the same KV cache (512 x 9K slots)
+  # Ours: one 9K-token sequence per batch shard per micro-step (docs/memory_plan.md), so the
+  # global micro-batch is data x fsdp sequences on any slice; 256 must be a multiple of it.
+  c.rl.micro_batch_size = 0
+  c.rl.micro_batch_per_shard = 1
+  c.rollout.prompts_per_wave = 64  # ours, static engine: 512 rollout rows at once bound the KV cache
+  c.rollout.slots = 512  # ours, continuous engine: the same KV cache (512 x 9K slots)
   c.rollout.chunk = 32
-  c.optim.lr = 1e-6
-  c.mesh.shape = (1, -1, 4)  # FSDP over the slice, 4-way tensor parallelism (4 kv heads)
+  c.optim.lr = 1e-6  # Table 4: policy learning rate
+  c.mesh.shape = (1, -1, 4)  # ours: FSDP over the slice, 4-way tensor parallelism (4 kv heads)
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:

@@ -324,6 +324,37 @@ def smallest_slice(config: Qwen2Config, chip: str, *, seqs_per_device: int = 1,
   return None
 
 
+def micro_batch_rows(rl, mesh_shape: Sequence[int]) -> int:
+  """Global sequences per micro-step of a trainer config's `rl` block on a (data, fsdp, tensor)
+  mesh: `rl.micro_batch_per_shard` x data x fsdp, or `rl.micro_batch_size` (global), exactly one
+  of them set. A global count that does not split over the batch shards is refused: the batch
+  axis would be replicated, every device holding the whole micro-batch."""
+  shards = int(mesh_shape[0]) * int(mesh_shape[1])
+  per_shard, size = rl.micro_batch_per_shard, rl.micro_batch_size
+  if (per_shard > 0) == (size > 0) or per_shard < 0 or size < 0:
+    raise ValueError(f"config: set exactly one of rl.micro_batch_per_shard (sequences per batch "
+                     f"shard) and rl.micro_batch_size (global), the other 0; have "
+                     f"micro_batch_per_shard={per_shard}, micro_batch_size={size}")
+  if per_shard:
+    return per_shard * shards
+  if size % shards:
+    raise ValueError(
+        f"config: rl.micro_batch_size={size} (global) does not split over the {shards} batch "
+        f"shards of mesh (data, fsdp, tensor) = {tuple(mesh_shape)} (data x fsdp = {shards}): "
+        f"use a multiple of {shards}, or rl.micro_batch_size=0 with rl.micro_batch_per_shard=N "
+        f"(N x {shards} sequences per micro-step)")
+  return size
+
+
+def describe_micro_batch(rl, mesh_shape: Sequence[int]) -> str:
+  """The micro-batch of a config on a mesh, in words, for error messages."""
+  shards = int(mesh_shape[0]) * int(mesh_shape[1])
+  rows = micro_batch_rows(rl, mesh_shape)
+  key = (f"rl.micro_batch_per_shard={rl.micro_batch_per_shard}" if rl.micro_batch_per_shard
+         else f"rl.micro_batch_size={rl.micro_batch_size}")
+  return f"{key}: {rows} sequences = {rows // shards} per batch shard x {shards} shards"
+
+
 def plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]) -> dict:
   """The plan of a trainer config (`configs/*.py`) on a resolved (data, fsdp, tensor) mesh.
 
@@ -339,8 +370,8 @@ def plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]
   return plan(model_config, mesh_shape=mesh_shape, algorithm=rl.algorithm,
               param_dtype=model_config.param_dtype, compute_dtype=model_config.dtype,
               opt_dtype="float32", nu_dtype=model_config.param_dtype,
-              micro_batch=rl.micro_batch_size,
-              grad_accum=rl.micro_batch_size < rl.mini_batch_size,
+              micro_batch=micro_batch_rows(rl, mesh_shape),
+              grad_accum=micro_batch_rows(rl, mesh_shape) < rl.mini_batch_size,
               seq_len=config.data.max_prompt_len + config.rollout.max_new_tokens,
               remat="full" if model_config.remat else "none", logits_chunk=rl.logit_chunk,
               reference=bool(rl.kl_coef), reference_dtype=model_config.param_dtype,

@@ -46,9 +46,12 @@ from explore_jax.rl import actor_loss
 # --------------------------------------------------------------------------------------------------
 
 
-def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
-                ) -> train_step.StepConfig:
+def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
+                mesh_shape: tuple[int, ...] = (1, 1, 1)) -> train_step.StepConfig:
+  """The jitted step's static config; `mesh_shape` (data, fsdp, tensor) resolves the micro-batch
+  (`memory.micro_batch_rows`)."""
   rl = config.rl
+  micro = memory.micro_batch_rows(rl, mesh_shape)
   loss = actor_loss.LossConfig(
       clip_low=rl.clip_low, clip_high=rl.clip_high, clip_c=rl.clip_c or None, agg=rl.agg,
       entropy_advantage=rl.entropy_advantage, alpha=rl.alpha, kappa=rl.kappa,
@@ -56,11 +59,11 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
   rows = config.data.prompts_per_step * config.rollout.n
   if rl.algorithm not in ("grpo", "ppo"):
     raise ValueError(f"config.rl.algorithm={rl.algorithm!r}: use 'grpo' or 'ppo'")
-  if rows % rl.mini_batch_size or rl.mini_batch_size % rl.micro_batch_size:
+  if rows % rl.mini_batch_size or rl.mini_batch_size % micro:
     raise ValueError(
         f"config: rollout rows ({config.data.prompts_per_step} prompts x {config.rollout.n} = "
         f"{rows}) must be a multiple of rl.mini_batch_size={rl.mini_batch_size}, itself a multiple "
-        f"of rl.micro_batch_size={rl.micro_batch_size}")
+        f"of the micro-batch ({memory.describe_micro_batch(rl, mesh_shape)})")
   train_step.bucket_lengths(config.data.max_prompt_len + config.rollout.max_new_tokens,
                             rl.length_buckets)  # checks rl.length_buckets before any tracing
   if config.rollout.engine not in ("static", "continuous"):
@@ -79,7 +82,7 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config
       model=model_cfg, loss=loss, algorithm=rl.algorithm, group_size=config.rollout.n,
       norm_by_std=rl.norm_by_std, gamma=rl.gamma, lam=rl.lam,
       whiten_advantages=rl.whiten_advantages, value_clip=rl.value_clip, epochs=rl.epochs,
-      mini_batch_size=rl.mini_batch_size, micro_batch_size=rl.micro_batch_size,
+      mini_batch_size=rl.mini_batch_size, micro_batch_size=micro,
       logit_chunk=rl.logit_chunk, on_nonfinite=config.on_nonfinite,
       length_buckets=rl.length_buckets)
 
@@ -95,6 +98,23 @@ def resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
   from explore_jax import pretrain  # the CPU default only
   path = pretrain.base_model(config)
   return path, config.model.tokenizer or path
+
+
+def model_config(config: ml_collections.ConfigDict, model_dir: str | None = None
+                 ) -> qwen2.Qwen2Config:
+  """The model's architecture from shapes alone (for the dry run and `explore_jax.aot`):
+  `model_dir`/config.json, else (a bare `model.path` such as the 7B configs' "Qwen2.5-7B") the
+  preset of that name; the config's dtypes and remat applied. Needs no weights, no tokenizer."""
+  path = model_dir or config.model.path or resolve_model(config)[0]
+  name = os.path.basename(os.path.normpath(path)).lower()
+  if os.path.isdir(path) or name not in qwen2.PRESETS:
+    cfg = checkpoint.load_model_config(path)  # names the directory if it holds no model
+  else:
+    cfg = qwen2.PRESETS[name]
+  m = config.model
+  return cfg.replace(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
+                     attention=m.attention, scan_layers=m.scan_layers,
+                     remat_policy=m.remat_policy)
 
 
 def encode_prompts(tokenizer, texts: list[str], max_len: int, pad_id: int):
@@ -207,10 +227,11 @@ class MetricsLog:
 # extending it changes the learning rate from the resumed step on; a warning says so.)
 RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log_every",
                      "progress_bar", "export_hf", "dry_run", "on_nonfinite", "reward.workers",
-                     "reward.timeout_s", "distributed.", "mesh.", "model.remat", "model.attention", "model.remat_policy", "model.path",
-                     "model.tokenizer", "data.data_dir", "rl.micro_batch_size", "rl.logit_chunk",
-                     "rl.length_buckets", "rollout.prompts_per_wave", "rollout.engine",
-                     "rollout.slots", "rollout.chunk")
+                     "reward.timeout_s", "distributed.", "mesh.", "model.remat",
+                     "model.attention", "model.remat_policy", "model.path", "model.tokenizer",
+                     "data.data_dir", "rl.micro_batch_size", "rl.micro_batch_per_shard",
+                     "rl.logit_chunk", "rl.length_buckets", "rollout.prompts_per_wave",
+                     "rollout.engine", "rollout.slots", "rollout.chunk")
 
 
 def _flat(tree: dict) -> dict:
@@ -288,18 +309,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   rules = sharding.with_default_rules(config.mesh.rules)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
-  # Model and tokenizer.
-  model_dir, tokenizer_dir = resolve_model(config)
-  model_cfg = checkpoint.load_model_config(model_dir)  # names the directory if it holds no model
-  import transformers
-  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-  model_cfg = model_cfg.replace(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                                remat=config.model.remat, attention=config.model.attention,
-                                scan_layers=config.model.scan_layers,
-                                remat_policy=config.model.remat_policy)
-  eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_id
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-  cfg = step_config(config, model_cfg)
+  # Model (the dry run needs its shapes only: no weights, no tokenizer).
+  if config.dry_run:
+    model_dir = tokenizer_dir = ""
+    model_cfg = model_config(config)
+  else:
+    model_dir, tokenizer_dir = resolve_model(config)
+    model_cfg = model_config(config, model_dir)
+  cfg = step_config(config, model_cfg, tuple(mesh.shape.values()))
   # Scoring a rollout does not depend on the loss: one compilation serves every variant.
   score_cfg = dataclasses.replace(cfg, loss=actor_loss.LossConfig())
   ppo = cfg.algorithm == "ppo"
@@ -318,8 +335,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.dry_run:
     if is_main:
       write_config(workdir, config)
-    report_memory(config, model_cfg, shapes, shardings, mesh)
+    if not report_memory(config, model_cfg, shapes, shardings, mesh):
+      raise SystemExit(1)
     return
+
+  # Tokenizer.
+  import transformers
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_id
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     ckpt = train_state.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
@@ -532,15 +556,42 @@ def export_hf(model_cfg, params, path: str, tokenizer_dir: str, step: int) -> No
   logging.info("exported step %d to %s", step, path)
 
 
-def report_memory(config, model_cfg, shapes, shardings, mesh) -> None:
-  """--config.dry_run: per-device bytes of the sharded train state, and the analytic plan."""
+def device_memory(config) -> tuple[int | None, str]:
+  """(HBM bytes per device, where the figure comes from) for the dry run's verdict:
+  `dry_run_chip` when set (a CPU mesh standing in for a slice), else what the device reports."""
+  if config.dry_run_chip:
+    if config.dry_run_chip not in memory.HBM_BYTES:
+      raise ValueError(f"config.dry_run_chip={config.dry_run_chip!r}: known chips "
+                       f"{sorted(memory.HBM_BYTES)}")
+    return memory.HBM_BYTES[config.dry_run_chip], f"a {config.dry_run_chip} chip"
+  stats = jax.devices()[0].memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), jax.devices()[0].device_kind
+  return None, jax.devices()[0].device_kind
+
+
+def report_memory(config, model_cfg, shapes, shardings, mesh) -> bool:
+  """--config.dry_run: per-device bytes of the sharded train state, and the analytic plan.
+  Returns whether the plan's peak fits the device memory (90% of it usable); True when the
+  device has no memory figure and `dry_run_chip` is empty (nothing to compare with)."""
   parts = {k: memory.measured_bytes(getattr(shapes, k), getattr(shardings, k))
            for k in ("actor", "actor_opt", "critic", "critic_opt")}
   total = sum(parts.values())
   print(f"mesh {dict(mesh.shape)}; train state per device (from shapes, nothing allocated):")
   for k, v in {**parts, "total": total}.items():
     print(f"  {k:<12s} {v:>16,d} bytes {v / 2**20:12.2f} MiB")
-  memory.print_plan_for_config(config, model_cfg, tuple(mesh.shape.values()))
+  plan = memory.print_plan_for_config(config, model_cfg, tuple(mesh.shape.values()))
+  hbm, source = device_memory(config)
+  peak = plan["totals"]["peak"]
+  if hbm is None:
+    print(f"{source} reports no memory size: set --config.dry_run_chip={{"
+          f"{','.join(sorted(memory.HBM_BYTES))}}} to check the plan against a chip")
+    return True
+  usable = 0.9 * hbm
+  verdict = "fits" if peak <= usable else "does not fit"
+  print(f"{verdict}: peak {peak / 2**30:.2f} GiB per device against {usable / 2**30:.2f} GiB "
+        f"usable (90% of {hbm / 2**30:.2f} GiB, {source})")
+  return peak <= usable
 
 
 def main(argv):

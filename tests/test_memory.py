@@ -246,7 +246,8 @@ def _trainer_config(**rl):
   c = ml_collections.ConfigDict()
   c.data = dict(prompts_per_step=4, max_prompt_len=16)
   c.rollout = dict(n=2, max_new_tokens=48, prompts_per_wave=0, engine="static", slots=0)
-  c.rl = dict(algorithm="ppo", micro_batch_size=4, mini_batch_size=8, logit_chunk=16, kl_coef=0.1)
+  c.rl = dict(algorithm="ppo", micro_batch_size=4, micro_batch_per_shard=0, mini_batch_size=8,
+              logit_chunk=16, kl_coef=0.1)
   c.rl.update(rl)
   c.mesh = dict(rules=(("embed", None),))  # extra rules take precedence over the defaults
   return c
@@ -278,3 +279,21 @@ def test_plan_for_config_reads_the_trainer_settings(capsys):
   assert "critic_params" not in grpo["components"]
   assert "reference_params" not in grpo["components"] and "actor_grad_accum" not in grpo[
       "components"]
+
+
+def test_micro_batch_rows_per_shard_and_global():
+  """rl.micro_batch_per_shard scales with the mesh's batch shards; a global rl.micro_batch_size
+  that the shards do not divide, or both keys set, is refused with the numbers."""
+  import ml_collections
+  rl = lambda size, per: ml_collections.ConfigDict(dict(micro_batch_size=size,
+                                                        micro_batch_per_shard=per))
+  assert memory.micro_batch_rows(rl(0, 1), (1, 32, 4)) == 32
+  assert memory.micro_batch_rows(rl(0, 2), (2, 4, 1)) == 16
+  assert memory.micro_batch_rows(rl(64, 0), (1, 8, 4)) == 64  # the old key keeps its meaning
+  with pytest.raises(ValueError, match=r"micro_batch_size=8 \(global\) does not split over the 32"):
+    memory.micro_batch_rows(rl(8, 0), (1, 32, 4))
+  with pytest.raises(ValueError, match="exactly one"):
+    memory.micro_batch_rows(rl(8, 1), (1, 8, 1))
+  with pytest.raises(ValueError, match="exactly one"):
+    memory.micro_batch_rows(rl(0, 0), (1, 8, 1))
+  assert "1 per batch shard x 32 shards" in memory.describe_micro_batch(rl(0, 1), (1, 32, 4))
