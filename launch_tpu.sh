@@ -274,13 +274,13 @@ worker_call() {
 }
 
 ssh_workers() {  # ssh_workers WORKERS WHAT COMMAND_LINE
-  local cmd=(gcloud compute tpus tpu-vm ssh "$name" "${tpu_flags[@]}" ${ssh_flags[@]+"${ssh_flags[@]}"}
+  local ssh=(gcloud compute tpus tpu-vm ssh "$name" "${tpu_flags[@]}" ${ssh_flags[@]+"${ssh_flags[@]}"}
              --worker="$1" --command="$3")
   if [[ "$dry_run" == 1 ]]; then
-    show_command "${cmd[@]}"
+    show_command "${ssh[@]}"
   else
     echo "+ gcloud compute tpus tpu-vm ssh $name --worker=$1: $2" >&2
-    "${cmd[@]}"
+    "${ssh[@]}"
   fi
 }
 
@@ -639,6 +639,16 @@ job_verdict() {
   fi
 }
 
+# setup again as it was done for the run, at the commit the run's workers had.
+setup_as_recorded() {
+  repo="$setup_repo"
+  ref="${run_commit:-$setup_ref}"
+  data="$setup_data"
+  python="$setup_python"
+  jax_spec="$setup_jax"
+  cmd_setup
+}
+
 # Bring the run back: the TPU (recreated if it has to be), the code at the run's commit, the
 # same command. Returns 1 when no restart is left; a failed step leaves the next check to retry.
 recover() {  # recover REASON TPU_STATE
@@ -655,9 +665,7 @@ recover() {  # recover REASON TPU_STATE
   if [[ -n "$accel" ]]; then
     ( cmd_create ) || { log_event "attempt $attempt: create failed"; return 0; }
   fi
-  ( repo="$setup_repo" ref="${run_commit:-$setup_ref}" data="$setup_data" \
-      python="$setup_python" jax_spec="$setup_jax"; cmd_setup ) \
-    || { log_event "attempt $attempt: setup failed"; return 0; }
+  ( setup_as_recorded ) || { log_event "attempt $attempt: setup failed"; return 0; }
   ( start_job explore_jax.train "$workdir" "$attempt" ) \
     || { log_event "attempt $attempt: start failed"; return 0; }
   save_run_record

@@ -118,6 +118,11 @@ ej_start() {  # ej_start LOGNAME NENV KEY=VALUE... ARG...  (python ARG... under 
   rm -f "$logs/job.pid" "$logs/job.pgid" "$logs/job.exit" "$logs/job.term" "$logs/job.stopped"
   local envs=("${@:1:$nenv}")
   shift "$nenv"
+  # Two starts within a second: the later log gets a suffix rather than replacing the first.
+  for i in 2 3 4 5 6 7 8 9; do
+    [ -e "$logs/$log" ] || break
+    log="${log%.log}.$i.log"
+  done
   ln -sfn "$log" "$logs/job.log"
   setsid nohup bash -c "$(declare -f ej_supervise); ej_supervise \"\$@\"" ej "$logs" \
     env ${envs[@]+"${envs[@]}"} "$HOME/explore_jax_venv/bin/python" "$@" \
