@@ -21,7 +21,7 @@ from etils import epath
 from explore_jax import paths
 
 FILE = "environment.json"
-COMMIT_FILE = "COMMIT"  # written beside the code where it was shipped without .git (launch_tpu.sh)
+COMMIT_FILE = ".launch_commit"  # launch_tpu.sh setup writes it beside code shipped without .git
 
 
 def _git(*args: str) -> str | None:
