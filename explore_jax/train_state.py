@@ -211,7 +211,8 @@ class Checkpointer:
       if worst == MISMATCH or worst == TRANSIENT:
         what = ("does not match this run's state" if worst == MISMATCH else
                 f"could not be read after {retries + 1} tries")
-        raise RuntimeError(f"{self.directory}: checkpoint step {step} {what} (process {who}"
+        error = ValueError if worst == MISMATCH else RuntimeError  # a mismatch is the config's
+        raise error(f"{self.directory}: checkpoint step {step} {what} (process {who}"
                            f"{': ' + detail if detail else ', see its log'}); no process "
                            "restored it. Fix the workdir or the config, or use a fresh workdir.")
       logging.warning("checkpoint step %d in %s is incomplete on process %d (%s); every process "
@@ -240,7 +241,9 @@ class Checkpointer:
       return TORN, f"{type(e).__name__}: {str(e)[:200]}"
     if not jax.tree.leaves(meta, is_leaf=lambda x: hasattr(x, "shape")):
       return TORN, "no readable metadata"
-    want, saved = qwen2.params_layout(abstract.actor), saved_layout(path)
+    actor = getattr(abstract, "actor", None)
+    want = qwen2.params_layout(actor) if isinstance(actor, dict) and "model" in actor else None
+    saved = saved_layout(path) if want is not None else None
     if saved is not None and saved != want:  # scan_layers differs: say so, not "a tree differs"
       return MISMATCH, (f"the checkpoint's parameters are {saved} (model.scan_layers="
                         f"{saved == 'stacked'}) but this config has model.scan_layers="

@@ -72,7 +72,7 @@ def test_transient_error_is_retried(tmp_path, monkeypatch):
     (dict(extra=True), r"saved tree differs: missing \['actor/c'\]"),
 ])
 def test_structure_mismatch_is_an_error(tmp_path, other, message):
-  with pytest.raises(RuntimeError, match="step 2 does not match this run's state") as e:
+  with pytest.raises(ValueError, match="step 2 does not match this run's state") as e:
     _saved(tmp_path).restore_latest(_abstract(_state(**other)))
   assert e.match(message)
   assert (tmp_path / "ckpt" / "2").is_dir()  # nothing set aside: the run's config is at fault
