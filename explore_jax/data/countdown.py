@@ -45,6 +45,8 @@ import hashlib
 import random
 from typing import Any
 
+from explore_jax.data import synthetic  # the split of a problem text: the same rule as arithmetic's
+
 SPLITS = ("train", "test")
 MAX_EXPRESSION_CHARS = 200  # a longer boxed answer is wrong without being parsed
 
@@ -148,11 +150,6 @@ def answer_key(numbers, target: int) -> str:
   return f"{target}|{','.join(map(str, sorted(numbers)))}"
 
 
-def split_of(problem: str, test_percent: int) -> str:
-  bucket = int.from_bytes(hashlib.sha256(problem.encode()).digest()[:8], "little") % 100
-  return "test" if bucket < test_percent else "train"
-
-
 def generate(split: str, size: int | None = None,
              config: CountdownConfig = CountdownConfig()) -> list[dict[str, Any]]:
   """`size` unique problems of `split` whose solve rate lies in the config's range."""
@@ -176,7 +173,7 @@ def generate(split: str, size: int | None = None,
       continue
     target = targets[int(rng.random() * len(targets))]
     problem = problem_text(numbers, target)
-    if problem in seen or split_of(problem, config.test_percent) != split:
+    if problem in seen or synthetic.split_of(problem, config.test_percent) != split:
       continue
     seen.add(problem)
     out.append({"id": f"countdown-{split}-{len(out)}", "problem": problem,
