@@ -136,8 +136,8 @@ def format_cell(mean: float, ci: float, seeds: int) -> str:
 
 def write_report(workdir: str, config, summary: dict, base_acc: float, runs: dict,
                  heat: list, titles: list[str]) -> str:
-  plots.plot_training_curves({name: os.path.join(workdir, "runs", name, "metrics.jsonl")
-                              for name in runs}, os.path.join(workdir, "training_curves.png"))
+  plots.plot_training_curves({name: os.path.join(workdir, "runs", name) for name in runs},
+                             os.path.join(workdir, "training_curves.png"))
   plot_pass_at_k(summary, os.path.join(workdir, "pass_at_k.png"))
   with open(os.path.join(workdir, "entropy_heatmap.html"), "w") as f:
     f.write(plots.entropy_html(heat, titles, title="Token entropy of held-out responses"))

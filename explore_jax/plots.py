@@ -3,15 +3,14 @@
 Every function takes plain Python data (dicts of numbers, lists of strings) and writes one file, so
 it can be pointed at results produced anywhere. matplotlib runs on the Agg backend (no display).
 
-  python -m explore_jax.plots --metrics runs/grpo/metrics.jsonl runs/grpo_ent/metrics.jsonl \
-      --labels grpo grpo+entropy --out curves.png
+  python -m explore_jax.plots --metrics runs/grpo gs://BUCKET/grpo_ent --labels grpo grpo+entropy \
+      --out curves.png      # workdirs (or their metrics.jsonl files)
 """
 
 from __future__ import annotations
 
 import argparse
 import html
-import json
 import math
 import os
 from typing import Mapping, Sequence
@@ -22,7 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-# Training-curve panels: metrics.jsonl key -> axis title. Keys a run does not log are skipped.
+from explore_jax.metrics_io import read_metrics  # noqa: E402
+
+# Training-curve panels: metric key -> axis title. Keys a run does not log are skipped.
 TRAINING_KEYS = {
     "reward/mean": "reward",
     "rollout/response_length_mean": "response length (tokens)",
@@ -64,26 +65,10 @@ def plot_pass_at_k(curves: Mapping[str, Mapping[str, Mapping[int, float]]], path
   plt.close(fig)
 
 
-def read_metrics(path: str) -> list[dict]:
-  """One JSON object per line; a truncated last line (a run killed mid-write) is ignored."""
-  rows = []
-  with open(path) as f:
-    lines = f.read().splitlines()
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i == len(lines) - 1:
-        break
-      raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
-  return rows
-
-
 def plot_training_curves(runs: Mapping[str, str], path: str,
                          keys: Mapping[str, str] = TRAINING_KEYS) -> list[str]:
-  """Overlay runs ({label: metrics.jsonl}); one panel per key that any run logs; returns the keys.
+  """Overlay runs ({label: workdir or metrics.jsonl}, as `read_metrics` takes them); one panel per
+  key that any run logs; returns the keys.
 
   The x-axis is the row's `step` when logged, else its line index.
   """
@@ -171,18 +156,27 @@ def entropy_html(responses: Sequence[tuple[Sequence[str], Sequence[float]]],
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description="Overlay training curves from metrics.jsonl files.")
-  parser.add_argument("--metrics", nargs="+", required=True, help="metrics.jsonl of each run")
-  parser.add_argument("--labels", nargs="*", help="one label per run (default: parent directory)")
+  parser = argparse.ArgumentParser(description="Overlay the training curves of runs.")
+  parser.add_argument("--metrics", nargs="+", required=True,
+                      help="each run's workdir (local or gs://) or metrics.jsonl file")
+  parser.add_argument("--labels", nargs="*",
+                      help="one label per run (default: the workdir's name)")
   parser.add_argument("--out", required=True, help="output PNG")
   args = parser.parse_args(argv)
-  labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p)))
-                           for p in args.metrics]
+  labels = args.labels or [_run_name(p) for p in args.metrics]
   if len(labels) != len(args.metrics):
     parser.error(f"{len(labels)} labels for {len(args.metrics)} metrics files")
   labels = [lab if labels.index(lab) == i else f"{lab}_{i}" for i, lab in enumerate(labels)]
   present = plot_training_curves(dict(zip(labels, args.metrics)), args.out)
   print(f"wrote {args.out} ({', '.join(present)})")
+
+
+def _run_name(path: str) -> str:
+  """A run's default label: the name of its workdir (given the workdir or its metrics.jsonl)."""
+  path = (path if "://" in path else os.path.abspath(path)).rstrip("/")
+  if path.endswith(".jsonl"):
+    path = path.rsplit("/", 1)[0]
+  return path.rsplit("/", 1)[-1]
 
 
 if __name__ == "__main__":

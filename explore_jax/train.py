@@ -32,7 +32,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from explore_jax import checkpoint, defaults, memory, provenance, sharding, train_state, train_step
+from explore_jax import checkpoint, defaults, memory, metrics_io, provenance, sharding, train_state
+from explore_jax import train_step
 from explore_jax import data as data_lib
 from explore_jax import rewards as rewards_lib
 from explore_jax import sampling
@@ -192,34 +193,6 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
     return rollouts[0], scores[0], truncated[0], timing
   cat = lambda *xs: jnp.concatenate(xs, axis=0)
   return (jax.tree.map(cat, *rollouts), cat(*scores), float(np.mean(truncated)), timing)
-
-
-class MetricsLog:
-  """metrics.jsonl (one JSON object per step, with `step`) and TensorBoard, on process 0. The
-  workdir may be local or a bucket (epath)."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.enabled = jax.process_index() == 0
-    self.path = epath.Path(workdir) / "metrics.jsonl"
-    self.rows = []
-    if self.enabled and self.path.exists():
-      # Steps past the checkpoint were not saved: they will be redone.
-      self.rows = [r for r in map(json.loads, filter(None, self.path.read_text().splitlines()))
-                   if r["step"] <= resume_step]
-    self.tb = None
-    if self.enabled and "://" not in workdir:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-
-  def write(self, step: int, metrics: dict) -> None:
-    if not self.enabled:
-      return
-    self.rows.append({"step": step, **metrics})
-    _write_whole(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-    if self.tb is not None:
-      for k, v in metrics.items():
-        self.tb.add_scalar(k, v, step)
-      self.tb.flush()
 
 
 # What a resumed run may change: how long and where it runs, its memory layout and bookkeeping,
@@ -384,7 +357,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     if data_state is not None:
       prompts.set_state(data_state)
 
-    log = MetricsLog(workdir, start)
+    log = metrics_io.MetricsLog(workdir, start, enabled=is_main)
     stop = {"sigterm": False}
     # Our own handler on every process (it replaces the one of JAX's preemption service): a flag
     # that step_decision all-reduces, so that a SIGTERM on any host stops every host at the same
@@ -456,12 +429,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
         if sigterm and not last:
           t4 = time.perf_counter()
           ckpt.close()
+          log.close()
           logging.warning("SIGTERM (on this or another process): saved step %d in %.1f s, "
                           "exiting", step, time.perf_counter() - t4)
           if bar is not None:
             bar.close()
           return
     ckpt.close()
+    log.close()
     if bar is not None:
       bar.close()
     hf_dir = os.path.join(workdir, "hf")

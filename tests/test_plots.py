@@ -55,13 +55,20 @@ def test_read_metrics_and_training_curves(tmp_path):
                                keys={"critic/loss": "critic loss"})
 
 
-def test_plots_cli(tmp_path):
+def test_plots_cli(tmp_path, capsys):
   a = tmp_path / "run1" / "metrics.jsonl"
   a.parent.mkdir()
   a.write_text("".join(json.dumps({"step": s, "actor/entropy": 1.0 / (1 + s)}) + "\n"
                        for s in range(4)))
   plots.main(["--metrics", str(a), "--out", str(tmp_path / "curves.png")])
   _image(tmp_path / "curves.png")
+  # A workdir as well: a bucket run's part files copied to a local disk.
+  part = tmp_path / "run2" / "metrics" / "part-00000001.jsonl"
+  part.parent.mkdir(parents=True)
+  part.write_text("".join(json.dumps({"step": s, "reward/mean": s / 4}) + "\n" for s in range(4)))
+  plots.main(["--metrics", str(a), str(tmp_path / "run2"), "--out", str(tmp_path / "two.png")])
+  assert "(reward/mean, actor/entropy)" in capsys.readouterr().out
+  _image(tmp_path / "two.png")
 
 
 def test_comparison_bars(tmp_path):

@@ -118,22 +118,23 @@ def test_metrics_config_and_export(train_env, tmp_path):
 
 
 def test_metrics_and_export_in_a_bucket(fake_bucket, tmp_path):
-  """A gs:// workdir (served from memory): metrics.jsonl cut back to the step a resumed run
-  restarts from, and the HF export with its step record, byte for byte as on a local disk."""
+  """A gs:// workdir (served from memory): the metrics cut back to the step a resumed run
+  restarts from (more in test_metrics_io), and the HF export with its step record, byte for byte
+  as on a local disk."""
   import jax
   from etils import epath
 
-  from explore_jax import train
+  from explore_jax import metrics_io, train
   from explore_jax.models import qwen2
 
   workdir = "gs://bucket/run"
-  log = train.MetricsLog(workdir, resume_step=0)
+  log = metrics_io.MetricsLog(workdir, resume_step=0)
   for step in (1, 2, 3):
     log.write(step, {"reward/mean": step / 10})
-  log = train.MetricsLog(workdir, resume_step=2)  # restarted from the step-2 checkpoint
+  log = metrics_io.MetricsLog(workdir, resume_step=2)  # restarted from the step-2 checkpoint
   log.write(3, {"reward/mean": 0.5})
-  text = epath.Path(workdir, "metrics.jsonl").read_text()
-  assert [json.loads(line) for line in text.splitlines()] == [
+  log.close()
+  assert metrics_io.read_metrics(workdir) == [
       {"step": 1, "reward/mean": 0.1}, {"step": 2, "reward/mean": 0.2},
       {"step": 3, "reward/mean": 0.5}]
 
