@@ -45,8 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.export_hf = True  # at the end, write the actor to WORKDIR/hf (local or gs://) in HF format
 
   c.model = ml_collections.ConfigDict()
-  c.model.path = ""  # HF or orbax directory; empty = random init (+ pretrain.steps of SFT)
+  c.model.path = ""  # HF or orbax directory, local or gs://; empty = random init (+ pretrain SFT)
   c.model.tokenizer = ""  # tokenizer directory; empty = model.path (or the tiny tokenizer)
+  # Where each host copies a gs:// model.path / model.tokenizer before loading it (once: a
+  # complete copy is reused); empty = models/ in the cache dir (explore_jax/paths.py).
+  c.model.stage_dir = ""
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"
   c.model.remat = False

@@ -46,7 +46,6 @@ draws what an uninterrupted one would have drawn, whatever the batch boundaries 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -55,6 +54,8 @@ import zlib
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from explore_jax.model_files import model_fingerprint
 
 # --------------------------------------------------------------------------------------------------
 # Config schema (configs/eval_*.py start from these and override)
@@ -218,27 +219,6 @@ def load_graded(path: str, n: int) -> dict[str, list[dict]]:
         f.writelines(json.dumps(r) + "\n" for r in recs)
     os.replace(path + ".tmp", path)
   return complete
-
-
-def model_fingerprint(path: str, probe_bytes: int = 1 << 20) -> str:
-  """A hash of a model directory's files: names, sizes and their first and last MiB (a retrained
-  model differs everywhere; a copied or moved one does not differ at all). Cheap for a 7B. Hidden
-  files and directories (a download's own records, e.g. .cache/huggingface) are left out."""
-  root = os.path.realpath(path)
-  digest = hashlib.sha256()
-  for dirpath, _, files in sorted(os.walk(root)):
-    for name in sorted(files):
-      full = os.path.join(dirpath, name)
-      if any(part.startswith(".") for part in os.path.relpath(full, root).split(os.sep)):
-        continue
-      size = os.path.getsize(full)
-      digest.update(f"{os.path.relpath(full, root)}\0{size}\0".encode())
-      with open(full, "rb") as f:
-        digest.update(f.read(probe_bytes))
-        if size > probe_bytes:
-          f.seek(max(size - probe_bytes, probe_bytes))
-          digest.update(f.read())
-  return digest.hexdigest()[:16]
 
 
 def check_sampled_with(out_dir: str, sampled_with: dict, on_change: str = "raise") -> None:

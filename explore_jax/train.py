@@ -32,8 +32,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from explore_jax import checkpoint, defaults, memory, metrics_io, provenance, sharding, train_state
-from explore_jax import train_step
+from explore_jax import checkpoint, defaults, memory, metrics_io, model_files, paths, provenance
+from explore_jax import sharding, train_state, train_step
 from explore_jax import data as data_lib
 from explore_jax import rewards as rewards_lib
 from explore_jax import sampling
@@ -93,12 +93,30 @@ def synthetic_config(config: ml_collections.ConfigDict) -> synthetic.ArithmeticC
 
 
 def resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(model dir, tokenizer dir); an empty model.path means the cached tiny pre-trained base."""
-  if config.model.path:
-    return config.model.path, config.model.tokenizer or config.model.path
-  from explore_jax import pretrain  # the CPU default only
-  path = pretrain.base_model(config)
-  return path, config.model.tokenizer or path
+  """(model dir, tokenizer dir) on this host's disk; an empty model.path means the cached tiny
+  pre-trained base. A gs:// model.path or model.tokenizer is staged under model.stage_dir first,
+  once per host (`model_files.stage_model`). As in the evaluator, the hosts then check that they
+  read the same files (every process calls this)."""
+  m = config.model
+  if m.path:
+    model_dir = _on_local_disk(m.path, m.stage_dir, "config.model.path")
+  else:
+    from explore_jax import pretrain  # the CPU default only
+    model_dir = pretrain.base_model(config)
+  tokenizer_dir = (_on_local_disk(m.tokenizer, m.stage_dir, "config.model.tokenizer")
+                   if m.tokenizer else model_dir)
+  sharding.check_same_on_every_host(f"train: the model files of {m.path or model_dir}",
+                                    model_files.model_fingerprint(model_dir))
+  if m.tokenizer:
+    sharding.check_same_on_every_host(f"train: the tokenizer files of {m.tokenizer}",
+                                      model_files.model_fingerprint(tokenizer_dir))
+  return model_dir, tokenizer_dir
+
+
+def _on_local_disk(path: str, stage_dir: str, field: str) -> str:
+  if "://" not in path:
+    return path
+  return model_files.stage_model(path, stage_dir or paths.cache_dir("models"), field)
 
 
 def model_config(config: ml_collections.ConfigDict, model_dir: str | None = None
@@ -202,9 +220,10 @@ RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log
                      "progress_bar", "export_hf", "dry_run", "on_nonfinite", "reward.workers",
                      "reward.timeout_s", "distributed.", "mesh.", "model.remat",
                      "model.attention", "model.remat_policy", "model.path", "model.tokenizer",
-                     "data.data_dir", "rl.micro_batch_size", "rl.micro_batch_per_shard",
-                     "rl.logit_chunk", "rl.length_buckets", "rollout.prompts_per_wave",
-                     "rollout.engine", "rollout.slots", "rollout.chunk")
+                     "model.stage_dir", "data.data_dir", "rl.micro_batch_size",
+                     "rl.micro_batch_per_shard", "rl.logit_chunk", "rl.length_buckets",
+                     "rollout.prompts_per_wave", "rollout.engine", "rollout.slots",
+                     "rollout.chunk")
 
 
 def _flat(tree: dict) -> dict:
