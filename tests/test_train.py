@@ -131,6 +131,7 @@ def test_metrics_and_export_in_a_bucket(fake_bucket, tmp_path):
   log = metrics_io.MetricsLog(workdir, resume_step=0)
   for step in (1, 2, 3):
     log.write(step, {"reward/mean": step / 10})
+  log.close()
   log = metrics_io.MetricsLog(workdir, resume_step=2)  # restarted from the step-2 checkpoint
   log.write(3, {"reward/mean": 0.5})
   log.close()
