@@ -13,8 +13,16 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: venv test test-fast demo demo-seeds demo-check lock
+# The TPU compiler (libtpu of the TPU lock) beside the venv, not in it, so that CPU runs never
+# load it: `explore_jax.aot` and its test put it on PYTHONPATH (with JAX_PLATFORMS=cpu).
+TPU_COMPILER := $(VENV)/tpu-compiler
+$(TPU_COMPILER)/.installed: $(VENV)/.installed $(TPU_LOCK)
+	$(PY) -m pip install -q --no-deps --target $(TPU_COMPILER) "$$(grep '^libtpu==' $(TPU_LOCK))"
+	touch $@
+
+.PHONY: venv test test-fast demo demo-seeds demo-check lock tpu-compiler
 venv: $(VENV)/.installed
+tpu-compiler: $(TPU_COMPILER)/.installed
 
 # The paper's comparison at CPU scale: base model, 3 RL variants, pass@k, report (runs/demo).
 demo: $(VENV)/.installed
@@ -29,7 +37,7 @@ demo-seeds: $(VENV)/.installed
 demo-check: $(VENV)/.installed
 	$(PY) -m explore_jax.repro --workdir runs/demo_check
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(TPU_COMPILER)/.installed
 	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
 
 test-fast: $(VENV)/.installed

@@ -278,6 +278,9 @@ def paper_7b(c: ml_collections.ConfigDict, model_path: str) -> None:
   c.model.param_dtype = "float32"  # ours: master weights and AdamW states in float32
   c.model.dtype = "bfloat16"  # ours: bf16 matmuls
   c.model.remat = True  # ours: 9K-token sequences need every layer recomputed (memory plan)
+  # ours: one compiled layer under nn.scan (explore_jax.aot: the GRPO step's programs compile in
+  # about a third of the time; docs/memory_plan.md)
+  c.model.scan_layers = True
   c.data.name = "dapo_math_17k"  # the paper's training data (DESIGN.md section 2)
   # Table 4: mini-batch 32 prompts = 32 x 8 = 256 sequences, so 512 / 32 = 16 policy updates per
   # rollout (rl.epochs = 1).

@@ -75,16 +75,38 @@ def _shard(x, names, mesh):
   return jax.lax.with_sharding_constraint(x, logical_sharding(names, x.shape, mesh))
 
 
+def state_shardings(s: EngineState, mesh: Mesh) -> EngineState:
+  """Slots and output rows over the data axes, kv heads over `tensor`; the per-slot scalars
+  replicated (what `_constrain` pins, and what `explore_jax.aot` gives its abstract states)."""
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  named = lambda names: lambda x: logical_sharding(names, x.shape, mesh)
+  c = s.cache
+  cache = c.map(named(qwen2.CACHE_AXES)).replace(
+      mask=named(("cache_batch", "cache_length"))(c.mask), index=rep)
+  rows = named(("batch", None))
+  return jax.tree.map(lambda _: rep, s).replace(
+      cache=cache, tokens=rows(s.tokens), logprobs=rows(s.logprobs), entropy=rows(s.entropy))
+
+
+def pool_shardings(pool: Pool, mesh: Mesh) -> Pool:
+  """Prompt caches with kv heads over `tensor` (as `_prefill` pins them); the rest replicated."""
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  heads = lambda x: logical_sharding((None, "kv_heads", None, None), x.shape, mesh)
+  return jax.tree.map(lambda _: rep, pool).replace(
+      cache=pool.cache.replace(mask=rep, index=rep).map(heads))
+
+
 def _constrain(s: EngineState, mesh: Mesh | None) -> EngineState:
-  """Slots and output rows over the data axes, kv heads over `tensor`."""
+  """The cache and the output rows pinned to `state_shardings`."""
   if mesh is None:
     return s
-  c = s.cache
-  cache = c.map(lambda x: _shard(x, qwen2.CACHE_AXES, mesh)).replace(
-      mask=_shard(c.mask, ("cache_batch", "cache_length"), mesh))
-  rows = lambda x: _shard(x, ("batch", None), mesh)
-  return s.replace(cache=cache, tokens=rows(s.tokens), logprobs=rows(s.logprobs),
-                   entropy=rows(s.entropy))
+  sh = state_shardings(s, mesh)
+  pin = jax.lax.with_sharding_constraint
+  cache = s.cache.replace(k=tuple(map(pin, s.cache.k, sh.cache.k)),
+                          v=tuple(map(pin, s.cache.v, sh.cache.v)),
+                          mask=pin(s.cache.mask, sh.cache.mask))
+  return s.replace(cache=cache, tokens=pin(s.tokens, sh.tokens),
+                   logprobs=pin(s.logprobs, sh.logprobs), entropy=pin(s.entropy, sh.entropy))
 
 
 def _replicate(x, mesh):
@@ -200,6 +222,32 @@ def _pow2(x: int, cap: int) -> int:
   return min(cap, 1 << max(0, int(x) - 1).bit_length())
 
 
+def empty_state(config: Qwen2Config, slots: int, rows: int, prompt_len: int,
+                max_new_tokens: int, rng, eos_id: int) -> EngineState:
+  """`slots` idle slots over a [slots, K, P + N, H] cache; output buffers for `rows` rows."""
+  cache = qwen2.init_cache(config, slots, prompt_len + max_new_tokens)
+  cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))
+  shp = lambda *s: jnp.zeros(s, jnp.int32)
+  return EngineState(
+      cache=cache, last=shp(slots), positions=shp(slots), t=shp(slots), row=shp(slots),
+      keys=jax.random.split(rng, slots), active=jnp.zeros((slots,), bool),
+      tokens=jnp.full((rows, max_new_tokens), eos_id, jnp.int32),
+      logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+      entropy=jnp.zeros((rows, max_new_tokens), jnp.float32),
+      lengths=shp(rows), eos=jnp.zeros((rows,), bool), busy=shp(), steps=shp())
+
+
+def empty_pool(config: Qwen2Config, entries: int, prompt_len: int) -> Pool:
+  return Pool(cache=qwen2.init_cache(config, entries, prompt_len),
+              logits=jnp.zeros((entries, config.vocab_size), jnp.float32),
+              lengths=jnp.zeros((entries,), jnp.int32))
+
+
+def prefill_batch(slots: int, n: int) -> int:
+  """Prompts per prefill batch: one batch covers any refill of the slots."""
+  return -(-slots // n)
+
+
 def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
         max_new_tokens: int, sampler: sampling.Sampler, eos_id: int, n: int, slots: int,
         chunk: int, buckets: int, prompt_index, sample_offset: int = 0,
@@ -212,22 +260,10 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
     raise ValueError(f"rollout engine: slots={slots} and chunk={chunk} must be >= 1")
   tokens_h = np.asarray(sampling_host(prompt_tokens), np.int32)
   mask_h = np.asarray(sampling_host(prompt_mask), np.int32)
-  f = -(-slots // n)  # prompts per prefill batch: one batch covers any refill
-  length = p + max_new_tokens
-  cache = qwen2.init_cache(config, slots, length)
-  cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))
-  shp = lambda *s: jnp.zeros(s, jnp.int32)
-  state = EngineState(
-      cache=cache, last=shp(slots), positions=shp(slots), t=shp(slots), row=shp(slots),
-      keys=jax.random.split(rng, slots), active=jnp.zeros((slots,), bool),
-      tokens=jnp.full((rows, max_new_tokens), eos_id, jnp.int32),
-      logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
-      entropy=jnp.zeros((rows, max_new_tokens), jnp.float32),
-      lengths=shp(rows), eos=jnp.zeros((rows,), bool), busy=shp(), steps=shp())
-  state = jax.jit(functools.partial(_constrain, mesh=mesh), donate_argnums=0)(state)
-  pool_cache = qwen2.init_cache(config, 2 * f, p)
-  pool = Pool(cache=pool_cache, logits=jnp.zeros((2 * f, config.vocab_size), jnp.float32),
-              lengths=jnp.zeros((2 * f,), jnp.int32))
+  f = prefill_batch(slots, n)
+  state = jax.jit(functools.partial(_constrain, mesh=mesh), donate_argnums=0)(
+      empty_state(config, slots, rows, p, max_new_tokens, rng, eos_id))
+  pool = empty_pool(config, 2 * f, p)
   eos = jnp.int32(eos_id)
   prefilled = 0  # prompts [0, prefilled) have been prefilled
   next_row = 0

@@ -74,6 +74,8 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
     raise ValueError(f"config.rollout.slots={config.rollout.slots} must be >= 0 and "
                      f"config.rollout.chunk={config.rollout.chunk} >= 1")
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
+  if config.rollout.engine == "continuous":  # one call per step (sample_and_grade)
+    wave = config.data.prompts_per_step
   if config.data.prompts_per_step % wave or wave % jax.process_count():
     raise ValueError(
         f"config: data.prompts_per_step={config.data.prompts_per_step} must be a multiple of "
@@ -86,6 +88,17 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
       mini_batch_size=rl.mini_batch_size, micro_batch_size=micro,
       logit_chunk=rl.logit_chunk, on_nonfinite=config.on_nonfinite,
       length_buckets=rl.length_buckets)
+
+
+def optimizers(config: ml_collections.ConfigDict):
+  """(optimizer steps per RL step, actor lr schedule, critic lr schedule, actor tx, critic tx)."""
+  rows = config.data.prompts_per_step * config.rollout.n
+  updates_per_step = config.rl.epochs * rows // config.rl.mini_batch_size
+  schedule = lambda lr: train_state.lr_schedule(lr, config.optim,
+                                                updates_per_step * config.total_steps)
+  actor_lr, critic_lr = schedule(config.optim.lr), schedule(config.optim.critic_lr)
+  return (updates_per_step, actor_lr, critic_lr, train_state.make_optimizer(actor_lr, config.optim),
+          train_state.make_optimizer(critic_lr, config.optim))
 
 
 def synthetic_config(config: ml_collections.ConfigDict) -> synthetic.ArithmeticConfig:
@@ -315,13 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   # Optimizers and the state, from shapes.
   rows = config.data.prompts_per_step * config.rollout.n
-  updates_per_step = config.rl.epochs * rows // config.rl.mini_batch_size
-  actor_lr = train_state.lr_schedule(config.optim.lr, config.optim,
-                                     updates_per_step * config.total_steps)
-  critic_lr = train_state.lr_schedule(config.optim.critic_lr, config.optim,
-                                      updates_per_step * config.total_steps)
-  actor_tx = train_state.make_optimizer(actor_lr, config.optim)
-  critic_tx = train_state.make_optimizer(critic_lr, config.optim)
+  updates_per_step, actor_lr, critic_lr, actor_tx, critic_tx = optimizers(config)
   shapes, specs = train_state.abstract_state(model_cfg, actor_tx, critic_tx, ppo)
   shardings = train_state.state_shardings(shapes, specs, mesh, rules)
   if config.dry_run:

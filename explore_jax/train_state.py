@@ -75,13 +75,12 @@ def _is_spec(x):
 
 def abstract_state(model_cfg: qwen2.Qwen2Config, actor_tx, critic_tx, ppo: bool):
   """(ShapeDtypeStruct pytree, logical PartitionSpec pytree) of the TrainState; allocates nothing."""
-  rng = jax.random.PRNGKey(0)
   actor = qwen2.param_shapes(model_cfg)
   actor_specs = qwen2.logical_axes(model_cfg)
   opt_specs = lambda tx, shapes, specs: optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, shapes), specs,
       transform_non_params=lambda _: P(), is_leaf=_is_spec)
-  shapes = dict(step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.eval_shape(lambda: rng),
+  shapes = dict(step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
                 actor=actor, actor_opt=jax.eval_shape(actor_tx.init, actor))
   specs = dict(step=P(), rng=P(), actor=actor_specs,
                actor_opt=opt_specs(actor_tx, actor, actor_specs))
