@@ -4,7 +4,9 @@ The same tiny GRPO run on 2 processes must log the losses of a 1-process run on 
 global size (4 devices), a SIGTERM to one process must stop both at one step with one checkpoint,
 which both restore (the resumed steps matching the uninterrupted run), and
 the Hugging Face export (each tensor gathered from both processes, written by process 0) must hold
-the 1-process run's weights.
+the 1-process run's weights. The 2-process job starts on a cache with no base model (a cold start):
+both processes build it and one complete copy is published (an older release published process
+1's copy, which had no weights, in 3 of 4 tries, and every later run of that config failed).
 """
 
 import os
@@ -20,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from explore_jax import pretrain
 from test_train import _command, read_metrics, run_train, train_env  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,9 +118,18 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
   # SIGTERM to process 1 alone after step 1 (as a maintenance event stops one TPU host): both
   # processes stop at the same step boundary, save that step together and exit 0.
   watch, sent = sigterm_after(tmp_path / "two", 1, pid=1)
-  errs = run_two_processes(train_env, tmp_path / "two", ["--config.total_steps=4"] + base,
-                           watch=watch)
+  cold = dict(train_env, EXPLORE_JAX_CACHE=str(tmp_path / "empty_cache"))
+  errs = run_two_processes(cold, tmp_path / "two", ["--config.total_steps=4"] + base, watch=watch)
   assert sent and time.monotonic() - sent[0] < 120
+  # One base model published, complete (no temporary copy left behind either), and the same
+  # bytes as the one the 1-process run read: the same config and seed build the same model.
+  published = os.listdir(tmp_path / "empty_cache" / "base_models")
+  assert len(published) == 1, published
+  built = tmp_path / "empty_cache" / "base_models" / published[0]
+  assert pretrain.is_complete(str(built))
+  shared = os.path.join(train_env["EXPLORE_JAX_CACHE"], "base_models", published[0])
+  assert (built / "model.safetensors").read_bytes() == open(
+      os.path.join(shared, "model.safetensors"), "rb").read()
   stopped = [int(m) for e in errs for m in re.findall(r"saved step (\d+) in", e)]
   assert len(stopped) == 2 and stopped[0] == stopped[1] < 4, stopped
   k = stopped[0]
@@ -125,7 +137,7 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
   two = read_metrics(tmp_path / "two")
   assert [r["step"] for r in two] == list(range(1, k + 1))
   # The same command resumes both from step k; every step matches the uninterrupted run's.
-  errs = run_two_processes(train_env, tmp_path / "two", ["--config.total_steps=4"] + base)
+  errs = run_two_processes(cold, tmp_path / "two", ["--config.total_steps=4"] + base)
   assert all(f"restored checkpoint step {k}" in e for e in errs)
   two = read_metrics(tmp_path / "two")
   assert [r["step"] for r in two] == [1, 2, 3, 4]
