@@ -76,8 +76,8 @@ def _shard(x, names, mesh):
 
 
 def state_shardings(s: EngineState, mesh: Mesh) -> EngineState:
-  """Slots and output rows over the data axes, kv heads over `tensor`; the per-slot scalars
-  replicated (what `_constrain` pins, and what `explore_jax.aot` gives its abstract states)."""
+  """Slots and output rows (their tokens, lengths, ...) over the data axes, kv heads over
+  `tensor`; the per-slot scalars replicated (what `_constrain` pins, and what `explore_jax.aot` gives its abstract states)."""
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   named = lambda names: lambda x: logical_sharding(names, x.shape, mesh)
   c = s.cache
@@ -85,7 +85,8 @@ def state_shardings(s: EngineState, mesh: Mesh) -> EngineState:
       mask=named(("cache_batch", "cache_length"))(c.mask), index=rep)
   rows = named(("batch", None))
   return jax.tree.map(lambda _: rep, s).replace(
-      cache=cache, tokens=rows(s.tokens), logprobs=rows(s.logprobs), entropy=rows(s.entropy))
+      cache=cache, tokens=rows(s.tokens), logprobs=rows(s.logprobs), entropy=rows(s.entropy),
+      lengths=named(("batch",))(s.lengths), eos=named(("batch",))(s.eos))
 
 
 def pool_shardings(pool: Pool, mesh: Mesh) -> Pool:
@@ -97,7 +98,8 @@ def pool_shardings(pool: Pool, mesh: Mesh) -> Pool:
 
 
 def _constrain(s: EngineState, mesh: Mesh | None) -> EngineState:
-  """The cache and the output rows pinned to `state_shardings`."""
+  """The cache and the output rows pinned to `state_shardings` (rows the way the trainer reads
+  each process's share of them, `train.local_rows`)."""
   if mesh is None:
     return s
   sh = state_shardings(s, mesh)
@@ -106,7 +108,8 @@ def _constrain(s: EngineState, mesh: Mesh | None) -> EngineState:
                           v=tuple(map(pin, s.cache.v, sh.cache.v)),
                           mask=pin(s.cache.mask, sh.cache.mask))
   return s.replace(cache=cache, tokens=pin(s.tokens, sh.tokens),
-                   logprobs=pin(s.logprobs, sh.logprobs), entropy=pin(s.entropy, sh.entropy))
+                   logprobs=pin(s.logprobs, sh.logprobs), entropy=pin(s.entropy, sh.entropy),
+                   lengths=pin(s.lengths, sh.lengths), eos=pin(s.eos, sh.eos))
 
 
 def _replicate(x, mesh):

@@ -164,9 +164,12 @@ def process_slice(batch: list) -> list:
 
 
 def local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in global order."""
+  """This process's rows of a global array [R, ...], in global order: the rows its devices hold
+  when the array is split over the batch axes; of an array whose rows are not split (each
+  process holds all of them), the share `process_slice` takes."""
   shards = {s.index[0].start or 0: s for s in x.addressable_shards}
-  return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)], axis=0)
+  rows = np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)], axis=0)
+  return process_slice(rows) if len(rows) == x.shape[0] else rows
 
 
 def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, rules, rng,
