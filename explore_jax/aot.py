@@ -234,6 +234,22 @@ def _flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
+def _tensor_group(mesh, tensor: int) -> list:
+  """`tensor` chips of the mesh's kind to compile one batch shard's work for: the mesh's first
+  ones on v4 / v5p; on v5e / v6e, whose compiler wants every chip of a slice in a program, a
+  slice of that many chips of its own."""
+  devices = list(mesh.devices.reshape(-1))
+  chip = _CHIP_OF_KIND[devices[0].device_kind]
+  if chip in ("v4", "v5p") or tensor == len(devices):
+    return devices[:tensor]
+  if tensor not in _TORUS_2D:
+    raise ValueError(f"FLOPs on {chip}: no slice of {tensor} chips (the mesh's tensor axis) "
+                     "known here; use --noflops")
+  from jax.experimental import topologies
+  return list(topologies.get_topology_desc(topology_name=f"{chip}:{_TORUS_2D[tensor]}",
+                                           platform="tpu").devices)
+
+
 def flops_per_call(config, model_cfg, cfg: train_step.StepConfig, mesh,
                    only: tuple[str, ...] = PROGRAMS) -> dict[str, float]:
   """FLOPs per device of one call of each program (module docstring): loop bodies compiled alone
@@ -249,7 +265,7 @@ def flops_per_call(config, model_cfg, cfg: train_step.StepConfig, mesh,
   # whole 32-chip v4 mesh libtpu counted about half of the output projection's and 3/4 of a
   # layer's FLOPs for the same per-device rows, against the closed form; on 4 chips it agreed.)
   shards, tensor = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
-  group = sharding.make_mesh((1, 1, tensor), list(mesh.devices.reshape(-1)[:tensor]))
+  group = sharding.make_mesh((1, 1, tensor), _tensor_group(mesh, tensor))
   local = config.copy_and_resolve_references()
   local.data.prompts_per_step = -(-config.data.prompts_per_step // shards)
   local.rollout.slots = -(-(config.rollout.slots or rows) // shards)
