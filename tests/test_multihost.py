@@ -114,13 +114,13 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
   # and graded them wrong): actor/loss -0.0026 against -0.0045.
   base = ["--config.checkpoint_every=2"]
   run_train(train_env, tmp_path / "one", variant="entropy_reg",
-            overrides=["--config.total_steps=4"] + base, devices=4)
+            overrides=["--config.total_steps=3"] + base, devices=4)
   one = read_metrics(tmp_path / "one")
   # SIGTERM to process 1 alone after step 1 (as a maintenance event stops one TPU host): both
   # processes stop at the same step boundary, save that step together and exit 0.
   watch, sent = sigterm_after(tmp_path / "two", 1, pid=1)
   cold = dict(train_env, EXPLORE_JAX_CACHE=str(tmp_path / "empty_cache"))
-  errs = run_two_processes(cold, tmp_path / "two", ["--config.total_steps=4"] + base, watch=watch)
+  errs = run_two_processes(cold, tmp_path / "two", ["--config.total_steps=3"] + base, watch=watch)
   assert sent and time.monotonic() - sent[0] < 120
   # One base model published, complete (no temporary copy left behind either), and the same
   # bytes as the one the 1-process run read: the same config and seed build the same model.
@@ -132,22 +132,22 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
   assert (built / "model.safetensors").read_bytes() == open(
       os.path.join(shared, "model.safetensors"), "rb").read()
   stopped = [int(m) for e in errs for m in re.findall(r"saved step (\d+) in", e)]
-  assert len(stopped) == 2 and stopped[0] == stopped[1] < 4, stopped
+  assert len(stopped) == 2 and stopped[0] == stopped[1] < 3, stopped
   k = stopped[0]
   assert k in [int(p) for p in os.listdir(tmp_path / "two" / "checkpoints") if p.isdigit()]
   two = read_metrics(tmp_path / "two")
   assert [r["step"] for r in two] == list(range(1, k + 1))
   # The same command resumes both from step k; every step matches the uninterrupted run's.
-  errs = run_two_processes(cold, tmp_path / "two", ["--config.total_steps=4"] + base)
+  errs = run_two_processes(cold, tmp_path / "two", ["--config.total_steps=3"] + base)
   assert all(f"restored checkpoint step {k}" in e for e in errs)
   two = read_metrics(tmp_path / "two")
-  assert [r["step"] for r in two] == [1, 2, 3, 4]
+  assert [r["step"] for r in two] == [1, 2, 3]
   for a, b in zip(one, two):
     for key in KEYS:
       np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
-  # The export of step 4 holds the weights of the 1-process run's.
+  # The export of step 3 holds the weights of the 1-process run's.
   from explore_jax import checkpoint, train
-  assert train.exported_step(str(tmp_path / "two" / "hf")) == 4
+  assert train.exported_step(str(tmp_path / "two" / "hf")) == 3
   cfg_one, params_one = checkpoint.load_hf(tmp_path / "one" / "hf")
   cfg_two, params_two = checkpoint.load_hf(tmp_path / "two" / "hf")
   assert cfg_one == cfg_two
