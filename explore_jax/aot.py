@@ -49,7 +49,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -63,14 +62,13 @@ from ml_collections import config_flags
 from explore_jax import memory, rollout_engine, sampling, sharding, train, train_state, train_step
 from explore_jax.rl import actor_loss
 
-USABLE = 0.9  # of HBM, as train.report_memory counts
+USABLE = memory.USABLE  # of HBM, as the trainer's dry run counts
 
 # Chips of a slice -> its torus (Cloud TPU docs: v4 / v5p are 3D, v5e / v6e 2D).
 _TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
              256: "4x8x8", 512: "8x8x8"}
 _TORUS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
              256: "16x16"}
-_CHIP_OF_PREFIX = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e"}
 # device_kind as libtpu names it -> memory.HBM_BYTES key (one JAX device per chip).
 _CHIP_OF_KIND = {"TPU v4": "v4", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v5 lite": "v5e",
                  "TPU v5e": "v5e", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
@@ -81,17 +79,15 @@ def topology_name(name: str) -> str:
   a topology (`v5p:2x4x4`) is returned as it is."""
   if ":" in name:
     return name
-  m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)
-  if not m:
+  found = memory.slice_of(name)
+  if found is None:
     raise ValueError(f"--topology {name!r}: give an accelerator type (v5p-64, v4-32, "
                      "v5litepod-16, v6e-8) or a topology (v5p:2x4x4, v5e:4x4)")
-  chip, count = _CHIP_OF_PREFIX[m[1]], int(m[2])
-  chips = count // 2 if chip in ("v4", "v5p") else count
+  chip, chips = found
   torus = (_TORUS_3D if chip in ("v4", "v5p") else _TORUS_2D).get(chips)
-  if torus is None or (chip in ("v4", "v5p") and count % 2):
-    raise ValueError(f"--topology {name!r}: no {chip} slice of {count} "
-                     f"{'TensorCores' if chip in ('v4', 'v5p') else 'chips'} known here; "
-                     "give its topology instead (e.g. v5p:4x4x8)")
+  if torus is None:
+    raise ValueError(f"--topology {name!r}: no {chip} slice of {chips} chips known here; give "
+                     "its topology instead (e.g. v5p:4x4x8)")
   return f"{chip}:{torus}"
 
 
@@ -374,7 +370,7 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
                                             lock_config=True)
   _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v4-32, v5litepod-16, v5p:2x4x4 ...")
-  _FLOPS = flags.DEFINE_bool("flops", True, "Also count FLOPs per call (4 more small compiles "
+  _FLOPS = flags.DEFINE_bool("flops", True, "Also count FLOPs per call (2 more small compiles "
                              "per program)")
   _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Only these programs")
   flags.mark_flags_as_required(["config", "topology"])

@@ -55,6 +55,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from explore_jax.paths import write_whole
 from explore_jax.model_files import model_fingerprint
 
 # --------------------------------------------------------------------------------------------------
@@ -214,10 +215,7 @@ def load_graded(path: str, n: int) -> dict[str, list[dict]]:
     if any(len(recs) > n for recs in by_problem.values()):
       raise ValueError(f"{path}: a problem has more than n={n} responses; was n changed? "
                        "Use a fresh workdir.")
-    with open(path + ".tmp", "w") as f:
-      for recs in complete.values():
-        f.writelines(json.dumps(r) + "\n" for r in recs)
-    os.replace(path + ".tmp", path)
+    write_whole(path, "".join(json.dumps(r) + "\n" for recs in complete.values() for r in recs))
   return complete
 
 
@@ -253,9 +251,7 @@ def check_sampled_with(out_dir: str, sampled_with: dict, on_change: str = "raise
         os.replace(responses, stale)
         print(f"[evaluate] {responses} was sampled differently ({diff}): moved to {stale}, "
               "sampling again", flush=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(sampled_with, f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_whole(path, json.dumps(sampled_with, indent=2))
 
 
 def append_records(path: str, records: list[dict]) -> None:

@@ -58,6 +58,9 @@ GiB = 2**30
 # HBM per chip (one JAX device per chip: v4 and v5p join their two TensorCores into one device),
 # from the public Cloud TPU system-architecture pages: v4 32 GiB HBM2, v5e 16 GiB HBM2,
 # v5p 95 GiB HBM2e, v6e (Trillium) 32 GiB.
+# The share of HBM a plan or a compiled program may use: XLA keeps the rest for scratch and
+# fragmentation (the dry run, `fits` and `explore_jax.aot` all count with it).
+USABLE = 0.9
 HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
 
 # Slice sizes in chips and the accelerator-type name of each (v4 / v5p count TensorCores, two per
@@ -73,6 +76,16 @@ _TYPE_PREFIX = {"v4": "v4", "v5e": "v5litepod", "v5p": "v5p", "v6e": "v6e"}
 def accelerator_type(chip: str, chips: int) -> str:
   """The `--accelerator-type` of a slice, e.g. ("v5p", 32) -> "v5p-64"."""
   return f"{_TYPE_PREFIX[chip]}-{chips * _CORES_PER_CHIP[chip]}"
+
+
+def slice_of(accelerator: str) -> tuple[str, int] | None:
+  """The inverse of `accelerator_type`: "v5p-64" -> ("v5p", 32) (also "v5e-16" for v5litepod);
+  None for a name of no known chip or an odd core count."""
+  prefix, _, count = accelerator.rpartition("-")
+  chip = {**{p: c for c, p in _TYPE_PREFIX.items()}, "v5e": "v5e"}.get(prefix)
+  if chip is None or not count.isdigit() or int(count) % _CORES_PER_CHIP[chip]:
+    return None
+  return chip, int(count) // _CORES_PER_CHIP[chip]
 
 
 def _dtype_bytes(name: str) -> int:
@@ -292,7 +305,7 @@ def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "gr
                                                   rules)[0]}
 
 
-def fits(p: dict, chip: str, headroom: float = 0.9) -> bool:
+def fits(p: dict, chip: str, headroom: float = USABLE) -> bool:
   """Peak within `headroom` of the chip's HBM (XLA keeps the rest for scratch and fragmentation)."""
   return p["totals"]["peak"] <= headroom * HBM_BYTES[chip]
 

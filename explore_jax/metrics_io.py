@@ -27,6 +27,8 @@ import time
 
 from etils import epath
 
+from explore_jax import paths
+
 LOCAL_FILE = "metrics.jsonl"
 PARTS_DIR = "metrics"
 PART_ROWS = 100
@@ -66,7 +68,7 @@ class MetricsLog:
       self._start_parts(sources, rows)
     else:
       if sources:  # once per start: the steps to redo and a line cut by a kill go
-        _replace_local(os.fspath(self.workdir / LOCAL_FILE), _lines(rows))
+        paths.write_whole(self.workdir / LOCAL_FILE, _lines(rows))
         for path, _ in sources:
           if path.parent.name == PARTS_DIR:  # a bucket workdir copied to a local disk
             path.unlink()
@@ -212,10 +214,3 @@ def _read_jsonl(path: epath.Path) -> list[dict]:
         break
       raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
   return rows
-
-
-def _replace_local(path: str, text: str) -> None:
-  """Write `text` to the local file `path` whole or not at all: readers never see half."""
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)

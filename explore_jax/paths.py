@@ -1,4 +1,4 @@
-"""Where explore_jax finds shared data and writes its own caches.
+"""Where explore_jax finds shared data and writes its own caches, and how it writes a file whole.
 
 `../shared` is read-only: prepared datasets (TFDS array_record files), built tokenizers and other
 derived files go to the project's cache directory instead.
@@ -17,6 +17,16 @@ def default_data_dir() -> str:
   if os.environ.get("EXPLORE_JAX_DATA"):
     return os.environ["EXPLORE_JAX_DATA"]
   return str(REPO_ROOT.parent / "shared" / "data")
+
+
+def write_whole(path, text: str) -> None:
+  """Write `text` to `path` (local or a bucket, through etils.epath) whole or not at all: it goes
+  to PATH.tmp first and is renamed into place, so readers never see half of it."""
+  from etils import epath
+  path = epath.Path(path)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def cache_dir(*parts: str) -> str:

@@ -94,7 +94,5 @@ def note_start(workdir: str) -> list[str]:
                     "Results may not match an uninterrupted run to the last bit.", workdir,
                     history[-1].get("started"), "; ".join(changed))
   history.append(now)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(history, indent=1) + "\n")
-  tmp.replace(path)  # whole or not at all
+  paths.write_whole(path, json.dumps(history, indent=1) + "\n")
   return changed

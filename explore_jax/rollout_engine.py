@@ -69,15 +69,10 @@ class EngineState:
   steps: Array  # [] int32: decode steps so far
 
 
-def _shard(x, names, mesh):
-  if mesh is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, logical_sharding(names, x.shape, mesh))
-
-
 def state_shardings(s: EngineState, mesh: Mesh) -> EngineState:
   """Slots and output rows (their tokens, lengths, ...) over the data axes, kv heads over
-  `tensor`; the per-slot scalars replicated (what `_constrain` pins, and what `explore_jax.aot` gives its abstract states)."""
+  `tensor`; the per-slot scalars replicated (what `_constrain` pins, and what
+  `explore_jax.aot` gives its abstract states)."""
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   named = lambda names: lambda x: logical_sharding(names, x.shape, mesh)
   c = s.cache
@@ -90,7 +85,7 @@ def state_shardings(s: EngineState, mesh: Mesh) -> EngineState:
 
 
 def pool_shardings(pool: Pool, mesh: Mesh) -> Pool:
-  """Prompt caches with kv heads over `tensor` (as `_prefill` pins them); the rest replicated."""
+  """Prompt caches with kv heads over `tensor` (what `_prefill` pins); the rest replicated."""
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   heads = lambda x: logical_sharding((None, "kv_heads", None, None), x.shape, mesh)
   return jax.tree.map(lambda _: rep, pool).replace(
@@ -148,7 +143,9 @@ def _prefill(params, pool: Pool, tokens, mask, first, *, config, mesh) -> Pool:
                            v=tuple(map(put, pool.cache.v, cache.v)),
                            mask=put(pool.cache.mask, cache.mask))
   if mesh is not None:
-    new = new.map(lambda x: _shard(x, (None, "kv_heads", None, None), mesh))
+    pin = pool_shardings(pool, mesh).cache
+    new = new.replace(k=tuple(map(jax.lax.with_sharding_constraint, new.k, pin.k)),
+                      v=tuple(map(jax.lax.with_sharding_constraint, new.v, pin.v)))
   return Pool(cache=new, logits=put(pool.logits, logits[:, -1]),
               lengths=put(pool.lengths, jnp.sum(mask, axis=-1).astype(jnp.int32)))
 

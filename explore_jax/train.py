@@ -250,13 +250,6 @@ def _as_json(config: ml_collections.ConfigDict) -> dict:
   return _flat(json.loads(config.to_json_best_effort()))
 
 
-def _write_whole(path: epath.Path, text: str) -> None:
-  """Write `text` to `path` (local or bucket) whole or not at all: readers never see half."""
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
-
-
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
                         has_checkpoint: bool) -> None:
   """A workdir with a checkpoint resumes only the run it was started with: a changed setting
@@ -288,7 +281,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """WORKDIR/config.json, whole (another process may be reading it)."""
-  _write_whole(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
+  paths.write_whole(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
 
 
 def check_finite(step: int, metrics: dict, mode: str) -> None:
@@ -591,7 +584,7 @@ def report_memory(config, model_cfg, shapes, shardings, mesh) -> bool:
     print(f"{source} reports no memory size: set --config.dry_run_chip={{"
           f"{','.join(sorted(memory.HBM_BYTES))}}} to check the plan against a chip")
     return True
-  usable = 0.9 * hbm
+  usable = memory.USABLE * hbm
   verdict = "fits" if peak <= usable else "does not fit"
   print(f"{verdict}: peak {peak / 2**30:.2f} GiB per device against {usable / 2**30:.2f} GiB "
         f"usable (90% of {hbm / 2**30:.2f} GiB, {source})")

@@ -80,8 +80,11 @@ def abstract_state(model_cfg: qwen2.Qwen2Config, actor_tx, critic_tx, ppo: bool)
   opt_specs = lambda tx, shapes, specs: optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, shapes), specs,
       transform_non_params=lambda _: P(), is_leaf=_is_spec)
-  shapes = dict(step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-                actor=actor, actor_opt=jax.eval_shape(actor_tx.init, actor))
+  # The key under eval_shape: an eager op would run on the mesh's devices (a TPU topology's
+  # devices in explore_jax.aot exist only to compile for).
+  rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  shapes = dict(step=jax.ShapeDtypeStruct((), jnp.int32), rng=rng, actor=actor,
+                actor_opt=jax.eval_shape(actor_tx.init, actor))
   specs = dict(step=P(), rng=P(), actor=actor_specs,
                actor_opt=opt_specs(actor_tx, actor, actor_specs))
   if ppo:

@@ -209,9 +209,8 @@ def prepare(builder_cls: type[LocalFileBuilder], source_dir: str,
         tfds.display_progress_bar(False)
         builder.download_and_prepare()
         # Written last: its presence marks a complete build.
-        with open(skipped_path + ".tmp", "w") as f:
-          json.dump([dataclasses.asdict(s) for s in builder.skipped], f)
-        os.replace(skipped_path + ".tmp", skipped_path)
+        paths.write_whole(skipped_path,
+                          json.dumps([dataclasses.asdict(s) for s in builder.skipped]))
       builder = builder_cls(source_dir=source_dir, config=config, data_dir=data_dir)
   with open(skipped_path) as f:
     builder.skipped = [readers.Skipped(**s) for s in json.load(f)]
