@@ -1,7 +1,7 @@
 """Multi-controller JAX on one machine: 2 processes x 2 fake CPU devices, gloo collectives.
 
-The same tiny GRPO run on 2 processes must log the losses of a 1-process run on a mesh of the same
-global size (4 devices), a SIGTERM to one process must stop both at one step with one checkpoint,
+The same tiny GRPO run on 2 processes must log the losses of the same run on one device
+(test_train's reference run), a SIGTERM to one process must stop both at one step with one checkpoint,
 which both restore (the resumed steps matching the uninterrupted run), and
 the Hugging Face export (each tensor gathered from both processes, written by process 0) must hold
 the 1-process run's weights. The 2-process job starts on a cache with no base model (a cold start):
@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from explore_jax import pretrain
-from test_train import _command, read_metrics, run_train, train_env  # noqa: F401
+from test_train import (REFERENCE, _command, read_metrics, reference_run,  # noqa: F401
+                        train_env)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("actor/loss", "actor/entropy", "actor/grad_norm", "reward/mean",
@@ -108,19 +109,16 @@ def sigterm_after(workdir, step, pid):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noqa: F811
+def test_two_processes_match_one_process_and_resume(train_env, reference_run, tmp_path):  # noqa: F811
   # The continuous rollout engine (the default). Its output lengths were once replicated, and
   # each process then read the first rows' lengths for its own rows (so cut its responses wrong
   # and graded them wrong): actor/loss -0.0026 against -0.0045.
-  base = ["--config.checkpoint_every=2"]
-  run_train(train_env, tmp_path / "one", variant="entropy_reg",
-            overrides=["--config.total_steps=3"] + base, devices=4)
-  one = read_metrics(tmp_path / "one")
+  one = read_metrics(reference_run)  # the same run on one device
   # SIGTERM to process 1 alone after step 1 (as a maintenance event stops one TPU host): both
   # processes stop at the same step boundary, save that step together and exit 0.
   watch, sent = sigterm_after(tmp_path / "two", 1, pid=1)
   cold = dict(train_env, EXPLORE_JAX_CACHE=str(tmp_path / "empty_cache"))
-  errs = run_two_processes(cold, tmp_path / "two", ["--config.total_steps=3"] + base, watch=watch)
+  errs = run_two_processes(cold, tmp_path / "two", REFERENCE, watch=watch)
   assert sent and time.monotonic() - sent[0] < 120
   # One base model published, complete (no temporary copy left behind either), and the same
   # bytes as the one the 1-process run read: the same config and seed build the same model.
@@ -132,23 +130,23 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
   assert (built / "model.safetensors").read_bytes() == open(
       os.path.join(shared, "model.safetensors"), "rb").read()
   stopped = [int(m) for e in errs for m in re.findall(r"saved step (\d+) in", e)]
-  assert len(stopped) == 2 and stopped[0] == stopped[1] < 3, stopped
+  assert len(stopped) == 2 and stopped[0] == stopped[1] < 4, stopped
   k = stopped[0]
   assert k in [int(p) for p in os.listdir(tmp_path / "two" / "checkpoints") if p.isdigit()]
   two = read_metrics(tmp_path / "two")
   assert [r["step"] for r in two] == list(range(1, k + 1))
   # The same command resumes both from step k; every step matches the uninterrupted run's.
-  errs = run_two_processes(cold, tmp_path / "two", ["--config.total_steps=3"] + base)
+  errs = run_two_processes(cold, tmp_path / "two", REFERENCE)
   assert all(f"restored checkpoint step {k}" in e for e in errs)
   two = read_metrics(tmp_path / "two")
-  assert [r["step"] for r in two] == [1, 2, 3]
+  assert [r["step"] for r in two] == [1, 2, 3, 4]
   for a, b in zip(one, two):
     for key in KEYS:
       np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
-  # The export of step 3 holds the weights of the 1-process run's.
+  # The export of step 4 holds the weights of the 1-process run's.
   from explore_jax import checkpoint, train
-  assert train.exported_step(str(tmp_path / "two" / "hf")) == 3
-  cfg_one, params_one = checkpoint.load_hf(tmp_path / "one" / "hf")
+  assert train.exported_step(str(tmp_path / "two" / "hf")) == 4
+  cfg_one, params_one = checkpoint.load_hf(reference_run / "hf")
   cfg_two, params_two = checkpoint.load_hf(tmp_path / "two" / "hf")
   assert cfg_one == cfg_two
   flat_one, flat_two = (dict(jax.tree_util.tree_leaves_with_path(p))
@@ -158,7 +156,7 @@ def test_two_processes_match_one_process_and_resume(train_env, tmp_path):  # noq
     # atol 1e-4: Adam turns summation-order noise in gradients near eps into ~1e-5 updates; a
     # layout or gather bug shows at ~0.1.
     np.testing.assert_allclose(flat_two[path], x, rtol=1e-4, atol=1e-4, err_msg=str(path))
-  assert sorted(os.listdir(tmp_path / "one" / "hf")) == sorted(os.listdir(tmp_path / "two" / "hf"))
+  assert sorted(os.listdir(reference_run / "hf")) == sorted(os.listdir(tmp_path / "two" / "hf"))
 
 
 def test_one_process_cannot_read_the_newest_checkpoint(tmp_path):

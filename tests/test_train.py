@@ -4,8 +4,10 @@ Every run uses `configs/tiny_cpu.py:size=test` (a 2-layer Qwen2 pre-trained on o
 cached for the session) in a subprocess, with a persistent compilation cache shared by the runs.
 """
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +38,27 @@ def train_env(tmp_path_factory):
              JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return env
+
+
+# The uninterrupted run that other ways of running the same job are compared against.
+REFERENCE = ["--config.total_steps=4", "--config.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(train_env, tmp_path_factory):
+  """The workdir of one uninterrupted `entropy_reg` run of REFERENCE on one device (continuous
+  engine, HF export), shared by the tests that run the same job another way (8 fake devices,
+  2 processes, killed and resumed): the first xdist worker to ask runs it, another waits for it
+  on a file lock instead of running it again."""
+  root = tmp_path_factory.getbasetemp().parent
+  workdir = root / "reference_run"
+  with open(root / "reference_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "done").exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+      run_train(train_env, workdir, variant="entropy_reg", overrides=REFERENCE)
+      (workdir / "done").touch()
+  return workdir
 
 
 def _command(workdir, variant="entropy_adv", overrides=()):
@@ -177,27 +200,23 @@ def test_reward_rises(train_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_device_equals_eight_fake_devices(train_env, tmp_path):
+def test_one_device_equals_eight_fake_devices(train_env, reference_run, tmp_path):
   """Same losses on one CPU device with the continuous rollout engine as on a 2 x 2 x 2 (data,
   fsdp, tensor) mesh of fake devices with the static engine and length buckets (rows sorted,
   micro-batches cut: the same update): one run for the three changes, since any of them
   differing would show."""
-  overrides = ["--config.total_steps=3", "--config.export_hf=False"]
-  run_train(train_env, tmp_path / "one", variant="entropy_reg", overrides=overrides)
-  run_train(train_env, tmp_path / "buckets", variant="entropy_reg", devices=8, overrides=overrides
-            + ["--config.mesh.shape=(2,2,2)", "--config.rl.length_buckets=3",
-               "--config.rollout.engine=static"])
-  one = read_metrics(tmp_path / "one")
+  run_train(train_env, tmp_path / "buckets", variant="entropy_reg", devices=8, overrides=REFERENCE
+            + ["--config.export_hf=False", "--config.mesh.shape=(2,2,2)",
+               "--config.rl.length_buckets=3", "--config.rollout.engine=static"])
+  one = read_metrics(reference_run)
   assert all(0 < r["rollout/slot_utilization"] <= 1 for r in one)
-  for other in ("buckets",):
-    rows = read_metrics(tmp_path / other)
-    assert len(one) == len(rows) == 3
-    for a, b in zip(one, rows):
-      for key in ("actor/loss", "actor/entropy", "actor/grad_norm", "reward/mean",
-                  "rollout/response_length_mean", "actor/psi_mean"):
-        np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=f"{other} {key}")
-  assert one[-1]["actor/grad_norm"] > 0
   buckets = read_metrics(tmp_path / "buckets")
+  assert len(one) == len(buckets) == 4
+  for a, b in zip(one, buckets):
+    for key in ("actor/loss", "actor/entropy", "actor/grad_norm", "reward/mean",
+                "rollout/response_length_mean", "actor/psi_mean"):
+      np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
+  assert one[-1]["actor/grad_norm"] > 0
   assert max(r["perf/update_length_frac"] for r in buckets) < 1.0  # padding was skipped
 
 
@@ -215,12 +234,10 @@ def _wait_for_step(workdir, step, proc, timeout=600):
 
 
 @pytest.mark.slow
-def test_resume_is_exact_after_sigterm_and_sigkill(train_env, tmp_path):
-  overrides = ["--config.total_steps=5", "--config.checkpoint_every=2", "--config.export_hf=False"]
-  reference = tmp_path / "reference"
-  run_train(train_env, reference, variant="entropy_reg", overrides=overrides)
-  expected = comparable(read_metrics(reference))
-  assert len(expected) == 5
+def test_resume_is_exact_after_sigterm_and_sigkill(train_env, reference_run, tmp_path):
+  overrides = REFERENCE
+  expected = comparable(read_metrics(reference_run))
+  assert len(expected) == 4
 
   # SIGTERM (TPU preemption): saves at the next step boundary and exits 0; the rerun resumes.
   workdir = tmp_path / "sigterm"
@@ -230,11 +247,11 @@ def test_resume_is_exact_after_sigterm_and_sigkill(train_env, tmp_path):
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=300) == 0
   stopped_at = len(read_metrics(workdir))
-  assert stopped_at < 5
+  assert stopped_at < 4
   run_train(train_env, workdir, variant="entropy_reg", overrides=overrides)
   assert comparable(read_metrics(workdir)) == expected
 
-  # SIGKILL after step 3 (checkpoint at 2): the rerun redoes step 3 from the step-2 checkpoint.
+  # SIGKILL after step 3 (checkpoint at 2): the rerun redoes steps 3-4 from the step-2 checkpoint.
   workdir = tmp_path / "sigkill"
   proc = subprocess.Popen(_command(workdir, "entropy_reg", overrides), env=train_env, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
