@@ -7,11 +7,14 @@ paper's settings (Cheng et al., Table 4) unless a comment says otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import ml_collections
 
-VARIANTS = ("entropy_adv", "baseline", "entropy_reg", "ppo", "ppo_baseline")
+from explore_jax.data import countdown
+
+VARIANTS = ("entropy_adv", "baseline", "entropy_reg", "ppo", "ppo_baseline", "placebo")
 
 
 def parse_arg(arg: str | None, **defaults) -> types.SimpleNamespace:
@@ -83,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrain.seed = 0  # the base model is shared by every RL seed of an experiment
   # Share of problems whose demonstration is the bare boxed answer, no worked steps.
   c.pretrain.direct_answer_frac = 0.0
+  c.pretrain.traces_per_problem = 1  # countdown: random attempts shown per problem
+  c.pretrain.length_buckets = 1  # 2: short rows in batches of their own length (pretrain.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "dapo_math_17k"
@@ -95,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic = ml_collections.ConfigDict(dict(
       min_operands=2, max_operands=4, max_number=19, max_value=999, ops="+-*", train_size=20000,
       test_size=500))
+  # The countdown task (explore_jax.data.countdown.CountdownConfig).
+  c.data.countdown = countdown_config()
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.n = 8  # samples per prompt (the GRPO group)
@@ -122,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.entropy_advantage = True  # the paper's psi term
   c.rl.alpha = 0.4
   c.rl.kappa = 2.0
+  # psi's clip at |A| / kappa; False is a placebo arm, psi = alpha * sg(H) on every token: the
+  # same positive offset, whose expected gradient is 0 (H depends on the prefix only), without
+  # the clip that makes the paper's term reweight correct and incorrect responses differently.
+  c.rl.entropy_clip = True
   c.rl.entropy_coef = 0.0  # beta of the entropy regularizer -beta * H (Table 3 baseline)
   c.rl.kl_coef = 0.0
   c.rl.kl_kind = "k3"
@@ -181,6 +192,11 @@ def distributed_config() -> ml_collections.ConfigDict:
       process_id=0,
       cpu_collectives="",  # "gloo" to run several CPU processes on one machine
   ))
+
+
+def countdown_config() -> ml_collections.ConfigDict:
+  """The fields of `data.countdown.CountdownConfig`, at their defaults."""
+  return ml_collections.ConfigDict(dataclasses.asdict(countdown.CountdownConfig()))
 
 
 def tiny_config(size: str = "demo") -> ml_collections.ConfigDict:
@@ -303,6 +319,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
   if variant.startswith("ppo"):
     c.rl.algorithm = "ppo"
     c.rl.alpha = 0.1
-  c.rl.entropy_advantage = variant in ("entropy_adv", "ppo")
+  c.rl.entropy_advantage = variant in ("entropy_adv", "ppo", "placebo")
+  c.rl.entropy_clip = variant != "placebo"
   if variant == "entropy_reg":
     c.rl.entropy_coef = 0.001

@@ -109,6 +109,7 @@ def base_config():
   c.synthetic = ml_collections.ConfigDict(dict(
       min_operands=2, max_operands=4, max_number=19, max_value=999, ops="+-*", train_size=20000,
       test_size=500))
+  c.countdown = defaults.countdown_config()  # the same, for the countdown task
   c.benchmarks = ml_collections.ConfigDict()
   # Devices, as in the trainer: a (data, fsdp, tensor) mesh over every device of every process.
   # The default puts them all on `data`: parameters replicated, the rows of each generate call
@@ -353,11 +354,11 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
   result, the others return None."""
   import jax
   from explore_jax import data, sharding
-  from explore_jax.data import synthetic, templates
+  from explore_jax.data import templates
 
   path = os.path.join(out_dir, "responses.jsonl")
   problems = list(data.load(bench.dataset, bench.split, data_dir=config.data_dir or None,
-                            synthetic_config=synthetic.ArithmeticConfig(**config.synthetic)))
+                            **data.generated_task_configs(config.synthetic, config.countdown)))
   if bench.max_problems > 0:
     problems = problems[:bench.max_problems]
   ids = [str(p["id"]) for p in problems]
@@ -492,6 +493,8 @@ def run(config, workdir: str) -> dict | None:
                "benchmark": {k: v for k, v in bench.to_dict().items() if k != "max_problems"},
                "sampling": config.sampling.to_dict(), "seed": config.seed, "dtype": config.dtype,
                "tokenizer": config.tokenizer, "synthetic": config.synthetic.to_dict()}
+        if bench.dataset == "countdown":  # (a key of its own: older records stay valid)
+          how["countdown"] = config.countdown.to_dict()
         out = evaluate_benchmark(model_config, params, tokenizer, name, bench, config,
                                  os.path.join(workdir, label, name), eos_id, pool, how, mesh)
         if out is None:

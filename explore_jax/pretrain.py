@@ -1,9 +1,11 @@
-"""The CPU default's "base model": a tiny Qwen2 pre-trained (SFT) on worked arithmetic solutions.
+"""The CPU default's "base model": a tiny Qwen2 pre-trained (SFT) on a generated task's traces.
 
 The paper starts RL from a base model that can already solve part of its problems. On a laptop we
 make one: a random Qwen2-architecture model with a small tokenizer, trained for `pretrain.steps`
-steps of teacher-forced cross-entropy on the synthetic task's worked solutions (for a share
-`pretrain.direct_answer_frac` of the problems, on the bare boxed answer instead), then saved in
+steps of teacher-forced cross-entropy on the task's demonstrations: for `synthetic_arithmetic`
+its worked solutions (for a share `pretrain.direct_answer_frac` of the problems, the bare boxed
+answer instead); for `countdown` `pretrain.traces_per_problem` random attempts per problem (a
+share `data.countdown.retry_frac` of them checking and retrying; see data.countdown). Then saved in
 Hugging Face format (config.json, safetensors, tokenizer) with its held-out greedy accuracy in
 `pretrain.json`. The directory is keyed by a hash of every setting that shapes it, so a second run
 (or another variant of the same experiment) reuses it.
@@ -16,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import time
@@ -29,7 +32,7 @@ import optax
 
 from explore_jax import checkpoint, paths, sampling
 from explore_jax import rewards as rewards_lib
-from explore_jax.data import synthetic, templates
+from explore_jax.data import countdown, synthetic, templates
 from explore_jax.data import tokenizer as tokenizer_lib
 from explore_jax.models import qwen2
 
@@ -51,6 +54,11 @@ def _key(config: ml_collections.ConfigDict) -> str:
   fields = {"model": config.model.to_dict(), "pretrain": config.pretrain.to_dict(),
             "task": config.data.synthetic.to_dict(),
             "template": config.data.template, "version": FORMAT_VERSION}
+  if config.data.name == "countdown":
+    fields["task"] = {"countdown": config.data.countdown.to_dict()}
+  else:  # arithmetic: the key of the bases built before countdown existed
+    for k in ("traces_per_problem", "length_buckets"):
+      fields["pretrain"].pop(k, None)
   for k in ("path", "tokenizer", "param_dtype", "dtype", "remat", "attention", "scan_layers",
             "remat_policy"):
     fields["model"].pop(k, None)
@@ -99,19 +107,44 @@ def is_complete(path: str) -> bool:
   return all(os.path.exists(os.path.join(path, f)) for f in COMPLETE_FILES)
 
 
-def _sequences(records, tokenizer, template: str, seq_len: int, eos_id: int,
-               direct_answer_frac: float = 0.0):
+def demonstrations(config: ml_collections.ConfigDict) -> tuple[list[dict], list[str]]:
+  """(records, completions) the base model is pre-trained on: one worked solution per arithmetic
+  problem; `pretrain.traces_per_problem` random attempts per countdown problem, each drawn from
+  a generator seeded by the problem and the trace's index (the same at any process count)."""
+  if config.data.name == "countdown":
+    task = countdown.CountdownConfig(**config.data.countdown)
+    records = countdown.load_split("train", task)
+    reps = config.pretrain.traces_per_problem
+    rngs = (random.Random(f"trace/{task.seed}/{r['problem']}/{i}") for r in records
+            for i in range(reps))
+    records = [r for r in records for _ in range(reps)]
+    return records, [countdown.trace(r, task, rng) for r, rng in zip(records, rngs)]
+  if config.data.name != "synthetic_arithmetic":
+    raise ValueError(f"pretrain: data.name={config.data.name!r}; a base model is built for "
+                     "'synthetic_arithmetic' or 'countdown' (set model.path for another task)")
+  records = synthetic.load_split("train", synthetic.ArithmeticConfig(**config.data.synthetic))
+  frac = config.pretrain.direct_answer_frac
+  return records, [synthetic.completion_text(r, frac) for r in records]
+
+
+def heldout(config: ml_collections.ConfigDict) -> list[dict]:
+  """The held-out problems a base model's greedy accuracy is measured on (at most 200)."""
+  if config.data.name == "countdown":
+    return countdown.load_split("test", countdown.CountdownConfig(**config.data.countdown))[:200]
+  return synthetic.load_split("test", synthetic.ArithmeticConfig(**config.data.synthetic))[:200]
+
+
+def _sequences(records, completions, tokenizer, template: str, seq_len: int, eos_id: int):
   """Right-padded [n, seq_len] tokens, attention mask and loss mask (completion tokens only)."""
   n = len(records)
   tokens = np.full((n, seq_len), eos_id, np.int32)
   attn = np.zeros((n, seq_len), np.int32)
   loss = np.zeros((n, seq_len), np.float32)
   skipped = 0
-  for i, r in enumerate(records):
-    prompt = tokenizer(templates.apply_template(template, r["problem"], tokenizer),
-                       add_special_tokens=False)["input_ids"]
-    completion = tokenizer(synthetic.completion_text(r, direct_answer_frac),
-                           add_special_tokens=False)["input_ids"]
+  prompts = tokenizer([templates.apply_template(template, r["problem"], tokenizer)
+                       for r in records], add_special_tokens=False)["input_ids"]
+  completions = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+  for i, (prompt, completion) in enumerate(zip(prompts, completions)):
     ids = prompt + completion + [eos_id]
     if len(ids) > seq_len:
       skipped += 1
@@ -123,6 +156,21 @@ def _sequences(records, tokenizer, template: str, seq_len: int, eos_id: int,
     logging.warning("pretrain: %d of %d sequences longer than pretrain.seq_len=%d were dropped",
                     skipped, n, seq_len)
   return tokens, attn, loss
+
+
+def length_buckets(attn: np.ndarray, count: int) -> list[tuple[int, np.ndarray]]:
+  """(length, rows) of the batches pre-training draws: every row at the full length, or with
+  count = 2 also a short bucket, the smallest multiple of 16 that holds 90% of the rows (most
+  countdown traces are a third of the longest), which the rows that fit go to."""
+  n, seq_len = attn.shape
+  if count == 1:
+    return [(seq_len, np.arange(n))]
+  if count != 2:
+    raise ValueError(f"pretrain.length_buckets={count}: use 1 or 2")
+  lengths = attn.sum(axis=1)
+  short = min(seq_len, int(-(-np.percentile(lengths, 90) // 16) * 16))
+  fits = lengths <= short
+  return [(short, np.flatnonzero(fits)), (seq_len, np.flatnonzero(~fits))]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tx"), donate_argnames=("params", "opt"))
@@ -140,7 +188,7 @@ def _sft_step(params, opt, tokens, attn, loss_mask, *, cfg, tx):
 
 def greedy_accuracy(cfg, params, tokenizer, records, template: str, eos_id: int, *,
                     max_new_tokens: int = 64, batch: int = 100) -> float:
-  """Share of records whose greedy response is graded correct (math-verify)."""
+  """Share of records whose greedy response is graded correct (the template's reward method)."""
   correct = 0
   pool = rewards_lib.RewardPool(timeout_s=5.0)
   for i in range(0, len(records), batch):
@@ -154,7 +202,8 @@ def greedy_accuracy(cfg, params, tokenizer, records, template: str, eos_id: int,
     texts = tokenizer.batch_decode([t[:n] for t, n in zip(np.asarray(out.tokens).tolist(),
                                                           lengths.tolist())],
                                    skip_special_tokens=True)
-    scores = pool.score(texts, [r["answer"] for r in chunk], method="math_verify")
+    scores = pool.score(texts, [r["answer"] for r in chunk],
+                        method=templates.reward_method(template))
     correct += int(np.sum(scores > 0))
   pool.close()
   return correct / max(len(records), 1)
@@ -163,35 +212,45 @@ def greedy_accuracy(cfg, params, tokenizer, records, template: str, eos_id: int,
 def build(config: ml_collections.ConfigDict, path: str) -> dict:
   """Tokenizer + random model + SFT, saved to `path` in Hugging Face format."""
   os.makedirs(path, exist_ok=True)
-  tokenizer = tokenizer_lib.build_tiny_tokenizer(path)
+  records, completions = demonstrations(config)
+  # The arithmetic tokenizer's merges come from arithmetic alone; another task's add its texts.
+  extra = () if config.data.name == "synthetic_arithmetic" else [
+      templates.apply_template(config.data.template, r["problem"]) + c
+      for r, c in zip(records[:4000], completions[:4000])]
+  tokenizer = tokenizer_lib.build_tiny_tokenizer(path, extra_texts=extra)
   eos_id = tokenizer.eos_token_id
   vocab = -(-len(tokenizer) // 64) * 64  # round up: friendlier shapes, as real vocabularies are
   cfg = model_config(config, vocab, eos_id)
   pre = config.pretrain
   params = qwen2.init_params(cfg, jax.random.PRNGKey(pre.seed))
-  task = synthetic.ArithmeticConfig(**config.data.synthetic)
-  train = synthetic.load_split("train", task)
-  tokens, attn, loss_mask = _sequences(train, tokenizer, config.data.template, pre.seq_len,
-                                       eos_id, pre.direct_answer_frac)
+  tokens, attn, loss_mask = _sequences(records, completions, tokenizer, config.data.template,
+                                       pre.seq_len, eos_id)
   steps = pre.steps
   schedule = optax.warmup_cosine_decay_schedule(0.0, pre.lr, min(50, steps // 10 + 1),
                                                 max(steps, 2), pre.lr * 0.05)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
   opt = tx.init(params)
   rng = np.random.default_rng(pre.seed)
+  buckets = length_buckets(attn, pre.length_buckets)
+  share = np.array([len(rows) for _, rows in buckets], np.float64) / len(records)
   t0 = time.perf_counter()
   losses = []
   for step in range(steps):
-    idx = rng.integers(0, len(train), pre.batch_size)
-    params, opt, loss = _sft_step(params, opt, tokens[idx], attn[idx], loss_mask[idx], cfg=cfg,
-                                  tx=tx)
+    if len(buckets) == 1:
+      idx, length = rng.integers(0, len(records), pre.batch_size), pre.seq_len
+    else:  # a batch of one bucket, the buckets drawn in proportion to their rows
+      length, rows = buckets[rng.choice(len(buckets), p=share)]
+      idx = rows[rng.integers(0, len(rows), pre.batch_size)]
+    params, opt, loss = _sft_step(params, opt, tokens[idx, :length], attn[idx, :length],
+                                  loss_mask[idx, :length], cfg=cfg, tx=tx)
     if step % 100 == 0 or step == steps - 1:
       losses.append((step, float(loss)))
       logging.info("pretrain step %d/%d: loss %.4f", step + 1, steps, float(loss))
   train_s = time.perf_counter() - t0
-  test = synthetic.load_split("test", task)[:200]
+  test = heldout(config)
   # A random model (steps = 0, used by fast tests) is not graded: it solves nothing.
-  acc = (greedy_accuracy(cfg, params, tokenizer, test, config.data.template, eos_id) if steps
+  acc = (greedy_accuracy(cfg, params, tokenizer, test, config.data.template, eos_id,
+                         max_new_tokens=max(64, config.rollout.max_new_tokens)) if steps
          else 0.0)
   logging.info("pretrained base model: held-out greedy accuracy %.3f (%d problems)", acc,
                len(test))

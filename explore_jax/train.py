@@ -37,7 +37,7 @@ from explore_jax import sharding, train_state, train_step
 from explore_jax import data as data_lib
 from explore_jax import rewards as rewards_lib
 from explore_jax import sampling
-from explore_jax.data import pipeline, synthetic, templates
+from explore_jax.data import countdown, pipeline, templates
 from explore_jax.models import qwen2
 from explore_jax.rl import actor_loss
 
@@ -56,7 +56,7 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
   loss = actor_loss.LossConfig(
       clip_low=rl.clip_low, clip_high=rl.clip_high, clip_c=rl.clip_c or None, agg=rl.agg,
       entropy_advantage=rl.entropy_advantage, alpha=rl.alpha, kappa=rl.kappa,
-      entropy_coef=rl.entropy_coef, kl_coef=rl.kl_coef, kl_kind=rl.kl_kind)
+      entropy_clip=rl.entropy_clip, entropy_coef=rl.entropy_coef, kl_coef=rl.kl_coef, kl_kind=rl.kl_kind)
   rows = config.data.prompts_per_step * config.rollout.n
   if rl.algorithm not in ("grpo", "ppo"):
     raise ValueError(f"config.rl.algorithm={rl.algorithm!r}: use 'grpo' or 'ppo'")
@@ -99,10 +99,6 @@ def optimizers(config: ml_collections.ConfigDict):
   actor_lr, critic_lr = schedule(config.optim.lr), schedule(config.optim.critic_lr)
   return (updates_per_step, actor_lr, critic_lr, train_state.make_optimizer(actor_lr, config.optim),
           train_state.make_optimizer(critic_lr, config.optim))
-
-
-def synthetic_config(config: ml_collections.ConfigDict) -> synthetic.ArithmeticConfig:
-  return synthetic.ArithmeticConfig(**config.data.synthetic)
 
 
 def resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -186,7 +182,7 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
   if config.rollout.engine == "continuous":  # the slots bound the memory: one call per step
     wave = config.data.prompts_per_step
   rollouts, scores, truncated, timing = [], [], [], {"rollout": 0.0, "reward": 0.0}
-  busy = slot_steps = 0
+  busy = slot_steps = retried = 0
   for w, first in enumerate(range(0, len(records), wave)):
     chunk = process_slice(records[first:first + wave])
     t0 = time.perf_counter()
@@ -212,6 +208,7 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
         [row[:k] for row, k in zip(resp_tokens.tolist(), resp_len.tolist())],
         skip_special_tokens=True)
     answers = [r["answer"] for r in chunk for _ in range(n)]
+    retried += sum(countdown.count_retries(text) > 0 for text in responses)
     local = pool.score(responses, answers, method=config.reward.method,
                        correct_reward=config.reward.correct,
                        incorrect_reward=config.reward.incorrect)
@@ -223,6 +220,8 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
     timing["rollout"] += t1 - t0
     timing["reward"] += time.perf_counter() - t1
   timing["slot_utilization"] = busy / max(slot_steps, 1)
+  # Responses that checked a wrong value and tried again (countdown's verify-and-retry).
+  timing["retry_frac"] = int(sharding.gather_ints([retried]).sum()) / len(records) / n
   if len(rollouts) == 1:
     return rollouts[0], scores[0], truncated[0], timing
   cat = lambda *xs: jnp.concatenate(xs, axis=0)
@@ -373,7 +372,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     # Data: every process walks the same shuffled stream of global batches and keeps its own
     # slice of each, so a run's batches do not depend on how many processes share it.
     records = data_lib.load(config.data.name, config.data.split, config.data.data_dir or None,
-                            synthetic_config=synthetic_config(config))
+                            **data_lib.generated_task_configs(config.data.synthetic,
+                                                              config.data.countdown))
     prompts = pipeline.prompt_batches(records, batch_size=config.data.prompts_per_step,
                                       seed=config.seed)
     if data_state is not None:
@@ -424,6 +424,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
             "perf/rollout_tokens_per_s": n_generated / max(timing["rollout"], 1e-9),
             # Decode slot-steps that produced a token (the static engine's slots are its rows).
             "rollout/slot_utilization": timing["slot_utilization"],
+            "rollout/retry_frac": timing["retry_frac"],
             # Padded [P + N] positions (with rl.length_buckets > 1 the update's model body runs
             # over perf/update_length_frac of them: the same rows in less time).
             "perf/update_tokens_per_s": config.rl.epochs * rows * (

@@ -235,6 +235,9 @@ def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg:
   metrics = {
       "rollout/logprob_gap": losses.masked_mean(jnp.abs(old_logprobs - rollout.logprobs), mask),
       "rollout/entropy": losses.masked_mean(old_entropy, mask),
+      # The first response token: on countdown the choice of the first number to combine, a
+      # fork that decides the attempt.
+      "rollout/entropy_first_token": losses.masked_mean(old_entropy[:, :1], mask[:, :1]),
   }
   if cfg.algorithm == "grpo":
     seq_adv = adv_lib.grpo_advantages(scores, cfg.group_size, norm_by_std=cfg.norm_by_std)

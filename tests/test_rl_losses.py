@@ -359,3 +359,31 @@ def test_config_and_batch_errors_name_the_field():
     actor_loss(logits, dict(batch, advantages=batch["advantages"][:, 0]), LossConfig())
   lp = jnp.zeros(batch["mask"].shape)
   assert np.isfinite(actor_loss_from_logprobs(lp, lp, batch, LossConfig())[0])
+
+
+def test_placebo_is_the_unclipped_offset_and_clip_binds_by_sign():
+  """The placebo arm shapes A + alpha * sg(H) on every response token (no clip: also where A = 0),
+  sends no gradient through H, and the clip-binding metrics count alpha * H > |A| / kappa on the
+  tokens of responses above and below their group's mean, whichever arm runs."""
+  logits, batch = _random_batch(11, b=16, garbage=False)
+  mask = np.asarray(batch["mask"]).astype(bool)
+  adv = np.asarray(batch["advantages"]).copy()
+  adv[0] = 0.0  # a row without signal: the placebo still offsets it, psi does not
+  batch = dict(batch, advantages=jnp.asarray(adv))
+  placebo = LossConfig(entropy_advantage=True, entropy_clip=False, alpha=0.4, kappa=2.0)
+  loss_grad = jax.jit(jax.grad(lambda z, b, c: actor_loss(z, b, c)[0]), static_argnums=2)
+  ent64 = _np_entropy(np.asarray(logits))
+  const = dict(batch, advantages=jnp.asarray(adv + 0.4 * ent64, jnp.float32))
+  np.testing.assert_allclose(loss_grad(logits, batch, placebo), loss_grad(logits, const,
+                                                                          LossConfig()),
+                             rtol=1e-5, atol=1e-8)
+  _, m_placebo = jax.jit(actor_loss, static_argnums=2)(logits, batch, placebo)
+  np.testing.assert_allclose(m_placebo["actor/psi_mean"], (0.4 * ent64)[mask].mean(), rtol=1e-5)
+  # Against the paper's psi, the placebo is larger exactly where the clip binds.
+  for cfg in (LossConfig(), LossConfig(entropy_advantage=True, alpha=0.4, kappa=2.0), placebo):
+    _, m = jax.jit(actor_loss, static_argnums=2)(logits, batch, cfg)
+    binds = 0.4 * ent64 > np.abs(adv) / 2.0
+    for sign, side in (("pos", adv > 0), ("neg", adv < 0)):
+      want = binds[mask & side].mean()
+      assert 0.0 < want < 1.0, (sign, want)  # both outcomes occur: the check can fail
+      np.testing.assert_allclose(m[f"actor/psi_clip_binds_{sign}"], want, rtol=1e-5)

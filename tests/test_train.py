@@ -25,7 +25,8 @@ REQUIRED_METRICS = (
     "actor/psi_mean", "actor/psi_over_abs_adv", "actor/clip_frac", "actor/approx_kl",
     "actor/grad_norm", "optim/actor_lr", "rollout/logprob_gap", "perf/rollout_s", "perf/reward_s",
     "perf/update_s", "perf/rollout_tokens_per_s", "perf/update_tokens_per_s",
-    "rollout/slot_utilization")
+    "rollout/slot_utilization", "rollout/retry_frac", "rollout/entropy_first_token",
+    "actor/psi_clip_binds_pos", "actor/psi_clip_binds_neg")
 
 
 @pytest.fixture(scope="session")
@@ -177,6 +178,30 @@ def test_metrics_and_export_in_a_bucket(fake_bucket, tmp_path):
   assert sorted(p.name for p in epath.Path(workdir, "hf").iterdir()) == names
   for name in names:
     assert epath.Path(workdir, "hf", name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_countdown_testbed_trains_the_placebo_arm(train_env, tmp_path):
+  """configs/countdown.py end to end: a base model pre-trained on countdown traces (half of them
+  retrying), graded by evaluating the boxed expression, with the testbed's metrics."""
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "explore_jax.train",
+         f"--config={os.path.join(REPO, 'configs', 'countdown.py')}:size=test,variant=placebo",
+         f"--workdir={workdir}", "--config.total_steps=2", "--config.export_hf=False"]
+  proc = subprocess.run(cmd, env=train_env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    assert -1.0 <= r["reward/mean"] <= 1.0
+    # 16 rows of {-1, +1} rewards: the mean is a multiple of 1/8.
+    assert abs(r["reward/mean"] * 8 - round(r["reward/mean"] * 8)) < 1e-5
+    assert 0.0 <= r["rollout/retry_frac"] <= 1.0 and r["rollout/entropy_first_token"] > 0.0
+    # The placebo's psi is alpha * H on every token, unclipped (the paper's psi would be at
+    # most |A| / kappa, and 0 on rows without signal): its mean is alpha times the entropy.
+    np.testing.assert_allclose(r["actor/psi_mean"], 0.4 * r["actor/entropy"], rtol=1e-4)
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["rl"]["entropy_clip"] is False and config["data"]["name"] == "countdown"
 
 
 def test_mistyped_override_fails(train_env, tmp_path):

@@ -8,6 +8,7 @@ Names and splits (counts of the copies in ../shared/data, see SOURCES.md there):
   amc23          test 40        AMC 2023 (float answers 27.0 stored as "27")
   gsm8k          train 7,473 / test 1,319   (answer = the text after "####")
   synthetic_arithmetic  train / test        generated in memory, see `synthetic`
+  countdown      train / test               generated in memory, see `countdown`
 A user's own JSONL / JSON / parquet file: `load_file(path, problem_field=..., answer_field=...)`.
 
 Files are prepared once into TFDS array_record files under the project cache (see `builders`);
@@ -27,6 +28,7 @@ import numpy as np
 
 from explore_jax import paths
 from explore_jax.data import builders
+from explore_jax.data import countdown
 from explore_jax.data import readers
 from explore_jax.data import synthetic
 
@@ -40,7 +42,7 @@ _BUILDERS: dict[str, type[builders.LocalFileBuilder]] = {
     "amc23": builders.Amc23,
     "gsm8k": builders.Gsm8k,
 }
-NAMES = tuple(_BUILDERS) + ("synthetic_arithmetic",)
+NAMES = tuple(_BUILDERS) + ("synthetic_arithmetic", "countdown")
 
 
 def _decode(value: Any) -> Any:
@@ -93,15 +95,19 @@ def _warn_skipped(what: str, skipped: Sequence[readers.Skipped], limit: int = 20
 
 
 def load(name: str, split: str, data_dir: str | None = None, *,
-         synthetic_config: synthetic.ArithmeticConfig | None = None) -> Sequence[dict[str, Any]]:
+         synthetic_config: synthetic.ArithmeticConfig | None = None,
+         countdown_config: countdown.CountdownConfig | None = None
+         ) -> Sequence[dict[str, Any]]:
   """Records of dataset `name` (see the module docstring) for `split`.
 
   `data_dir` is the folder holding the source files; default `paths.default_data_dir()`
-  ($EXPLORE_JAX_DATA, else ../shared/data next to the checkout). `synthetic_config` sets the
-  difficulty of `synthetic_arithmetic` (default `synthetic.ArithmeticConfig()`).
+  ($EXPLORE_JAX_DATA, else ../shared/data next to the checkout). `synthetic_config` and
+  `countdown_config` set the generated tasks' difficulty (default: their configs' defaults).
   """
   if name == "synthetic_arithmetic":
     return synthetic.load_split(split, synthetic_config or synthetic.ArithmeticConfig())
+  if name == "countdown":
+    return countdown.load_split(split, countdown_config or countdown.CountdownConfig())
   if name not in _BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(NAMES)} (or use load_file)")
   cls = _BUILDERS[name]
@@ -110,6 +116,13 @@ def load(name: str, split: str, data_dir: str | None = None, *,
   builder = builders.prepare(cls, data_dir or paths.default_data_dir())
   _warn_skipped(name, builder.skipped)
   return Records(builder.as_data_source(split), builder.skipped)
+
+
+def generated_task_configs(synthetic_fields, countdown_fields) -> dict:
+  """`load`'s keyword arguments for the generated tasks, from their config sections (the
+  trainer's `data.synthetic` / `data.countdown`, the evaluator's `synthetic` / `countdown`)."""
+  return {"synthetic_config": synthetic.ArithmeticConfig(**synthetic_fields),
+          "countdown_config": countdown.CountdownConfig(**countdown_fields)}
 
 
 def load_file(path: str, *, problem_field: str = "problem", answer_field: str = "answer",

@@ -56,13 +56,18 @@ class CountdownConfig:
   num_numbers: int = 3
   max_number: int = 9  # numbers are drawn from 1..max_number
   max_target: int = 99  # targets lie in [1, max_target]
+  # Every value an attempt reaches lies in [0, max_value]: moves are drawn among those that keep
+  # it there, so the traces never ask a tiny model for negatives or three-digit products.
+  max_value: int = 99
   ops: str = "+-*"
   min_solve_rate: float = 0.05  # share of uniformly random attempts that reach the target
   max_solve_rate: float = 0.3
   retry_frac: float = 0.1  # share of pre-training traces that verify and retry
   max_attempts: int = 4  # attempts in a retrying trace, at most
-  train_size: int = 20000
-  test_size: int = 500
+  # 3 numbers of 1..9 with solve rates in [0.05, 0.3] make about 3,700 distinct problems, a
+  # tenth of them held out: sizes beyond what the space holds cannot be generated.
+  train_size: int = 3000
+  test_size: int = 300
   test_percent: int = 10
   seed: int = 0
 
@@ -90,9 +95,11 @@ def _pool(numbers) -> tuple:
   return tuple((n, str(n), "") for n in numbers)
 
 
-def _moves(pool, ops: str):
-  """Every (i, j, op) an attempt may play on `pool`: ordered pairs of distinct entries."""
-  return [(i, j, op) for i in range(len(pool)) for j in range(len(pool)) if i != j for op in ops]
+def _moves(pool, ops: str, max_value: int):
+  """Every (i, j, op) an attempt may play on `pool`: ordered pairs of distinct entries whose
+  result lies in [0, max_value] (the larger minus the smaller always does)."""
+  return [(i, j, op) for i in range(len(pool)) for j in range(len(pool)) if i != j for op in ops
+          if 0 <= _apply(op, pool[i][0], pool[j][0]) <= max_value]
 
 
 def _play(pool, move):
@@ -110,7 +117,7 @@ def _play(pool, move):
 
 
 @functools.lru_cache(maxsize=100_000)
-def outcomes(numbers: tuple[int, ...], ops: str) -> dict[int, float]:
+def outcomes(numbers: tuple[int, ...], ops: str, max_value: int = 99) -> dict[int, float]:
   """value -> probability that a uniformly random attempt on `numbers` ends at it (exact)."""
   dist: dict[int, float] = collections.defaultdict(float)
 
@@ -118,7 +125,7 @@ def outcomes(numbers: tuple[int, ...], ops: str) -> dict[int, float]:
     if len(pool) == 1:
       dist[pool[0][0]] += prob
       return
-    moves = _moves(pool, ops)
+    moves = _moves(pool, ops, max_value)
     for move in moves:
       walk(_play(pool, move)[2], prob / len(moves))
 
@@ -126,16 +133,17 @@ def outcomes(numbers: tuple[int, ...], ops: str) -> dict[int, float]:
   return dict(dist)
 
 
-def solve_rate(numbers, target: int, ops: str = "+-*") -> float:
-  return outcomes(tuple(sorted(numbers)), ops).get(target, 0.0)
+def solve_rate(numbers, target: int, ops: str = "+-*", max_value: int = 99) -> float:
+  return outcomes(tuple(sorted(numbers)), ops, max_value).get(target, 0.0)
 
 
-def random_attempt(numbers, ops: str, rng: random.Random) -> tuple[int, list[str], str]:
+def random_attempt(numbers, ops: str, rng: random.Random, max_value: int = 99
+                   ) -> tuple[int, list[str], str]:
   """(value, its lines, the expression) of one uniformly random attempt."""
   pool = _pool(numbers)
   lines = []
   while len(pool) > 1:
-    moves = _moves(pool, ops)
+    moves = _moves(pool, ops, max_value)
     value, line, pool = _play(pool, moves[int(rng.random() * len(moves))])
     lines.append(line)
   return pool[0][0], lines, pool[0][1]
@@ -166,7 +174,7 @@ def generate(split: str, size: int | None = None,
       raise ValueError(f"could only generate {len(out)} of {size} {split} problems with "
                        f"{config}; widen the solve-rate range")
     numbers = [1 + int(rng.random() * config.max_number) for _ in range(config.num_numbers)]
-    dist = outcomes(tuple(sorted(numbers)), config.ops)
+    dist = outcomes(tuple(sorted(numbers)), config.ops, config.max_value)
     targets = sorted(v for v, p in dist.items() if 1 <= v <= config.max_target
                      and config.min_solve_rate <= p <= config.max_solve_rate)
     if not targets:
@@ -182,6 +190,16 @@ def generate(split: str, size: int | None = None,
   return out
 
 
+@functools.lru_cache(maxsize=8)
+def _cached(split: str, config: CountdownConfig) -> tuple[dict[str, Any], ...]:
+  return tuple(generate(split, None, config))
+
+
+def load_split(split: str, config: CountdownConfig = CountdownConfig()) -> list[dict[str, Any]]:
+  """The default-size split, generated once per process (fresh dict copies per call)."""
+  return [dict(r, numbers=list(r["numbers"])) for r in _cached(split, config)]
+
+
 def retries(problem: str, retry_frac: float) -> bool:
   """Whether a problem's pre-training trace verifies and retries (a fixed share, by hash)."""
   bucket = int.from_bytes(hashlib.sha256(f"retry/{problem}".encode()).digest()[:8], "little")
@@ -195,7 +213,7 @@ def trace(record: dict[str, Any], config: CountdownConfig, rng: random.Random) -
   check = retries(record["problem"], config.retry_frac)
   lines = []
   for attempt in range(config.max_attempts if check else 1):
-    value, steps, expression = random_attempt(numbers, config.ops, rng)
+    value, steps, expression = random_attempt(numbers, config.ops, rng, config.max_value)
     lines += steps
     if not check:
       break

@@ -4,6 +4,7 @@
   dapo        the DAPO-Math-17k wrapper (answer on an "Answer:" line; grade with dapo)
   plain       the problem as it is
   synthetic   the problem and a newline: the tiny model's pre-training format
+  countdown   the same, for the countdown task (its answer is an expression: grade with countdown)
   chat        the tokenizer's chat template around `qwen_math`; "chat:NAME" wraps template NAME
 """
 
@@ -20,12 +21,13 @@ _TEXT_TEMPLATES = {
     "dapo": lambda p: DAPO_PREFIX + p + DAPO_SUFFIX,
     "plain": lambda p: p,
     "synthetic": lambda p: p + "\n",
+    "countdown": lambda p: p + "\n",
 }
 NAMES = tuple(_TEXT_TEMPLATES) + ("chat",)
 
 # Which reward method reads the answer format a template asks for.
 REWARD_METHOD = {"qwen_math": "math_verify", "dapo": "dapo", "plain": "math_verify",
-                 "synthetic": "math_verify"}
+                 "synthetic": "math_verify", "countdown": "countdown"}
 
 
 def _split(name: str) -> tuple[bool, str]:

@@ -31,9 +31,11 @@ def _corpus(num_examples: int) -> list[str]:
   return texts + ["<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n"]
 
 
-def build_tiny_tokenizer(path: str, vocab_size: int = 384,
-                         num_examples: int = 2000) -> transformers.PreTrainedTokenizerFast:
-  """Train, save to `path` (tokenizer.json + tokenizer_config.json) and return the tokenizer."""
+def build_tiny_tokenizer(path: str, vocab_size: int = 384, num_examples: int = 2000,
+                         extra_texts=()) -> transformers.PreTrainedTokenizerFast:
+  """Train, save to `path` (tokenizer.json + tokenizer_config.json) and return the tokenizer.
+  `extra_texts` (another task's prompts and responses) join the corpus the merges are learnt
+  from."""
   if not 256 + len(SPECIAL_TOKENS) < vocab_size <= 512:
     raise ValueError(f"vocab_size must be in ({256 + len(SPECIAL_TOKENS)}, 512], got {vocab_size}")
   tok = tokenizers.Tokenizer(models.BPE())
@@ -45,7 +47,7 @@ def build_tiny_tokenizer(path: str, vocab_size: int = 384,
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(_corpus(num_examples), trainer=trainer)
+  tok.train_from_iterator(_corpus(num_examples) + list(extra_texts), trainer=trainer)
   fast = transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
       additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE,

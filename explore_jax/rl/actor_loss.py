@@ -43,6 +43,7 @@ class LossConfig:
   entropy_advantage: bool = False  # the paper's A + psi
   alpha: float = 0.4  # paper: 0.4 for GRPO, 0.1 for PPO
   kappa: float = 2.0  # > 1 keeps the sign of every advantage
+  entropy_clip: bool = True  # False: the placebo psi = alpha * sg(H), unclipped
   entropy_coef: float = 0.0  # beta of the regulariser -beta * H; 0 = off
   kl_coef: float = 0.0  # 0 = no KL to the reference policy
   kl_kind: str = "k3"
@@ -82,8 +83,10 @@ def actor_loss_from_logprobs(logprobs: Array, entropy: Array, batch: Mapping[str
   adv = jnp.where(mask, batch["advantages"].astype(jnp.float32), 0.0)
   agg = dict(num_tokens=num_tokens, num_seqs=num_seqs)
 
-  if cfg.entropy_advantage:
+  if cfg.entropy_advantage and cfg.entropy_clip:
     psi = adv_lib.entropy_advantage(adv, entropy, alpha=cfg.alpha, kappa=cfg.kappa)
+  elif cfg.entropy_advantage:
+    psi = jnp.where(mask, adv_lib.entropy_offset(entropy, alpha=cfg.alpha), 0.0)
   else:
     psi = jnp.zeros_like(adv)
   pg, metrics = losses.policy_loss(logprobs, batch["old_logprobs"], adv + psi, mask,
@@ -107,6 +110,7 @@ def actor_loss_from_logprobs(logprobs: Array, entropy: Array, batch: Mapping[str
     local_loss = local_loss + metrics["actor/kl_loss"]
 
   nonzero = mask & (adv != 0)
+  binds = adv_lib.clip_binds(adv, entropy, alpha=cfg.alpha, kappa=cfg.kappa)
   metrics.update({
       "actor/loss": local_loss,
       "actor/entropy": losses.masked_mean(entropy, mask),
@@ -116,6 +120,10 @@ def actor_loss_from_logprobs(logprobs: Array, entropy: Array, batch: Mapping[str
       "actor/psi_over_abs_adv": losses.masked_mean(psi / jnp.where(nonzero, jnp.abs(adv), 1.0),
                                                    nonzero),
       "actor/adv_mean": losses.masked_mean(adv, mask),
+      # Where psi's clip binds (alpha * H > |A| / kappa), on the tokens of responses better and
+      # worse than their group's mean; with this alpha and kappa whether or not psi is used.
+      **{f"actor/psi_clip_binds_{sign}": losses.masked_mean(binds.astype(jnp.float32), mask & side)
+         for sign, side in (("pos", adv > 0), ("neg", adv < 0))},
       "actor/num_tokens": jnp.sum(mask.astype(jnp.float32)),
   })
   return loss, metrics

@@ -114,3 +114,19 @@ def entropy_advantage(advantages: Array, entropy: Array, *, alpha: float, kappa:
   """
   bonus = alpha * jax.lax.stop_gradient(jnp.maximum(entropy.astype(jnp.float32), 0.0))
   return jnp.minimum(bonus, jnp.abs(advantages.astype(jnp.float32)) / kappa)
+
+
+def entropy_offset(entropy: Array, *, alpha: float) -> Array:
+  """The placebo of `entropy_advantage`: alpha * stop_gradient(H) with no clip, on every token.
+
+  H_t depends only on the prefix, so at ratio 1 the offset's expected policy gradient is exactly
+  0, as a baseline's is; what it does change comes from finite samples, the PPO ratio clip and
+  the token-mean normaliser. An arm with it separates those from the effect of psi's clip.
+  """
+  return alpha * jax.lax.stop_gradient(jnp.maximum(entropy.astype(jnp.float32), 0.0))
+
+
+def clip_binds(advantages: Array, entropy: Array, *, alpha: float, kappa: float) -> Array:
+  """Where psi's clip binds: alpha * H > |A| / kappa (bool, elementwise)."""
+  return alpha * jnp.maximum(entropy.astype(jnp.float32), 0.0) > (
+      jnp.abs(advantages.astype(jnp.float32)) / kappa)
