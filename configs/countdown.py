@@ -28,19 +28,16 @@ def get_config(arg: str | None = None):
   c.reward.method = "countdown"
   c.rl.critic_warmup_steps = 2
   c.optim.critic_lr = 1e-3
+  c.data.max_prompt_len = 16
+  c.pretrain.seq_len = 160  # the longest traces (4 attempts) are about 150 tokens
+  c.pretrain.length_buckets = 2  # 90% of the traces fit in 64 tokens
   if args.size == "test":
     c.data.countdown.update(train_size=60, test_size=5, retry_frac=0.5)
     c.pretrain.traces_per_problem = 2
-    c.pretrain.seq_len = 160
-    c.pretrain.length_buckets = 2
-    c.data.max_prompt_len = 16
     c.rollout.max_new_tokens = 40
     common.apply_variant(c, args.variant)
     return c
-  c.data.max_prompt_len = 16
   c.pretrain.traces_per_problem = 8
-  c.pretrain.seq_len = 160  # the longest traces (4 attempts) are about 150 tokens
-  c.pretrain.length_buckets = 2  # 90% of the traces fit in 64 tokens
   c.pretrain.steps = 1500
   c.pretrain.direct_answer_frac = 0.0
   c.rollout.max_new_tokens = 144  # room for a first attempt and 3 retries (about 136 tokens)

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from explore_jax import checkpoint, paths, sampling
+from explore_jax import data as data_lib
 from explore_jax import rewards as rewards_lib
 from explore_jax.data import countdown, synthetic, templates
 from explore_jax.data import tokenizer as tokenizer_lib
@@ -107,31 +108,33 @@ def is_complete(path: str) -> bool:
   return all(os.path.exists(os.path.join(path, f)) for f in COMPLETE_FILES)
 
 
+def _task_configs(config: ml_collections.ConfigDict) -> dict:
+  return data_lib.generated_task_configs(config.data.synthetic, config.data.countdown)
+
+
 def demonstrations(config: ml_collections.ConfigDict) -> tuple[list[dict], list[str]]:
   """(records, completions) the base model is pre-trained on: one worked solution per arithmetic
   problem; `pretrain.traces_per_problem` random attempts per countdown problem, each drawn from
   a generator seeded by the problem and the trace's index (the same at any process count)."""
+  if config.data.name not in ("synthetic_arithmetic", "countdown"):
+    raise ValueError(f"pretrain: data.name={config.data.name!r}; a base model is built for "
+                     "'synthetic_arithmetic' or 'countdown' (set model.path for another task)")
+  tasks = _task_configs(config)
+  records = data_lib.load(config.data.name, "train", **tasks)
   if config.data.name == "countdown":
-    task = countdown.CountdownConfig(**config.data.countdown)
-    records = countdown.load_split("train", task)
+    task = tasks["countdown_config"]
     reps = config.pretrain.traces_per_problem
     rngs = (random.Random(f"trace/{task.seed}/{r['problem']}/{i}") for r in records
             for i in range(reps))
     records = [r for r in records for _ in range(reps)]
     return records, [countdown.trace(r, task, rng) for r, rng in zip(records, rngs)]
-  if config.data.name != "synthetic_arithmetic":
-    raise ValueError(f"pretrain: data.name={config.data.name!r}; a base model is built for "
-                     "'synthetic_arithmetic' or 'countdown' (set model.path for another task)")
-  records = synthetic.load_split("train", synthetic.ArithmeticConfig(**config.data.synthetic))
   frac = config.pretrain.direct_answer_frac
   return records, [synthetic.completion_text(r, frac) for r in records]
 
 
 def heldout(config: ml_collections.ConfigDict) -> list[dict]:
   """The held-out problems a base model's greedy accuracy is measured on (at most 200)."""
-  if config.data.name == "countdown":
-    return countdown.load_split("test", countdown.CountdownConfig(**config.data.countdown))[:200]
-  return synthetic.load_split("test", synthetic.ArithmeticConfig(**config.data.synthetic))[:200]
+  return data_lib.load(config.data.name, "test", **_task_configs(config))[:200]
 
 
 def _sequences(records, completions, tokenizer, template: str, seq_len: int, eos_id: int):

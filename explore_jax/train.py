@@ -56,7 +56,8 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
   loss = actor_loss.LossConfig(
       clip_low=rl.clip_low, clip_high=rl.clip_high, clip_c=rl.clip_c or None, agg=rl.agg,
       entropy_advantage=rl.entropy_advantage, alpha=rl.alpha, kappa=rl.kappa,
-      entropy_clip=rl.entropy_clip, entropy_coef=rl.entropy_coef, kl_coef=rl.kl_coef, kl_kind=rl.kl_kind)
+      entropy_clip=rl.entropy_clip, entropy_coef=rl.entropy_coef, kl_coef=rl.kl_coef,
+      kl_kind=rl.kl_kind)
   rows = config.data.prompts_per_step * config.rollout.n
   if rl.algorithm not in ("grpo", "ppo"):
     raise ValueError(f"config.rl.algorithm={rl.algorithm!r}: use 'grpo' or 'ppo'")

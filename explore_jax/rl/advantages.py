@@ -112,8 +112,8 @@ def entropy_advantage(advantages: Array, entropy: Array, *, alpha: float, kappa:
     * no gradient flows through H: it is a per-token reweighting, not an entropy regulariser.
   H is clamped at 0 because a float32 entropy of a near-deterministic token may be -1e-7.
   """
-  bonus = alpha * jax.lax.stop_gradient(jnp.maximum(entropy.astype(jnp.float32), 0.0))
-  return jnp.minimum(bonus, jnp.abs(advantages.astype(jnp.float32)) / kappa)
+  return jnp.minimum(entropy_offset(entropy, alpha=alpha),
+                     jnp.abs(advantages.astype(jnp.float32)) / kappa)
 
 
 def entropy_offset(entropy: Array, *, alpha: float) -> Array:
@@ -128,5 +128,4 @@ def entropy_offset(entropy: Array, *, alpha: float) -> Array:
 
 def clip_binds(advantages: Array, entropy: Array, *, alpha: float, kappa: float) -> Array:
   """Where psi's clip binds: alpha * H > |A| / kappa (bool, elementwise)."""
-  return alpha * jnp.maximum(entropy.astype(jnp.float32), 0.0) > (
-      jnp.abs(advantages.astype(jnp.float32)) / kappa)
+  return entropy_offset(entropy, alpha=alpha) > jnp.abs(advantages.astype(jnp.float32)) / kappa
