@@ -20,18 +20,19 @@ $(TPU_COMPILER)/.installed: $(VENV)/.installed $(TPU_LOCK)
 	$(PY) -m pip install -q --no-deps --target $(TPU_COMPILER) "$$(grep '^libtpu==' $(TPU_LOCK))"
 	touch $@
 
-.PHONY: venv test test-fast demo demo-seeds demo-check lock tpu-compiler
+.PHONY: venv test test-fast demo study demo-check lock tpu-compiler
 venv: $(VENV)/.installed
 tpu-compiler: $(TPU_COMPILER)/.installed
 
-# The paper's comparison at CPU scale: base model, 3 RL variants, pass@k, report (runs/demo).
+# The paper's comparison on the countdown testbed at CPU scale, one seed of two arms: base model,
+# GRPO and GRPO + entropy advantage, pass@k, paired comparison, report (runs/demo).
 demo: $(VENV)/.installed
 	$(PY) -m explore_jax.demo --config configs/demo.py --workdir runs/demo
 
-# The same comparison over 3 seeds; means and 95% intervals.
-demo-seeds: $(VENV)/.installed
-	$(PY) -m explore_jax.demo --config configs/demo.py:seeds=3 --workdir runs/demo_seeds \
-	    --config.base_model_dir=runs/demo/base_model
+# The full comparison (configs/demo.py's plan=study: 5 arms x 5 seeds, 128 samples per problem);
+# about an hour on 2 cores; resumes stage by stage (runs/study).
+study: $(VENV)/.installed
+	$(PY) -m explore_jax.demo --config configs/demo.py:plan=study --workdir runs/study
 
 # Runs the demo twice from nothing (fresh cache and workdirs) and diffs the two results.json.
 demo-check: $(VENV)/.installed

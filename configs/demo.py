@@ -1,33 +1,48 @@
-r"""The main job: the paper's comparison at CPU scale (see explore_jax/demo.py).
+r"""The paper's comparison on the countdown testbed at CPU scale (explore_jax/demo.py).
 
-    python -m explore_jax.demo --config configs/demo.py --workdir runs/demo          # one seed
-    python -m explore_jax.demo --config configs/demo.py:seeds=3 --workdir runs/demo3
+    python -m explore_jax.demo --config configs/demo.py --workdir runs/demo                # make demo
+    python -m explore_jax.demo --config configs/demo.py:plan=study --workdir runs/study   # make study
+
+plan=demo (the main job): one seed of two arms, GRPO (baseline) and GRPO + entropy advantage (the
+paper's alpha 0.4), from one pre-trained base, evaluated on 200 held-out problems with 64 samples
+each; the pipeline end to end in under 10 minutes, without the power to tell arms apart.
+
+plan=study: 5 seeds of 5 arms, paired by seed and data order: the baseline; the entropy advantage
+at alpha 0.4 and at alpha 2 (where its clip |A|/kappa binds on most high-entropy tokens, for
+A > 0 too); the entropy regularizer (beta 0.001); and the placebo, psi = alpha * sg(H) without
+the clip, which separates the clip's effect from that of a positive offset. 128 samples per
+held-out problem. About an hour on 2 cores.
 
 `size=test` is the shortened demo that tests/test_demo.py runs (seconds per step).
-
-A tiny Qwen2 is pre-trained on arithmetic problems, 70% demonstrated by worked solutions and 30% by
-the bare answer (the "base model"; `pretrain.direct_answer_frac`), then trained with GRPO
-(baseline), GRPO + entropy advantage (the paper) and GRPO + entropy regularizer, with the same seeds
-and budget; the base and the three are evaluated on the held-out split with pass@k up to 64.
 """
 
 import ml_collections
 
 from explore_jax import defaults as common
-from explore_jax import evaluate
+from explore_jax import demo, evaluate
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, seeds=1, steps=25, problems=100, size="demo")
-  test = args.size == "test"  # the shortened demo of tests/test_demo.py (tiny_config's test size)
+  args = common.parse_arg(arg, plan="demo", seeds=0, steps=40, problems=200, size="demo")
+  if args.plan not in ("demo", "study"):
+    raise ValueError(f"plan={args.plan!r}: use 'demo' or 'study'")
+  study = args.plan == "study"
+  test = args.size == "test"  # the shortened demo of tests/test_demo.py
   c = ml_collections.ConfigDict()
-  c.train = common.tiny_config(args.size)
+  c.train = common.countdown_testbed(args.size)
   c.train.total_steps = args.steps
-  c.seeds = args.seeds
-  c.variants = ("baseline", "entropy_adv", "entropy_reg")  # explore_jax.defaults.apply_variant
+  c.seeds = args.seeds or (5 if study else 1)
+  c.arms = ml_collections.ConfigDict(dict(baseline=demo.arm("baseline"),
+                                          entropy_adv=demo.arm("entropy_adv")))
+  if study:
+    c.arms.entropy_adv_a2 = demo.arm("entropy_adv", alpha=2.0)
+    c.arms.entropy_reg = demo.arm("entropy_reg")
+    c.arms.placebo = demo.arm("placebo")
+  c.baseline_arm = "baseline"  # every other arm is compared with this one
   c.eval = evaluate.base_config()
-  c.eval.batch_size = 512
-  c.eval.prompt_bucket = 8
+  c.eval.batch_size = 1024
+  c.eval.slots = 512
+  c.eval.prompt_bucket = 16
   c.eval.reward_workers = c.train.reward.workers
   # The demo owns its eval dir: responses of a model since retrained (e.g. a longer budget) are
   # moved aside and sampled again.
@@ -35,10 +50,15 @@ def get_config(arg: str | None = None):
   c.eval.sampling.temperature = 0.6  # the paper's evaluation protocol
   c.eval.sampling.top_p = 0.95
   c.eval.sampling.max_new_tokens = c.train.rollout.max_new_tokens
-  c.eval.synthetic = c.train.data.synthetic
+  c.eval.countdown = c.train.data.countdown
   c.eval.benchmarks.heldout = evaluate.benchmark(
-      "synthetic_arithmetic", 8 if test else 64, split="test", template="synthetic",
-      max_problems=args.problems)
+      "countdown", 8 if test else 128 if study else 64, split="test", template="countdown",
+      reward_method="countdown", max_problems=args.problems)
+  c.bootstrap_draws = 2000
+  c.analysis = ml_collections.ConfigDict(dict(
+      responses=32 if test else 256,  # per model (seed 0), for the paper's three analyses
+      rare=not test,  # the rare-sentence analysis (loads the all-MiniLM-L6-v2 embedder)
+  ))
   c.base_model_dir = ""  # where the pre-trained base is cached; empty: WORKDIR/base_model
   c.heatmap_responses = 2 if test else 4  # responses per model coloured by token entropy
   return c

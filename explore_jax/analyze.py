@@ -87,6 +87,14 @@ def pivotal_token_mask(tokens: Sequence[str], words: Sequence[str] = PIVOTAL_WOR
   return span_mask(offsets, [m.span() for m in word_pattern(words).finditer(text)])
 
 
+def line_start_mask(tokens: Sequence[str]) -> np.ndarray:
+  """Tokens holding the first non-space character of a line: on countdown the forks, where a
+  response picks the numbers and operation of its next move (or starts a check)."""
+  text, offsets = token_offsets(tokens)
+  firsts = [m.end() - 1 for m in re.finditer(r"(?m)^[ \t]*\S", text)]
+  return span_mask(offsets, [(i, i + 1) for i in firsts])
+
+
 def split_sentences(text: str) -> list[tuple[int, int]]:
   """[start, end) spans of the non-blank sentences of `text`, whitespace trimmed."""
   spans, start = [], 0
@@ -166,6 +174,18 @@ def pivotal_analysis(responses: Responses, words: Sequence[str] = PIVOTAL_WORDS)
     piv.append(ents[mask])
     rest.append(ents[~mask])
   return compare(np.concatenate(piv), np.concatenate(rest), "pivotal tokens", "other tokens")
+
+
+def fork_analysis(responses: Responses) -> dict:
+  """The pivotal-token analysis where the task's pivotal tokens are known: line starts vs rest."""
+  fork, rest = [], []
+  for toks, ents in responses:
+    ents = np.asarray(ents, np.float64)
+    mask = line_start_mask(toks)
+    fork.append(ents[mask])
+    rest.append(ents[~mask])
+  return compare(np.concatenate(fork), np.concatenate(rest), "fork tokens (line starts)",
+                 "other tokens")
 
 
 def reflective_analysis(responses: Responses, pattern: str = REFLECTIVE_PATTERN) -> dict:

@@ -250,6 +250,42 @@ def tiny_config(size: str = "demo") -> ml_collections.ConfigDict:
   return c
 
 
+def countdown_testbed(size: str = "demo") -> ml_collections.ConfigDict:
+  """The countdown testbed (configs/countdown.py and configs/demo.py, whose plan=study is the full comparison): the tiny
+  model pre-trained (SFT) on random countdown attempts, `traces_per_problem` per problem, a share
+  `data.countdown.retry_frac` of them checking and retrying (explore_jax/data/countdown.py says
+  why the task has the four properties the paper's effect needs), then RL in the paper's update
+  regime scaled down: groups of 16 samples, 4 mini-batch updates per rollout with clip
+  0.2 / 0.28, token-mean loss. size="test": the tests' model on 60 problems."""
+  c = tiny_config(size)
+  c.data.name = "countdown"
+  c.data.template = "countdown"
+  c.reward.method = "countdown"
+  c.rl.critic_warmup_steps = 2
+  c.optim.critic_lr = 1e-3
+  c.data.max_prompt_len = 16
+  c.pretrain.seq_len = 160  # the longest traces (4 attempts) are about 150 tokens
+  c.pretrain.length_buckets = 2  # 90% of the traces fit in 64 tokens
+  if size == "test":
+    # Two numbers: the tests' 32-wide model learns the format in 300 steps and solves some.
+    c.data.countdown.update(num_numbers=2, max_solve_rate=0.5, train_size=60, test_size=5,
+                            retry_frac=0.5)
+    c.pretrain.traces_per_problem = 2
+    c.rollout.max_new_tokens = 40
+    return c
+  c.total_steps = 40
+  c.checkpoint_every = 10
+  c.pretrain.traces_per_problem = 8
+  c.pretrain.steps = 1500
+  c.pretrain.direct_answer_frac = 0.0
+  c.rollout.max_new_tokens = 144  # room for a first attempt and 3 retries (about 136 tokens)
+  c.rollout.n = 16  # at p = 0.05 groups of 8 carry no signal two times in three
+  c.data.prompts_per_step = 32
+  c.rl.mini_batch_size = 128  # 512 rows: 4 policy updates per rollout
+  c.rl.micro_batch_size = 64
+  return c
+
+
 def _shrink_for_tests(c: ml_collections.ConfigDict) -> None:
   c.total_steps = 4
   c.checkpoint_every = 2

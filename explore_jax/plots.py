@@ -30,6 +30,14 @@ TRAINING_KEYS = {
     "actor/entropy": "entropy",
     "actor/psi_over_abs_adv": "psi / |A|",
 }
+# The mechanism of the entropy term (issue 20): what the testbed's report plots per arm.
+MECHANISM_KEYS = {
+    **TRAINING_KEYS,
+    "rollout/entropy_first_token": "entropy at the first token (a fork)",
+    "actor/psi_clip_binds_pos": "share of tokens where psi's clip binds, A > 0",
+    "actor/psi_clip_binds_neg": "share of tokens where psi's clip binds, A < 0",
+    "rollout/retry_frac": "share of responses that check and retry",
+}
 
 
 def plot_pass_at_k(curves: Mapping[str, Mapping[str, Mapping[int, float]]], path: str) -> None:
@@ -94,6 +102,44 @@ def plot_training_curves(runs: Mapping[str, str], path: str,
   return present
 
 
+def plot_arm_curves(arms: Mapping[str, Sequence[str]], path: str,
+                    keys: Mapping[str, str] = MECHANISM_KEYS, columns: int = 4) -> list[str]:
+  """Per arm ({arm: its runs' workdirs, one per seed}), each key's mean over seeds by step, with
+  a band from the lowest to the highest seed; one panel per key that any run logs."""
+  data = {arm: [read_metrics(d) for d in dirs] for arm, dirs in arms.items()}
+  present = [k for k in keys if any(k in row for runs in data.values() for rows in runs
+                                    for row in rows)]
+  if not present:
+    raise ValueError(f"plot_arm_curves: none of {list(keys)} in the runs of {list(arms)}")
+  rows_n = -(-len(present) // columns)
+  fig, axes = plt.subplots(rows_n, min(columns, len(present)), squeeze=False,
+                           figsize=(4.2 * min(columns, len(present)), 3.3 * rows_n))
+  for ax, key in zip(axes.flat, present):
+    for arm, runs in data.items():
+      by_step: dict[int, list[float]] = {}
+      for rows in runs:
+        for i, row in enumerate(rows):
+          if isinstance(row.get(key), (int, float)):
+            by_step.setdefault(int(row.get("step", i)), []).append(float(row[key]))
+      if by_step:
+        steps = sorted(by_step)
+        vals = [np.asarray(by_step[t]) for t in steps]
+        line, = ax.plot(steps, [v.mean() for v in vals], label=arm, lw=1.2)
+        if max(len(v) for v in vals) > 1:
+          ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals],
+                          color=line.get_color(), alpha=0.15)
+    ax.set_title(keys[key], fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(present):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return present
+
+
 def plot_comparisons(comparisons: Mapping[str, Mapping], path: str) -> None:
   """Bar pairs of mean entropy (with standard errors) for each analysis of explore_jax.analyze.
 
@@ -121,8 +167,12 @@ def _colour(value: float, vmax: float) -> str:
 
 def entropy_html(responses: Sequence[tuple[Sequence[str], Sequence[float]]],
                  titles: Sequence[str] | None = None, vmax: float | None = None,
-                 title: str = "Token entropy") -> str:
+                 title: str = "Token entropy", marks: Sequence[Sequence[bool]] | None = None,
+                 mark_label: str = "") -> str:
   """An HTML page colouring every token (decoded string) by its entropy; hover shows the value.
+
+  `marks` (one boolean per token of each response) underlines tokens, e.g. a task's fork tokens;
+  `mark_label` says in the legend what they are.
 
   `vmax` (the entropy of full red) defaults to the 99th percentile of all entropies shown, so one
   outlier does not wash out the rest. Token text is HTML-escaped; newlines become line breaks.
@@ -138,7 +188,8 @@ def entropy_html(responses: Sequence[tuple[Sequence[str], Sequence[float]]],
       "padding:.8em;margin-bottom:1.5em}",
       "</style></head><body>",
       f"<h1>{html.escape(title)}</h1>",
-      f"<p>Background: entropy from 0 (white) to {vmax:.2f} nats or more (red).</p>",
+      f"<p>Background: entropy from 0 (white) to {vmax:.2f} nats or more (red)."
+      + (f" Underlined: {html.escape(mark_label)}." if marks is not None else "") + "</p>",
   ]
   for i, (toks, ents) in enumerate(responses):
     if len(toks) != len(ents):
@@ -146,9 +197,11 @@ def entropy_html(responses: Sequence[tuple[Sequence[str], Sequence[float]]],
                        "entropies")
     head = titles[i] if titles is not None else f"response {i}"
     parts.append(f"<h3>{html.escape(head)}</h3><div class='r'>")
-    for tok, h in zip(toks, ents):
+    marked = marks[i] if marks is not None else [False] * len(toks)
+    for tok, h, m in zip(toks, ents, marked):
       text = html.escape(tok).replace("\n", "<br>")
-      parts.append(f"<span style='background:{_colour(float(h), vmax)}' "
+      under = ";text-decoration:underline 2px" if m else ""
+      parts.append(f"<span style='background:{_colour(float(h), vmax)}{under}' "
                    f"title='H={float(h):.3f}'>{text}</span>")
     parts.append("</div>")
   parts.append("</body></html>")

@@ -26,6 +26,28 @@ def test_pivotal_mask_whole_words_and_split_tokens():
                            True, True]
 
 
+def test_line_start_mask_marks_each_line_s_first_character():
+  # Countdown's forks: the token that starts each line (a move or a check), whatever the
+  # tokenisation; leading spaces, blank lines and a token that ends one line and starts the next.
+  toks = ["7", " *", " 3", " =", " 21", "\n", "21", " +", " 5", "\n\n", "  ch", "eck", ":", " 26",
+          "\n5", " - 3"]
+  assert analyze.line_start_mask(toks).tolist() == [
+      True, False, False, False, False, False, True, False, False, False, True, False, False,
+      False, True, False]
+
+
+def test_fork_analysis_planted_effect():
+  rng = np.random.default_rng(2)
+  responses = []
+  for _ in range(30):
+    toks = ["1", " +", " 2", " =", " 3", "\n", "3", " *", " 4", " =", " 12", "\n", "\\boxed{}"]
+    mask = analyze.line_start_mask(toks)
+    responses.append((toks, rng.gamma(2.0, 0.2, size=len(toks)) + 1.0 * mask))
+  out = analyze.fork_analysis(responses)
+  assert out["n_a"] == 90 and out["n_b"] == 300
+  assert out["mean_a"] > out["mean_b"] + 0.8 and out["p_welch"] < 1e-6
+
+
 def test_split_sentences_and_sentence_entropies():
   text = "First, 3 + 4 = 7. Wait, check: 7 * 2 = 14!\n\n3.5 is not an integer?  Done"
   spans = analyze.split_sentences(text)

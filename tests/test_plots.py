@@ -94,6 +94,12 @@ def test_entropy_html_escapes_and_colours():
   assert [float(s[3]) for s in spans] == ents
   with pytest.raises(ValueError, match="2 tokens but 1"):
     plots.entropy_html([(["a", "b"], [1.0])])
+  # Marked tokens (a task's forks) are underlined, the others not, and the legend says what.
+  page = plots.entropy_html([(["7", " +", "\n", "3"], [1.0] * 4)], marks=[[True, False, False, True]],
+                            mark_label="fork tokens")
+  styles = re.findall(r"<span style='([^']*)'", page)
+  assert ["underline" in st for st in styles] == [True, False, False, True]
+  assert "Underlined: fork tokens." in page
   # Default scale: the 99th percentile, so one outlier does not wash out the rest.
   ents = np.r_[np.linspace(0, 1, 199), 100.0]
   page = plots.entropy_html([(["a"] * 200, ents)])
