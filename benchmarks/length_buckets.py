@@ -3,10 +3,10 @@
   .venv/bin/python benchmarks/length_buckets.py                       # the demo's shapes
   .venv/bin/python benchmarks/length_buckets.py --buckets 1,2,4 --lengths uniform --steps 3
 
-Runs the real jitted `explore_jax.train_step.score_rollout` and `update` of the demo config
-(`configs/demo.py`: its model, 64 prompts x 8 responses, mini-batch 256, micro-batch 64, prompts
-of up to 24 tokens, responses of up to 48) on a random model and a batch of random tokens whose
-lengths follow `--lengths`:
+Runs the real jitted `explore_jax.train_step.score_rollout` and `update` of the arithmetic config
+(`defaults.tiny_config`, configs/tiny_cpu.py: its model, 64 prompts x 8 responses, mini-batch
+256, micro-batch 64, prompts of up to 24 tokens, responses of up to 48) on a random model and a
+batch of random tokens whose lengths follow `--lengths`:
   * demo:    prompts of 12-24 tokens, responses 8 + Geometric(1/16) tokens capped at 48 (mean
              about 22, about 8% at the cap): the shape of the demo's own rollouts (mean 20-23
              tokens, max 48, `rollout/response_length_*` in its metrics);

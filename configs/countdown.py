@@ -3,10 +3,10 @@
     python -m explore_jax.train --config configs/countdown.py --workdir /tmp/countdown
     python -m explore_jax.train --config configs/countdown.py:variant=placebo --workdir /tmp/cd_p
 
-"Reach 21 with 3 5 7." The settings are `defaults.countdown_testbed` (the experiment of
-configs/demo.py and configs/study.py, one variant at a time). Variants as in configs/tiny_cpu.py,
-plus `placebo` (psi = alpha * sg(H) without its clip). `:size=test` is the trainer test's
-shortened run (tiny_config's test model on 60 problems).
+"Reach 21 with 3 5 7." The settings are `defaults.countdown_testbed`: the experiment of
+configs/demo.py (`make demo`, `make study`), one variant at a time. Variants as in
+configs/tiny_cpu.py, plus `placebo` (psi = alpha * sg(H) without its clip). `:size=test` is the
+trainer test's shortened run (tiny_config's test model on two-number problems).
 """
 
 from explore_jax import defaults as common

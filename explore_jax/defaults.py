@@ -251,12 +251,13 @@ def tiny_config(size: str = "demo") -> ml_collections.ConfigDict:
 
 
 def countdown_testbed(size: str = "demo") -> ml_collections.ConfigDict:
-  """The countdown testbed (configs/countdown.py and configs/demo.py, whose plan=study is the full comparison): the tiny
-  model pre-trained (SFT) on random countdown attempts, `traces_per_problem` per problem, a share
-  `data.countdown.retry_frac` of them checking and retrying (explore_jax/data/countdown.py says
-  why the task has the four properties the paper's effect needs), then RL in the paper's update
-  regime scaled down: groups of 16 samples, 4 mini-batch updates per rollout with clip
-  0.2 / 0.28, token-mean loss. size="test": the tests' model on 60 problems."""
+  """The countdown testbed (configs/countdown.py; configs/demo.py, whose plan=study is the full
+  comparison): the tiny model pre-trained (SFT) on random countdown attempts,
+  `traces_per_problem` per problem, a share `data.countdown.retry_frac` of them checking and
+  retrying (explore_jax/data/countdown.py says why the task has the four properties the paper's
+  effect needs), then RL in the paper's update regime scaled down: groups of 16 samples, 4
+  mini-batch updates per rollout with clip 0.2 / 0.28, token-mean loss. size="test": the tests'
+  model on two-number problems."""
   c = tiny_config(size)
   c.data.name = "countdown"
   c.data.template = "countdown"

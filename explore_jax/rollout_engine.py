@@ -66,6 +66,9 @@ class EngineState:
   lengths: Array  # [R] int32
   eos: Array  # [R] bool: the row ended with EOS
   busy: Array  # [] int32: live slot-steps of decode so far
+  # [] f32: sum over decode steps of the live slots' filled cache lengths (their write index):
+  # the KV positions an attention that read each row's filled length only would read.
+  filled: Array
   steps: Array  # [] int32: decode steps so far
 
 
@@ -196,7 +199,9 @@ def _decode_chunk(params, state: EngineState, eos_id, *, config, sampler, chunk,
     # Dead slots keep their index (their writes land in their own, unused row of the cache).
     cache = cache.replace(index=jnp.where(live, cache.index, s.cache.index))
     s = s.replace(cache=cache, positions=jnp.where(live, s.positions + 1, s.positions),
-                  busy=s.busy + jnp.sum(live.astype(jnp.int32)), steps=s.steps + 1)
+                  busy=s.busy + jnp.sum(live.astype(jnp.int32)), steps=s.steps + 1,
+                  filled=s.filled + jnp.sum(jnp.where(live, s.cache.index + 1, 0)).astype(
+                      jnp.float32))
     s = _record(s, logits, sampling.step_keys(s.keys, s.t), sampler, eos_id, max_new_tokens, live)
     return i + 1, _constrain(s, mesh)
 
@@ -210,7 +215,7 @@ def _decode_chunk(params, state: EngineState, eos_id, *, config, sampler, chunk,
   state = _constrain(state, mesh)
   # What the host schedules from, on every process.
   return state, _replicate(jnp.stack([state.active.astype(jnp.int32), state.t]), mesh), \
-      _replicate(jnp.stack([state.busy, state.steps]), mesh)
+      _replicate(jnp.stack([state.busy, state.steps]), mesh), _replicate(state.filled, mesh)
 
 
 def _host(x) -> np.ndarray:
@@ -234,7 +239,8 @@ def empty_state(config: Qwen2Config, slots: int, rows: int, prompt_len: int,
       tokens=jnp.full((rows, max_new_tokens), eos_id, jnp.int32),
       logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
       entropy=jnp.zeros((rows, max_new_tokens), jnp.float32),
-      lengths=shp(rows), eos=jnp.zeros((rows,), bool), busy=shp(), steps=shp())
+      lengths=shp(rows), eos=jnp.zeros((rows,), bool), busy=shp(), steps=shp(),
+      filled=jnp.zeros((), jnp.float32))
 
 
 def empty_pool(config: Qwen2Config, entries: int, prompt_len: int) -> Pool:
@@ -269,7 +275,8 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   next_row = 0
   active, t = np.zeros(slots, bool), np.zeros(slots, np.int32)
   ends = sampling._segment_ends(max_new_tokens, buckets)
-  chunks = 0
+  chunks = steps_before = 0
+  read = 0.0  # KV positions the decode's attention read: every slot, `view` positions per step
   while True:
     free = np.nonzero(~active)[0]
     take = min(len(free), rows - next_row)
@@ -297,12 +304,16 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
     # The longest live row's cache slots after this chunk, rounded up to a segment end.
     need = int(np.max(np.where(active, t, 0))) + chunk
     view = p + next(e for e in ends + [max_new_tokens] if e >= min(need, max_new_tokens))
-    state, sched, counts = _decode_chunk(params, state, eos, config=config, sampler=sampler,
-                                 chunk=chunk, view=view, mesh=mesh)
+    state, sched, counts, filled = _decode_chunk(params, state, eos, config=config,
+                                                 sampler=sampler, chunk=chunk, view=view, mesh=mesh)
     chunks += 1
     sched = _host(sched)
+    steps_now = int(_host(counts)[1])
+    read += float(steps_now - steps_before) * slots * view
+    steps_before = steps_now
     active, t = sched[0].astype(bool), sched[1].copy()
   busy, steps = (int(x) for x in _host(counts)) if chunks else (0, 0)
+  filled = float(_host(filled)) if chunks else 0.0
   mask = (jnp.arange(max_new_tokens)[None, :] < state.lengths[:, None]).astype(jnp.int32)
   repeat = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), n, axis=0)
   rollout = sampling.Rollout(
@@ -312,7 +323,10 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
           jnp.int32),
       prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
   stats = {"slot_steps": steps * slots, "busy_slot_steps": busy, "decode_steps": steps,
-           "chunks": chunks, "slot_utilization": busy / max(steps * slots, 1)}
+           "chunks": chunks, "slot_utilization": busy / max(steps * slots, 1),
+           # How much more KV cache the decode read than one reading each row's filled length.
+           "kv_read_positions": read, "kv_filled_positions": filled,
+           "kv_read_over_filled": read / max(filled, 1.0)}
   return rollout, stats
 
 

@@ -86,6 +86,14 @@ def test_continuous_equals_static(setup, greedy):
   assert stats["decode_steps"] < 24 * 18 / 4 + 24 and stats["slot_utilization"] > 0.6
   busy = int(np.sum(lengths)) - len(lengths)  # decode steps of live rows (first tokens: prefill)
   assert stats["busy_slot_steps"] == busy
+  # Decode step j of a row attends its P prompt positions and j response positions: what an
+  # attention reading filled lengths only would read. The segmented decode reads every slot's
+  # `view` positions, at least that and at most the whole cache.
+  got_len, p = np.asarray(got.lengths).astype(np.int64), tokens.shape[1]
+  assert stats["kv_filled_positions"] == np.sum((got_len - 1) * p + (got_len - 1) * got_len // 2)
+  assert stats["kv_filled_positions"] <= stats["kv_read_positions"] <= (
+      stats["decode_steps"] * 4 * (p + 24))
+  assert stats["kv_read_over_filled"] == stats["kv_read_positions"] / stats["kv_filled_positions"]
   if not greedy:
     # A row's draws follow its prompt's index, not its batch mates or place (same shapes: no
     # compile): the prompts reversed, with their indices, give the same rows reversed.
