@@ -40,8 +40,8 @@ def get_config(arg: str | None = None):
     c.arms.placebo = demo.arm("placebo")
   c.baseline_arm = "baseline"  # every other arm is compared with this one
   c.eval = evaluate.base_config()
-  c.eval.batch_size = 1024
-  c.eval.slots = 512
+  c.eval.batch_size = 64 if test else 1024
+  c.eval.slots = 0 if test else 512  # 0: batch_size slots
   c.eval.prompt_bucket = 16
   c.eval.reward_workers = c.train.reward.workers
   # The demo owns its eval dir: responses of a model since retrained (e.g. a longer budget) are

@@ -272,6 +272,7 @@ def countdown_testbed(size: str = "demo") -> ml_collections.ConfigDict:
     c.data.countdown.update(num_numbers=2, max_solve_rate=0.5, train_size=60, test_size=5,
                             retry_frac=0.5)
     c.pretrain.traces_per_problem = 2
+    c.pretrain.seq_len = 96  # two numbers: a trace of 4 attempts is about 80 tokens
     c.rollout.max_new_tokens = 40
     return c
   c.total_steps = 40
