@@ -92,9 +92,8 @@ def read_responses(path: str, problem_ids: set[str]) -> list[dict]:
 
 
 def summarize(results: dict, labels: dict[str, tuple[str, int]], eval_dir: str,
-              dataset: str) -> dict:
+              dataset: str, per_problem: dict) -> dict:
   """{arm: {metric: (mean, ci)}} over seeds, from evaluate's results and responses."""
-  per_problem = compare.read_per_problem(os.path.join(eval_dir, "per_problem.csv"), "heldout")
   column, test = BEHAVIOURS[dataset]
   by_arm: dict[str, dict[str, list[float]]] = {}
   for label, (name, _) in labels.items():
@@ -160,11 +159,12 @@ def paper_analyses(config, responses: dict[str, list], base_texts: list[str]) ->
   """{model: {analysis: compare(...)}}: fork (or pivotal) tokens, reflective sentences and, for
   the RL models when `analysis.rare`, rare sentences against the base model's."""
   forks = config.eval.benchmarks.heldout.dataset == "countdown"
+  token_analysis = analyze.fork_analysis if forks else analyze.pivotal_analysis
   base_sents = sorted({t[s:e] for t in base_texts for s, e in analyze.split_sentences(t)})
   out = {}
   for label, data in responses.items():
     runs = {"forks" if forks else "pivotal":
-            (lambda d=data: analyze.fork_analysis(d) if forks else analyze.pivotal_analysis(d)),
+            lambda d=data: token_analysis(d),
             "reflective": lambda d=data: analyze.reflective_analysis(d)}
     if config.analysis.rare and label != "base":
       runs["rare"] = lambda d=data: analyze.rare_analysis(d, base_sents, analyze.load_embedder())
@@ -302,8 +302,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   _say("4/4 comparison, the paper's analyses and the report")
   labels = {"base": ("base", 0), **runs}
-  summary = summarize(results, labels, eval_dir, config.eval.benchmarks.heldout.dataset)
   per_problem = compare.read_per_problem(os.path.join(eval_dir, "per_problem.csv"), "heldout")
+  summary = summarize(results, labels, eval_dir, config.eval.benchmarks.heldout.dataset,
+                      per_problem)
   n = config.eval.benchmarks.heldout.n
   columns = [f"pass@{k}" for k in (1, 4, 16, 64) if k <= n]
   by_arm = {name: [run_name(name, s) for s in range(config.seeds)] for name in config.arms}

@@ -40,6 +40,15 @@ MECHANISM_KEYS = {
 }
 
 
+def _save(fig, axes, used: int, path: str, dpi: int) -> None:
+  """Blank the panels past the first `used`, write the figure to `path` and free it."""
+  for ax in list(axes.flat)[used:]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+
+
 def plot_pass_at_k(curves: Mapping[str, Mapping[str, Mapping[int, float]]], path: str) -> None:
   """curves[model][benchmark][k] = pass@k in [0, 1]: one panel per benchmark, a line per model."""
   benches = list(dict.fromkeys(b for per_model in curves.values() for b in per_model))
@@ -66,11 +75,7 @@ def plot_pass_at_k(curves: Mapping[str, Mapping[str, Mapping[int, float]]], path
     ax.set_ylabel("pass@k (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  for ax in list(axes.flat)[len(benches):]:
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, axes, len(benches), path, dpi=120)
 
 
 def plot_training_curves(runs: Mapping[str, str], path: str,
@@ -132,11 +137,7 @@ def plot_arm_curves(arms: Mapping[str, Sequence[str]], path: str,
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  for ax in list(axes.flat)[len(present):]:
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, axes, len(present), path, dpi=110)
   return present
 
 
