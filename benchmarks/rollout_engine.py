@@ -49,6 +49,16 @@ def _kv_bytes(cfg, rows, length):
   return rows * length * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
 
 
+def _drain_bound(lengths, slots):
+  """The slot utilization of an ideal continuous engine on these rows (row order kept, each slot
+  refilled at the very step its row ends): what the final drain alone allows."""
+  free = np.zeros(slots)
+  for length in lengths:  # each row's l - 1 decode steps go to the slot that frees first
+    i = int(np.argmin(free))
+    free[i] += length - 1
+  return float(np.sum(np.asarray(lengths) - 1) / (slots * free.max()))
+
+
 def _timed(fn, repeats):
   start = time.perf_counter()
   out = fn()
@@ -61,7 +71,7 @@ def _timed(fn, repeats):
   return out, first, best
 
 
-def run(setting, hf, cfg, params, prompts, n, slots, new, chunk, repeats, with_hf):
+def run(setting, hf, cfg, params, prompts, n, slots, new, chunk, repeats, with_hf, kv_blocks):
   eos = EOS if setting == "long-tailed" else sampling.NO_EOS
   b = prompts.shape[0]
   mask = np.ones_like(prompts)
@@ -78,21 +88,24 @@ def run(setting, hf, cfg, params, prompts, n, slots, new, chunk, repeats, with_h
       busy, steps = busy + int(st["busy_slot_steps"]), steps + int(st["slot_steps"])
     return np.concatenate(outs), busy / steps
 
-  def continuous():
+  def continuous(kv_block):
     r, st = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), engine="continuous",
-                              slots=slots, chunk=chunk, **kw)
-    return np.asarray(r.tokens), np.asarray(r.lengths), st["slot_utilization"], \
-        st["kv_read_over_filled"]
+                              slots=slots, chunk=chunk, kv_block=kv_block, **kw)
+    return np.asarray(r.tokens), np.asarray(r.lengths), st
 
   (s_tokens, s_util), s_first, s_best = _timed(static, repeats)
-  (c_tokens, c_len, c_util, c_read), c_first, c_best = _timed(continuous, repeats)
-  tokens = int(c_len.sum())
-  same = float(np.mean(np.all(s_tokens == c_tokens, axis=1)))
   length = PROMPT + new
   f = -(-slots // n)
-  rows = [("static", tokens / s_best, s_util, _kv_bytes(cfg, slots, length), s_first - s_best),
-          ("continuous", tokens / c_best, c_util,
-           _kv_bytes(cfg, slots, length) + _kv_bytes(cfg, 2 * f, PROMPT), c_first - c_best)]
+  rows, reads, same = [("static", None, s_best, s_util, _kv_bytes(cfg, slots, length),
+                        s_first - s_best)], {}, {}
+  for kv_block in kv_blocks:
+    name = f"cont. ragged {kv_block}" if kv_block else "cont. segmented"
+    (c_tokens, c_len, st), c_first, c_best = _timed(lambda: continuous(kv_block), repeats)
+    rows.append((name, st, c_best, st["slot_utilization"],
+                 _kv_bytes(cfg, slots, length) + _kv_bytes(cfg, 2 * f, PROMPT), c_first - c_best))
+    same[name] = float(np.mean(np.all(s_tokens == c_tokens, axis=1)))
+    tokens = int(c_len.sum())
+  rows = [(name, tokens / best, util, kv, comp, st) for name, st, best, util, kv, comp in rows]
   if with_hf:
     import torch
     hf_tokens, t_hf = 0, 0.0
@@ -113,18 +126,18 @@ def run(setting, hf, cfg, params, prompts, n, slots, new, chunk, repeats, with_h
       else:
         hf_tokens += gen.size
     rows.append(("transformers", hf_tokens / t_hf, float("nan"), _kv_bytes(cfg, slots, length),
-                 float("nan")))
+                 float("nan"), None))
   print(f"\n{setting}: {b} prompts x n={n} = {b * n} rows, {slots} slots, cap {new}, chunk "
         f"{chunk}; response lengths median {np.median(c_len):.0f}, max {c_len.max()}, "
-        f"{tokens} tokens; rows identical between the JAX engines: {same:.0%}")
-  print(f"{'engine':<14}{'tok/s':>9}{'vs static':>11}{'slot util':>11}{'KV MiB':>9}"
-        f"{'compile s':>11}")
-  for name, tps, util, kv, comp in rows:
-    print(f"{name:<14}{tps:>9.0f}{tps / rows[0][1]:>10.2f}x{util:>11.2f}{kv / 2**20:>9.1f}"
-          f"{comp:>11.1f}", flush=True)
-  print(f"continuous: its decode attention read {c_read:.2f}x the KV positions that reading each "
-        "row's filled length only would (every slot reads the view, a bucket above the longest "
-        "row in flight)", flush=True)
+        f"{tokens} tokens; rows identical to the static engine's: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in same.items())
+        + f"; the drain allows a slot utilization of {_drain_bound(c_len, slots):.2f}")
+  print(f"{'engine':<20}{'tok/s':>8}{'vs static':>11}{'slot util':>11}{'KV MiB':>8}"
+        f"{'compile s':>11}{'KV read/filled':>16}{'chunks':>8}")
+  for name, tps, util, kv, comp, st in rows:
+    extra = f"{st['kv_read_over_filled']:>15.2f}x{st['chunks']:>8}" if st else ""
+    print(f"{name:<20}{tps:>8.0f}{tps / rows[0][1]:>10.2f}x{util:>11.2f}{kv / 2**20:>8.1f}"
+          f"{comp:>11.1f}{extra}", flush=True)
 
 
 def main():
@@ -135,16 +148,19 @@ def main():
   parser.add_argument("--chunk", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--no_hf", action="store_true")
+  parser.add_argument("--kv_blocks", default="0,32,64",
+                      help="engine decode attention: 0 = segmented view, B = ragged, B-slot blocks")
   args = parser.parse_args()
   hf, cfg, params = _models()
   prompts = np.random.default_rng(0).integers(4, SPEC["vocab_size"], (args.rows // args.n,
                                                                        PROMPT)).astype(np.int32)
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}); float32, temperature 1; shared, "
         "noisy machine: ratios are more telling than absolute figures")
+  kv_blocks = [int(x) for x in args.kv_blocks.split(",")]
   run("long-tailed", hf, cfg, params, prompts, args.n, args.slots, 512, args.chunk, args.repeats,
-      not args.no_hf)
+      not args.no_hf, kv_blocks)
   run("fixed", hf, cfg, params, prompts, args.n, args.slots, 128, args.chunk, args.repeats,
-      not args.no_hf)
+      not args.no_hf, kv_blocks)
 
 
 if __name__ == "__main__":

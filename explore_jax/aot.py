@@ -15,7 +15,8 @@ The programs of one step (the continuous rollout engine's, the trainer's default
 
     rollout/prefill   one batch of ceil(slots / n) prompts into the engine's prompt pool
     rollout/insert    the pool's prefills copied into every slot (the largest refill)
-    rollout/decode    one chunk of `rollout.chunk` decode steps over the whole cache
+    rollout/decode    one chunk of `rollout.chunk` decode steps with every slot full (the ragged
+                      attention's largest read)
     score             the old log-probs (PPO: and values) of the step's rollout
     update            every mini-batch update of the step
 
@@ -184,9 +185,12 @@ def step_programs(config: ml_collections.ConfigDict, model_cfg, cfg: train_step.
   insert = Program("rollout/insert", rollout_engine._insert,
                    (engine, pool, rng, i32(), *(i32(slots) for _ in range(5))),
                    dict(sampler=sampler, max_new_tokens=new, mesh=mesh), state_b)
-  decode = Program("rollout/decode", rollout_engine._decode_chunk, (params, engine, i32()),
+  decode = Program("rollout/decode", rollout_engine._decode_chunk,
+                   (params, engine, i32(), i32()),
                    dict(config=model_cfg, sampler=sampler, chunk=chunk or config.rollout.chunk,
-                        view=p + new, mesh=mesh), state_b - actor_b + pool_b)
+                        view=p + new, ragged=rollout_engine.full_ragged(
+                            engine_shapes, config.rollout.kv_block, mesh), mesh=mesh),
+                   state_b - actor_b + pool_b)
 
   # The rollout as the trainer hands it to the scoring pass: rows over the batch axes.
   rollout = sampling.Rollout(

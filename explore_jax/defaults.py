@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.engine = "continuous"
   c.rollout.slots = 0  # rows decoded at once (the KV-cache memory bound); 0 = all rows of a step
   c.rollout.chunk = 16  # decode steps per device call between the host's refills
+  # continuous: decode attention reads each row's filled blocks of this many slots
+  # (explore_jax/models/decode_attention.py); 0 = every slot up to the longest row in flight
+  c.rollout.kv_block = 64
 
   c.reward = ml_collections.ConfigDict()
   c.reward.method = "dapo"  # "dapo" | "math_verify"
@@ -282,6 +285,8 @@ def countdown_testbed(size: str = "demo") -> ml_collections.ConfigDict:
   c.pretrain.direct_answer_frac = 0.0
   c.rollout.max_new_tokens = 144  # room for a first attempt and 3 retries (about 136 tokens)
   c.rollout.n = 16  # at p = 0.05 groups of 8 carry no signal two times in three
+  # The view read, as when the study in docs/study was run (a ragged read changes float rounding).
+  c.rollout.kv_block = 0
   c.data.prompts_per_step = 32
   c.rl.mini_batch_size = 128  # 512 rows: 4 policy updates per rollout
   c.rl.micro_batch_size = 64

@@ -14,11 +14,15 @@ multi-host run makes the same one):
   2. `_insert` (jitted, state donated): copy the pool entries of the next rows into the free slots,
      sample each row's first token from the prompt's last logits, write it to the output buffers.
      Insert sizes are powers of two (padding entries are dropped), so few shapes compile.
-  3. `_decode_chunk` (jitted, state donated): up to `chunk` decode steps in a `lax.while_loop` over
-     a view of the cache's first `view` slots (a power-of-two bucket above the longest row in
-     flight, as the static sampler's segments). Each step writes every live slot's token, log-prob
-     and entropy at (its row, its position) of the [R, N] output buffers; a slot stops when its row
-     ends. The chunk returns the slots' state, replicated, for the host to schedule from.
+  3. `_decode_chunk` (jitted, state donated): up to `chunk` decode steps in a `lax.while_loop`,
+     ending early once a share of the slots (`refill_share`) is free while rows are pending. The
+     attention reads each row's filled blocks only (`models/decode_attention.py`; the host gives
+     the chunk a bound on the blocks, from the slots' lengths, in few buckets), or with
+     kv_block=0 a view of the cache's first `view` slots (a bucket above the longest row in
+     flight, as the static sampler's segments). Each step writes every live slot's token,
+     log-prob and entropy at (its row, its position) of the [R, N] output buffers; a slot stops
+     when its row ends. The chunk returns the slots' state, replicated, in one array for the host
+     to schedule from.
   4. The Rollout is read off the output buffers: the same layout and values as the static sampler.
 
 Randomness is that of `sampling` (`row_keys`, `step_keys`): a row's draws depend on (rng, prompt
@@ -27,6 +31,7 @@ index, sample index, position) only, so both engines draw the same tokens from t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -36,11 +41,19 @@ import numpy as np
 from jax.sharding import Mesh
 
 from explore_jax import sampling
-from explore_jax.models import qwen2
+from explore_jax.models import decode_attention, qwen2
 from explore_jax.models.qwen2 import KVCache, Params, Qwen2Config
 from explore_jax.sharding import logical_sharding
 
 Array = jax.Array
+
+KV_BLOCK = 64  # slots per block of the ragged decode attention (run's kv_block)
+REFILL_SHARE = 0.125  # a chunk ends once this share of the slots is free (run's refill_share)
+# A chunk reads its rows' filled blocks (ragged) only where that reads under 1 / RAGGED_COST of
+# the view: per position read, the ragged attention's gather and small per-block products ran
+# 2 to 3x slower than a dense read on CPU (32 rows, 2 kv heads, head dim 32, 160 slots, blocks of
+# 16 to 64: 0.9-1.2 ms against 0.34-0.45 ms for the dense read of all slots).
+RAGGED_COST = 2.5
 
 
 @flax.struct.dataclass
@@ -65,11 +78,7 @@ class EngineState:
   entropy: Array  # [R, N] f32
   lengths: Array  # [R] int32
   eos: Array  # [R] bool: the row ended with EOS
-  busy: Array  # [] int32: live slot-steps of decode so far
-  # [] f32: sum over decode steps of the live slots' filled cache lengths (their write index):
-  # the KV positions an attention that read each row's filled length only would read.
-  filled: Array
-  steps: Array  # [] int32: decode steps so far
+  busy: Array  # [] int32: live slot-steps of the current chunk
 
 
 def state_shardings(s: EngineState, mesh: Mesh) -> EngineState:
@@ -183,39 +192,48 @@ def _insert(state: EngineState, pool: Pool, rng, eos_id, slot, entry, row, promp
   return _constrain(s, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampler", "chunk", "view", "mesh"),
-                   donate_argnames=("state",))
-def _decode_chunk(params, state: EngineState, eos_id, *, config, sampler, chunk, view, mesh):
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "chunk", "view", "ragged",
+                                             "mesh"), donate_argnames=("state",))
+def _decode_chunk(params, state: EngineState, eos_id, refill_at, *, config, sampler, chunk, view,
+                  ragged, mesh):
+  """Up to `chunk` decode steps; stops early once `refill_at` slots are free. The attention reads
+  the first `view` slots of every row, or (`ragged`) each row's filled blocks only."""
   max_new_tokens = state.tokens.shape[1]
   full = state.cache
   length = full.mask.shape[1]
-  if view < length:  # attend over the first `view` slots only (every live row fits in them)
+  if ragged is not None:
+    state = state.replace(cache=full.replace(ragged=ragged))
+  elif view < length:  # attend over the first `view` slots only (every live row fits in them)
     state = state.replace(cache=full.map(lambda x: x[:, :, :view]).replace(mask=full.mask[:, :view]))
 
   def body(carry):
     i, s = carry
     live = s.active
     logits, cache = sampling.decode_logits(params, config, s.cache, s.last, s.positions)
-    # Dead slots keep their index (their writes land in their own, unused row of the cache).
-    cache = cache.replace(index=jnp.where(live, cache.index, s.cache.index))
+    # A dead slot's index goes back to 0: its writes land in its own, unused row of the cache, and
+    # a ragged read of it is one block.
+    cache = cache.replace(index=jnp.where(live, cache.index, 0))
     s = s.replace(cache=cache, positions=jnp.where(live, s.positions + 1, s.positions),
-                  busy=s.busy + jnp.sum(live.astype(jnp.int32)), steps=s.steps + 1,
-                  filled=s.filled + jnp.sum(jnp.where(live, s.cache.index + 1, 0)).astype(
-                      jnp.float32))
+                  busy=s.busy + jnp.sum(live.astype(jnp.int32)))
     s = _record(s, logits, sampling.step_keys(s.keys, s.t), sampler, eos_id, max_new_tokens, live)
     return i + 1, _constrain(s, mesh)
 
-  _, state = jax.lax.while_loop(lambda c: (c[0] < chunk) & jnp.any(c[1].active), body,
-                                (jnp.zeros((), jnp.int32), state))
-  if view < length:
+  go_on = lambda c: (c[0] < chunk) & jnp.any(c[1].active) & (
+      jnp.sum(~c[1].active) < refill_at)
+  steps, state = jax.lax.while_loop(go_on, body, (jnp.zeros((), jnp.int32),
+                                                   state.replace(busy=jnp.zeros((), jnp.int32))))
+  if ragged is not None:
+    state = state.replace(cache=state.cache.replace(ragged=None))
+  elif view < length:
     put = lambda x, y: jax.lax.dynamic_update_slice(x, y, (0,) * x.ndim)
     state = state.replace(cache=full.replace(
         k=tuple(map(put, full.k, state.cache.k)), v=tuple(map(put, full.v, state.cache.v)),
         mask=put(full.mask, state.cache.mask), index=state.cache.index))
   state = _constrain(state, mesh)
-  # What the host schedules from, on every process.
-  return state, _replicate(jnp.stack([state.active.astype(jnp.int32), state.t]), mesh), \
-      _replicate(jnp.stack([state.busy, state.steps]), mesh), _replicate(state.filled, mesh)
+  # What the host schedules from, on every process, in one transfer: the slots' states, then
+  # the chunk's decode steps and live slot-steps.
+  return state, _replicate(jnp.concatenate([state.active.astype(jnp.int32), state.t,
+                                            jnp.stack([steps, state.busy])]), mesh)
 
 
 def _host(x) -> np.ndarray:
@@ -225,6 +243,28 @@ def _host(x) -> np.ndarray:
 
 def _pow2(x: int, cap: int) -> int:
   return min(cap, 1 << max(0, int(x) - 1).bit_length())
+
+
+def _bucket(x: int, cap: int) -> int:
+  """x rounded up to 2^k or 3 * 2^(k-1) (at most a third more; few shapes compile), <= cap."""
+  up = _pow2(x, 1 << 62)
+  return min(cap, 3 * up // 4 if 3 * up // 4 >= x else up)
+
+
+def full_ragged(state: EngineState, kv_block: int, mesh: Mesh | None
+                ) -> decode_attention.Ragged | None:
+  """The ragged read of a decode step with every slot full (None: kv_block 0, a dense read).
+  On a mesh, `blocks` counts one device's share of the slots (contiguous, as the cache is split)."""
+  if not kv_block:
+    return None
+  k = state.cache.k[0]
+  slots, length = k.shape[0], k.shape[2]
+  block = min(kv_block, length)
+  spec, local = None, slots
+  if mesh is not None:
+    sh = state_shardings(state, mesh).cache.k[0]
+    spec, local = sh.spec, sh.shard_shape(k.shape)[0]
+  return decode_attention.Ragged(local * -(-length // block), block, mesh, spec)
 
 
 def empty_state(config: Qwen2Config, slots: int, rows: int, prompt_len: int,
@@ -239,8 +279,7 @@ def empty_state(config: Qwen2Config, slots: int, rows: int, prompt_len: int,
       tokens=jnp.full((rows, max_new_tokens), eos_id, jnp.int32),
       logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
       entropy=jnp.zeros((rows, max_new_tokens), jnp.float32),
-      lengths=shp(rows), eos=jnp.zeros((rows,), bool), busy=shp(), steps=shp(),
-      filled=jnp.zeros((), jnp.float32))
+      lengths=shp(rows), eos=jnp.zeros((rows,), bool), busy=shp())
 
 
 def empty_pool(config: Qwen2Config, entries: int, prompt_len: int) -> Pool:
@@ -257,13 +296,21 @@ def prefill_batch(slots: int, n: int) -> int:
 def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
         max_new_tokens: int, sampler: sampling.Sampler, eos_id: int, n: int, slots: int,
         chunk: int, buckets: int, prompt_index, sample_offset: int = 0,
-        mesh: Mesh | None = None) -> tuple[sampling.Rollout, dict]:
-  """Rollout of n samples per prompt [B, P] through `slots` decode slots; (Rollout, stats)."""
+        mesh: Mesh | None = None, kv_block: int = KV_BLOCK, refill_share: float = REFILL_SHARE
+        ) -> tuple[sampling.Rollout, dict]:
+  """Rollout of n samples per prompt [B, P] through `slots` decode slots; (Rollout, stats).
+
+  kv_block: the decode attention reads each row's filled blocks of this many slots
+  (`decode_attention`) in the chunks where that reads under 1 / RAGGED_COST of the view; 0 always
+  reads a `view` of every row (a bucket above the longest row in flight, as the static sampler's
+  segments). refill_share: a chunk ends early once this share of
+  the slots is free and rows are pending."""
   b, p = prompt_tokens.shape
   rows = b * n
   slots = slots or rows
-  if slots < 1 or chunk < 1:
-    raise ValueError(f"rollout engine: slots={slots} and chunk={chunk} must be >= 1")
+  if slots < 1 or chunk < 1 or kv_block < 0:
+    raise ValueError(f"rollout engine: slots={slots} and chunk={chunk} must be >= 1, "
+                     f"kv_block={kv_block} >= 0")
   tokens_h = np.asarray(sampling_host(prompt_tokens), np.int32)
   mask_h = np.asarray(sampling_host(prompt_mask), np.int32)
   f = prefill_batch(slots, n)
@@ -275,8 +322,10 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   next_row = 0
   active, t = np.zeros(slots, bool), np.zeros(slots, np.int32)
   ends = sampling._segment_ends(max_new_tokens, buckets)
-  chunks = steps_before = 0
-  read = 0.0  # KV positions the decode's attention read: every slot, `view` positions per step
+  chunks = steps = busy = ragged_chunks = 0
+  read = 0.0  # KV positions the decode's attention read
+  full = full_ragged(state, kv_block, mesh)  # every slot full: the most a chunk can read
+  shards = slots // state.cache.k[0].sharding.shard_shape(state.cache.k[0].shape)[0]
   while True:
     free = np.nonzero(~active)[0]
     take = min(len(free), rows - next_row)
@@ -301,19 +350,32 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
       t[free[:take]] = 1
     if not active.any() and next_row == rows:
       break
-    # The longest live row's cache slots after this chunk, rounded up to a segment end.
-    need = int(np.max(np.where(active, t, 0))) + chunk
-    view = p + next(e for e in ends + [max_new_tokens] if e >= min(need, max_new_tokens))
-    state, sched, counts, filled = _decode_chunk(params, state, eos, config=config,
-                                                 sampler=sampler, chunk=chunk, view=view, mesh=mesh)
-    chunks += 1
+    pending = rows - next_row
+    refill_at = jnp.int32(max(1, min(int(refill_share * slots), pending)) if pending else slots + 1)
+    # The view: the longest live row's cache slots after this chunk, rounded up to a segment end.
+    longest = int(np.max(np.where(active, t, 0))) + chunk
+    view = p + next(e for e in ends + [max_new_tokens] if e >= min(longest, max_new_tokens))
+    ragged, read_per_step = None, slots * view
+    if kv_block:
+      # Each slot's filled length at the chunk's last step (a dead slot reads one block), the
+      # flat block entries that needs on the fullest device, rounded up to few shapes.
+      filled_end = np.where(active, np.minimum(p + t + chunk - 1, p + max_new_tokens), 1)
+      need = decode_attention.blocks_needed(filled_end, full.block, shards)
+      blocks = _bucket(need, full.blocks)
+      if blocks * full.block * shards * RAGGED_COST < read_per_step:
+        ragged = dataclasses.replace(full, blocks=blocks)
+        read_per_step = blocks * full.block * shards
+        ragged_chunks += 1
+    state, sched = _decode_chunk(params, state, eos, refill_at, config=config, sampler=sampler,
+                                 chunk=chunk, view=view, ragged=ragged, mesh=mesh)
     sched = _host(sched)
-    steps_now = int(_host(counts)[1])
-    read += float(steps_now - steps_before) * slots * view
-    steps_before = steps_now
-    active, t = sched[0].astype(bool), sched[1].copy()
-  busy, steps = (int(x) for x in _host(counts)) if chunks else (0, 0)
-  filled = float(_host(filled)) if chunks else 0.0
+    active, t = sched[:slots].astype(bool), sched[slots:2 * slots].copy()
+    chunks, steps, busy = chunks + 1, steps + int(sched[-2]), busy + int(sched[-1])
+    read += float(sched[-2]) * read_per_step
+  # A row of length l had l - 1 decode steps (its first token came with its prefill), the j-th
+  # of which attended its P prompt slots and j response slots.
+  done = np.asarray(sampling_host(state.lengths), np.float64) - 1
+  filled = float(np.sum(done * p + done * (done + 1) / 2))
   mask = (jnp.arange(max_new_tokens)[None, :] < state.lengths[:, None]).astype(jnp.int32)
   repeat = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), n, axis=0)
   rollout = sampling.Rollout(
@@ -323,7 +385,8 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
           jnp.int32),
       prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
   stats = {"slot_steps": steps * slots, "busy_slot_steps": busy, "decode_steps": steps,
-           "chunks": chunks, "slot_utilization": busy / max(steps * slots, 1),
+           "chunks": chunks, "ragged_chunks": ragged_chunks,
+           "slot_utilization": busy / max(steps * slots, 1),
            # How much more KV cache the decode read than one reading each row's filled length.
            "kv_read_positions": read, "kv_filled_positions": filled,
            "kv_read_over_filled": read / max(filled, 1.0)}

@@ -71,9 +71,10 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
   if config.rollout.engine not in ("static", "continuous"):
     raise ValueError(f"config.rollout.engine={config.rollout.engine!r}: use 'continuous' or "
                      "'static'")
-  if config.rollout.slots < 0 or config.rollout.chunk < 1:
-    raise ValueError(f"config.rollout.slots={config.rollout.slots} must be >= 0 and "
-                     f"config.rollout.chunk={config.rollout.chunk} >= 1")
+  if config.rollout.slots < 0 or config.rollout.chunk < 1 or config.rollout.kv_block < 0:
+    raise ValueError(f"config.rollout.slots={config.rollout.slots} and config.rollout.kv_block="
+                     f"{config.rollout.kv_block} must be >= 0, config.rollout.chunk="
+                     f"{config.rollout.chunk} >= 1")
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
   if config.rollout.engine == "continuous":  # one call per step (sample_and_grade)
     wave = config.data.prompts_per_step
@@ -199,7 +200,8 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
         max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
         top_p=config.rollout.top_p, top_k=config.rollout.top_k, eos_id=eos_id, n=n, mesh=mesh,
         prompt_index=np.arange(first, first + wave), engine=config.rollout.engine,
-        slots=config.rollout.slots, chunk=config.rollout.chunk, with_stats=True)
+        slots=config.rollout.slots, chunk=config.rollout.chunk, kv_block=config.rollout.kv_block,
+        with_stats=True)
     jax.block_until_ready(rollout.tokens)
     busy += int(stats["busy_slot_steps"])
     slot_steps += int(stats["slot_steps"])

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from explore_jax import sampling
+from explore_jax import rollout_engine, sampling
 from explore_jax.models import qwen2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,13 +70,15 @@ def setup():
 
 
 @pytest.mark.parametrize("greedy", [True, False])
-def test_continuous_equals_static(setup, greedy):
+def test_continuous_equals_static(setup, greedy, monkeypatch):
+  monkeypatch.setattr(rollout_engine, "RAGGED_COST", 0.0)  # every chunk reads ragged
   cfg, params, tokens, mask, eos = setup
   kw = dict(max_new_tokens=24, eos_id=eos, n=3, **({"temperature": 0.0} if greedy else
                                                     {"temperature": 1.0, "top_p": 0.9}))
   ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), **kw)
+  # Blocks of 4 slots: rows of 7 to 30 filled slots read 2 to 8 blocks each.
   got, stats = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), engine="continuous",
-                                 slots=4, chunk=4, with_stats=True, **kw)
+                                 slots=4, chunk=4, kv_block=4, with_stats=True, **kw)
   lengths = np.asarray(ref.lengths)
   assert len(set(lengths.tolist())) >= 3 and (lengths < 24).any() and (lengths == 24).any()
   share = compare(cfg, params, ref, got, greedy)
@@ -86,14 +88,14 @@ def test_continuous_equals_static(setup, greedy):
   assert stats["decode_steps"] < 24 * 18 / 4 + 24 and stats["slot_utilization"] > 0.6
   busy = int(np.sum(lengths)) - len(lengths)  # decode steps of live rows (first tokens: prefill)
   assert stats["busy_slot_steps"] == busy
-  # Decode step j of a row attends its P prompt positions and j response positions: what an
-  # attention reading filled lengths only would read. The segmented decode reads every slot's
-  # `view` positions, at least that and at most the whole cache.
-  got_len, p = np.asarray(got.lengths).astype(np.int64), tokens.shape[1]
-  assert stats["kv_filled_positions"] == np.sum((got_len - 1) * p + (got_len - 1) * got_len // 2)
+  # The ragged decode reads whole blocks: at least each row's filled slots (decode step j of a
+  # row attends its P prompt slots and j response slots) and at most every slot's blocks.
+  p = tokens.shape[1]
+  assert stats["ragged_chunks"] == stats["chunks"] < stats["decode_steps"]
   assert stats["kv_filled_positions"] <= stats["kv_read_positions"] <= (
-      stats["decode_steps"] * 4 * (p + 24))
+      stats["decode_steps"] * 4 * -(-(p + 24) // 4) * 4)
   assert stats["kv_read_over_filled"] == stats["kv_read_positions"] / stats["kv_filled_positions"]
+  assert stats["kv_read_over_filled"] < 1.6, stats
   if not greedy:
     # A row's draws follow its prompt's index, not its batch mates or place (same shapes: no
     # compile): the prompts reversed, with their indices, give the same rows reversed.
@@ -105,15 +107,22 @@ def test_continuous_equals_static(setup, greedy):
     assert np.mean(np.all(np.asarray(other.tokens) == np.asarray(ref.tokens), axis=1)) < 0.5
 
 
-def test_continuous_fixed_lengths_and_bad_input(setup):
+def test_continuous_fixed_lengths_and_bad_input(setup, monkeypatch):
+  monkeypatch.setattr(rollout_engine, "RAGGED_COST", 0.0)
   cfg, params, tokens, mask, _ = setup
   # The shapes of the greedy test above (eos_id is traced): nothing compiles again.
   kw = dict(max_new_tokens=24, eos_id=sampling.NO_EOS, n=3, temperature=0.0)
   ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(2), **kw)
-  got = sampling.generate(cfg, params, tokens, mask, jax.random.key(2), engine="continuous",
-                          slots=4, chunk=4, **kw)
-  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
-  np.testing.assert_array_equal(np.asarray(got.finish_reason), np.asarray(ref.finish_reason))
+  reads = {}
+  for kv_block in (4, 0):  # ragged, and the segmented view (every slot up to the longest row)
+    got, stats = sampling.generate(cfg, params, tokens, mask, jax.random.key(2),
+                                   engine="continuous", slots=4, chunk=4, kv_block=kv_block,
+                                   with_stats=True, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(got.finish_reason), np.asarray(ref.finish_reason))
+    reads[kv_block] = stats["kv_read_over_filled"]
+  # Refilled slots restart while their neighbours are far in: the view reads their empty tail.
+  assert reads[4] < reads[0], reads
   with pytest.raises(ValueError, match="engine="):
     sampling.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged", **kw)
 
@@ -126,6 +135,8 @@ _MESH = COMPARE + textwrap.dedent("""
     free = sampling.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=16,
                              temperature=0.0, eos_id=sampling.NO_EOS)
     eos = int(np.argmax(np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)))
+    from explore_jax import rollout_engine
+    rollout_engine.RAGGED_COST = 0.0  # every chunk reads ragged, in a shard_map
     mesh = sharding.make_mesh((2, 2, 2))
     params_m = jax.device_put(params, sharding.logical_to_mesh(qwen2.logical_axes(cfg), params,
                                                                mesh))
@@ -136,7 +147,7 @@ _MESH = COMPARE + textwrap.dedent("""
       ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), **kw)
       got = sampling.generate(cfg, params_m, jax.device_put(tokens, batch),
                               jax.device_put(mask, batch), jax.random.key(1), mesh=mesh,
-                              engine="continuous", slots=8, chunk=4, **kw)
+                              engine="continuous", slots=8, chunk=4, kv_block=4, **kw)
       assert len(got.tokens.sharding.device_set) == 8, got.tokens.sharding
       assert len(set(np.asarray(ref.lengths).tolist())) >= 3
       share = compare(cfg, params, ref, got, greedy)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from explore_jax.models import attention as attention_lib
+from explore_jax.models import decode_attention
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -243,6 +244,9 @@ class KVCache:
   v: tuple[Array, ...]  # per layer [B, K, S, H]
   mask: Array  # [B, S] bool: the slot holds a real (non-padding) token
   index: Array  # [] int32: the next slot to write; or [B]: one per row (the rollout engine)
+  # Static: a decode step reads each row's filled blocks only (the rollout engine sets it);
+  # None: every slot of every row (`attention.dense`).
+  ragged: decode_attention.Ragged | None = flax.struct.field(pytree_node=False, default=None)
 
   def map(self, fn) -> "KVCache":
     """fn applied to every layer's key and value array."""
@@ -356,6 +360,8 @@ class Attention(nn.Module):
 
     if cache is None:
       out = attention_lib.attend(q, key, val, key_mask, cfg.attention)
+    elif cache.ragged is not None:
+      out = decode_attention.attend(q, key, val, key_mask, query_slots, cache.ragged)
     else:
       out = attention_lib.dense(q, key, val, key_mask, query_slots)  # [B, T, N, H]
     out = out.reshape(b * t, n, h)
