@@ -1,6 +1,6 @@
 """Static sampler vs continuous-batching engine (and transformers `generate`) on RL-like lengths.
 
-  .venv/bin/python benchmarks/rollout_engine.py                  # both settings, with transformers
+  .venv/bin/python benchmarks/rollout_engine.py                  # every setting, with transformers
   .venv/bin/python benchmarks/rollout_engine.py --no_hf --rows 128
 
 Model: a random Qwen2 (vocab 96, width 128, 4 layers, 4 q / 2 kv heads, MLP 384) whose EOS column
@@ -13,13 +13,17 @@ Tokens/s = generated tokens / seconds of a warm call; compile = first call minus
 utilization = decode slot-steps that produced a token / slot-steps run; KV memory from the cache
 shapes (the engine adds its prefill pool of 2 x ceil(slots / n) prompts); KV read / filled = KV
 positions the continuous engine's decode attention read over those it would read attending each
-row's filled length only (issue 18: a ragged read would save that share of the attention's
-cache traffic).
+row's filled length only (1.0: the ragged read's ideal).
+
+A third setting runs the demo's trained model (`make demo` writes runs/demo; `--demo_model DIR`
+for another) on held-out countdown problems, sampled as the demo evaluates (configs/demo.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import time
 
 import jax
@@ -30,6 +34,8 @@ from explore_jax import checkpoint, sampling
 SPEC = dict(vocab_size=96, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2)
 EOS, PROMPT = 3, 32
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_MODEL = os.path.join(REPO, "runs", "demo", "models", "entropy_adv_s0")
 
 
 def _models():
@@ -71,17 +77,33 @@ def _timed(fn, repeats):
   return out, first, best
 
 
-def run(setting, hf, cfg, params, prompts, n, slots, new, chunk, repeats, with_hf, kv_blocks):
-  eos = EOS if setting == "long-tailed" else sampling.NO_EOS
-  b = prompts.shape[0]
-  mask = np.ones_like(prompts)
+@dataclasses.dataclass
+class Setting:
+  """One benchmark setting: a model (JAX and its transformers twin), left-padded prompts, how
+  they are sampled."""
+  name: str
+  hf: object
+  cfg: object
+  params: object
+  prompts: np.ndarray  # [prompts, width], left-padded
+  mask: np.ndarray
+  new: int  # max new tokens
+  eos: int
+  temperature: float = 1.0
+  top_p: float = 1.0
+
+
+def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks):
+  b = s.prompts.shape[0]
   wave = slots // n  # static: prompts per wave, so that both hold `slots` rows of cache
-  kw = dict(max_new_tokens=new, temperature=1.0, eos_id=eos, n=n, with_stats=True)
+  kw = dict(max_new_tokens=s.new, temperature=s.temperature, top_p=s.top_p, eos_id=s.eos, n=n,
+            with_stats=True)
 
   def static():
     outs, busy, steps = [], 0, 0
     for first in range(0, b, wave):
-      r, st = sampling.generate(cfg, params, prompts[first:first + wave], mask[first:first + wave],
+      part = slice(first, first + wave)
+      r, st = sampling.generate(s.cfg, s.params, s.prompts[part], s.mask[part],
                                 jax.random.key(0), prompt_index=np.arange(first, first + wave),
                                 **kw)
       outs.append(np.asarray(r.tokens))
@@ -89,20 +111,23 @@ def run(setting, hf, cfg, params, prompts, n, slots, new, chunk, repeats, with_h
     return np.concatenate(outs), busy / steps
 
   def continuous(kv_block):
-    r, st = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), engine="continuous",
-                              slots=slots, chunk=chunk, kv_block=kv_block, **kw)
+    r, st = sampling.generate(s.cfg, s.params, s.prompts, s.mask, jax.random.key(0),
+                              engine="continuous", slots=slots, chunk=chunk, kv_block=kv_block,
+                              **kw)
     return np.asarray(r.tokens), np.asarray(r.lengths), st
 
   (s_tokens, s_util), s_first, s_best = _timed(static, repeats)
-  length = PROMPT + new
+  width = s.prompts.shape[1]
+  length = width + s.new
   f = -(-slots // n)
-  rows, reads, same = [("static", None, s_best, s_util, _kv_bytes(cfg, slots, length),
-                        s_first - s_best)], {}, {}
+  rows, same = [("static", None, s_best, s_util, _kv_bytes(s.cfg, slots, length),
+                 s_first - s_best)], {}
   for kv_block in kv_blocks:
     name = f"cont. ragged {kv_block}" if kv_block else "cont. segmented"
     (c_tokens, c_len, st), c_first, c_best = _timed(lambda: continuous(kv_block), repeats)
     rows.append((name, st, c_best, st["slot_utilization"],
-                 _kv_bytes(cfg, slots, length) + _kv_bytes(cfg, 2 * f, PROMPT), c_first - c_best))
+                 _kv_bytes(s.cfg, slots, length) + _kv_bytes(s.cfg, 2 * f, width),
+                 c_first - c_best))
     same[name] = float(np.mean(np.all(s_tokens == c_tokens, axis=1)))
     tokens = int(c_len.sum())
   rows = [(name, tokens / best, util, kv, comp, st) for name, st, best, util, kv, comp in rows]
@@ -111,26 +136,27 @@ def run(setting, hf, cfg, params, prompts, n, slots, new, chunk, repeats, with_h
     hf_tokens, t_hf = 0, 0.0
     torch.manual_seed(0)
     for first in range(0, b, wave):
-      ids = torch.tensor(np.repeat(prompts[first:first + wave], n, axis=0)).long()
+      ids = torch.tensor(np.repeat(s.prompts[first:first + wave], n, axis=0)).long()
+      mask = torch.tensor(np.repeat(s.mask[first:first + wave], n, axis=0)).long()
       start = time.perf_counter()
       with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                          top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=new,
-                          eos_token_id=EOS if eos >= 0 else None,
-                          min_new_tokens=new if eos < 0 else 0)
+        out = s.hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
+                            top_p=s.top_p, temperature=s.temperature, max_new_tokens=s.new,
+                            eos_token_id=s.eos if s.eos >= 0 else None, pad_token_id=0,
+                            min_new_tokens=s.new if s.eos < 0 else 0)
       t_hf += time.perf_counter() - start
-      gen = out[:, PROMPT:].numpy()
-      if eos >= 0:  # tokens up to and including the first EOS
-        hit = gen == EOS
+      gen = out[:, width:].numpy()
+      if s.eos >= 0:  # tokens up to and including the first EOS
+        hit = gen == s.eos
         hf_tokens += int(np.where(hit.any(1), hit.argmax(1) + 1, gen.shape[1]).sum())
       else:
         hf_tokens += gen.size
-    rows.append(("transformers", hf_tokens / t_hf, float("nan"), _kv_bytes(cfg, slots, length),
+    rows.append(("transformers", hf_tokens / t_hf, float("nan"), _kv_bytes(s.cfg, slots, length),
                  float("nan"), None))
-  print(f"\n{setting}: {b} prompts x n={n} = {b * n} rows, {slots} slots, cap {new}, chunk "
-        f"{chunk}; response lengths median {np.median(c_len):.0f}, max {c_len.max()}, "
-        f"{tokens} tokens; rows identical to the static engine's: "
-        + ", ".join(f"{k} {v:.0%}" for k, v in same.items())
+  print(f"\n{s.name}: {b} prompts x n={n} = {b * n} rows, {slots} slots, cap {s.new}, chunk "
+        f"{chunk}, temperature {s.temperature}, top-p {s.top_p}; response lengths median "
+        f"{np.median(c_len):.0f}, max {c_len.max()}, {tokens} tokens; rows identical to the "
+        "static engine's: " + ", ".join(f"{k} {v:.0%}" for k, v in same.items())
         + f"; the drain allows a slot utilization of {_drain_bound(c_len, slots):.2f}")
   print(f"{'engine':<20}{'tok/s':>8}{'vs static':>11}{'slot util':>11}{'KV MiB':>8}"
         f"{'compile s':>11}{'KV read/filled':>16}{'chunks':>8}")
@@ -138,6 +164,34 @@ def run(setting, hf, cfg, params, prompts, n, slots, new, chunk, repeats, with_h
     extra = f"{st['kv_read_over_filled']:>15.2f}x{st['chunks']:>8}" if st else ""
     print(f"{name:<20}{tps:>8.0f}{tps / rows[0][1]:>10.2f}x{util:>11.2f}{kv / 2**20:>8.1f}"
           f"{comp:>11.1f}{extra}", flush=True)
+
+
+def demo_setting(model_dir: str, problems: int) -> Setting:
+  """The demo's trained model (runs/demo of `make demo`) on held-out countdown problems, sampled
+  as the demo's evaluation samples them (configs/demo.py: temperature 0.6, top-p 0.95, its cap)."""
+  import importlib.util
+  import transformers
+  from explore_jax import data
+  from explore_jax.data import templates
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs",
+                                                                              "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  ev = module.get_config(None).eval
+  bench = ev.benchmarks.heldout
+  tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+  recs = list(data.load(bench.dataset, bench.split,
+                        **data.generated_task_configs(ev.synthetic, ev.countdown)))[:problems]
+  ids = [tokenizer.encode(templates.apply_template(bench.template, r["problem"]),
+                          add_special_tokens=False) for r in recs]
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  width = -(-max(map(len, ids)) // ev.prompt_bucket) * ev.prompt_bucket
+  prompts, mask = sampling.left_pad(ids, pad, width)
+  hf = transformers.Qwen2ForCausalLM.from_pretrained(model_dir).float().eval()
+  cfg, params = checkpoint.load_model(model_dir)
+  return Setting(f"demo model ({model_dir}), countdown", hf, cfg, jax.device_put(params),
+                 np.asarray(prompts), np.asarray(mask), ev.sampling.max_new_tokens,
+                 tokenizer.eos_token_id, ev.sampling.temperature, ev.sampling.top_p)
 
 
 def main():
@@ -150,17 +204,26 @@ def main():
   parser.add_argument("--no_hf", action="store_true")
   parser.add_argument("--kv_blocks", default="0,32,64",
                       help="engine decode attention: 0 = segmented view, B = ragged, B-slot blocks")
+  parser.add_argument("--demo_model", default=DEMO_MODEL,
+                      help="HF directory of a model trained by the demo ('': skip that setting)")
   args = parser.parse_args()
   hf, cfg, params = _models()
   prompts = np.random.default_rng(0).integers(4, SPEC["vocab_size"], (args.rows // args.n,
                                                                        PROMPT)).astype(np.int32)
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}); float32, temperature 1; shared, "
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}); float32; shared, "
         "noisy machine: ratios are more telling than absolute figures")
   kv_blocks = [int(x) for x in args.kv_blocks.split(",")]
-  run("long-tailed", hf, cfg, params, prompts, args.n, args.slots, 512, args.chunk, args.repeats,
-      not args.no_hf, kv_blocks)
-  run("fixed", hf, cfg, params, prompts, args.n, args.slots, 128, args.chunk, args.repeats,
-      not args.no_hf, kv_blocks)
+  mask = np.ones_like(prompts)
+  for name, new, eos in (("long-tailed", 512, EOS), ("fixed", 128, sampling.NO_EOS)):
+    run(Setting(name, hf, cfg, params, prompts, mask, new, eos), args.n, args.slots, args.chunk,
+        args.repeats, not args.no_hf, kv_blocks)
+  if not args.demo_model:
+    return
+  if not os.path.exists(args.demo_model):
+    print(f"\ndemo model: {args.demo_model} does not exist (`make demo` writes it); skipped")
+    return
+  run(demo_setting(args.demo_model, args.rows // args.n), args.n, args.slots, args.chunk,
+      args.repeats, not args.no_hf, kv_blocks)
 
 
 if __name__ == "__main__":

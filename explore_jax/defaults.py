@@ -119,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
   # continuous: decode attention reads each row's filled blocks of this many slots
   # (explore_jax/models/decode_attention.py); 0 = every slot up to the longest row in flight
   c.rollout.kv_block = 64
+  # continuous: a chunk ends early once this share of the slots is free while rows are pending
+  c.rollout.refill_share = 0.25
 
   c.reward = ml_collections.ConfigDict()
   c.reward.method = "dapo"  # "dapo" | "math_verify"

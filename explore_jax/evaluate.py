@@ -96,6 +96,7 @@ def base_config():
   c.slots = 0  # continuous: rows decoded at once (the KV-cache bound); 0 = batch_size
   c.chunk = 16  # continuous: decode steps per device call between refills
   c.kv_block = 64  # continuous: decode attention reads each row's filled blocks of this many slots
+  c.refill_share = 0.25  # continuous: a chunk ends early once this share of the slots is free
   c.prompt_bucket = 64  # prompts are left-padded to a multiple of this many tokens
   c.save_tokens = True  # keep response token ids in responses.jsonl (for explore_jax.analyze)
   c.reward_timeout_s = 10.0  # per response; past it the grading worker is killed, 'incorrect'
@@ -307,7 +308,7 @@ def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, 
         top_p=config.sampling.top_p, top_k=config.sampling.top_k, eos_id=eos_id, n=n_call,
         mesh=mesh, prompt_index=np.asarray(index), sample_offset=chunk * n_call,
         engine=config.engine, slots=config.slots or config.batch_size, chunk=config.chunk,
-        kv_block=config.kv_block, with_stats=True)
+        kv_block=config.kv_block, refill_share=config.refill_share, with_stats=True)
     out_tokens, out_mask, out_len = (sharding.to_host(x) for x in (out.tokens, out.mask,
                                                                    out.lengths))
     seconds = time.perf_counter() - start

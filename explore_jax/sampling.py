@@ -393,7 +393,8 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
              top_k: int = 0, eos_id: int, n: int = 1, mesh: Mesh | None = None,
              segments: int = 4, prompt_index: Array | None = None, sample_offset: int = 0,
              engine: str = "static", slots: int = 0, chunk: int = 16, kv_block: int | None = None,
-             with_stats: bool = False) -> Rollout | tuple[Rollout, dict]:
+             refill_share: float | None = None, with_stats: bool = False
+             ) -> Rollout | tuple[Rollout, dict]:
   """Sample n responses per left-padded prompt [B, P]; rows i*n .. i*n+n-1 answer prompt i.
 
   Every row gets exactly max_new_tokens columns; eos_id=NO_EOS never stops (fixed lengths).
@@ -409,8 +410,9 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
   when a step is sampled in several calls).
   engine="static" samples all rows at once (this module); "continuous" keeps `slots` decode slots
   busy and refills each finished one at once (`explore_jax.rollout_engine`; `chunk` decode steps
-  per device call; its decode attention reads each row's filled blocks of `kv_block` slots, 0:
-  `segments` cache-view buckets). Both return the same Rollout. with_stats:
+  per device call, ending early once a `refill_share` of the slots is free; its decode attention
+  reads each row's filled blocks of `kv_block` slots, 0: `segments` cache-view buckets). Both
+  return the same Rollout. with_stats:
   (Rollout, stats) with stats["slot_utilization"] = generated tokens / decode slot-steps (the
   static sampler's slots are its rows).
   """
@@ -432,7 +434,8 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
         config, params, prompt_tokens, prompt_mask, rng, max_new_tokens=max_new_tokens,
         sampler=sampler, eos_id=eos_id, n=n, mesh=mesh, slots=slots, chunk=chunk,
         buckets=segments, prompt_index=prompt_index, sample_offset=sample_offset,
-        **({} if kv_block is None else {"kv_block": kv_block}))
+        **{k: v for k, v in (("kv_block", kv_block), ("refill_share", refill_share))
+           if v is not None})
     return (rollout, stats) if with_stats else rollout
   if engine != "static":
     raise ValueError(f"engine={engine!r}: use 'static' or 'continuous'")

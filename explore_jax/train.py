@@ -75,6 +75,9 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
     raise ValueError(f"config.rollout.slots={config.rollout.slots} and config.rollout.kv_block="
                      f"{config.rollout.kv_block} must be >= 0, config.rollout.chunk="
                      f"{config.rollout.chunk} >= 1")
+  if not 0.0 < config.rollout.refill_share <= 1.0:
+    raise ValueError(f"config.rollout.refill_share={config.rollout.refill_share}: must be in "
+                     "(0, 1]")
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
   if config.rollout.engine == "continuous":  # one call per step (sample_and_grade)
     wave = config.data.prompts_per_step
@@ -201,7 +204,7 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
         top_p=config.rollout.top_p, top_k=config.rollout.top_k, eos_id=eos_id, n=n, mesh=mesh,
         prompt_index=np.arange(first, first + wave), engine=config.rollout.engine,
         slots=config.rollout.slots, chunk=config.rollout.chunk, kv_block=config.rollout.kv_block,
-        with_stats=True)
+        refill_share=config.rollout.refill_share, with_stats=True)
     jax.block_until_ready(rollout.tokens)
     busy += int(stats["busy_slot_steps"])
     slot_steps += int(stats["slot_steps"])

@@ -123,6 +123,14 @@ def test_continuous_fixed_lengths_and_bad_input(setup, monkeypatch):
     reads[kv_block] = stats["kv_read_over_filled"]
   # Refilled slots restart while their neighbours are far in: the view reads their empty tail.
   assert reads[4] < reads[0], reads
+  # Fixed lengths: the 4 slots run in lockstep through 5 waves (18 rows) of 23 decode steps, in
+  # chunks of 4 from token 1. A chunk's view is the first of the static sampler's segment ends
+  # (6, 12, 18, 24 new tokens) that holds what its last step attends: P + t + 3 slots, at most
+  # P + 24; one slot more (the view of t + 4) reads 10,440 positions instead of 9,960.
+  p = tokens.shape[1]
+  views = [p + next(e for e in (6, 12, 18, 24) if e >= min(t + 3, 24)) for t in range(1, 24, 4)]
+  steps = [min(4, 24 - t) for t in range(1, 24, 4)]
+  assert stats["kv_read_positions"] == 5 * 4 * np.dot(steps, views) == 9960
   with pytest.raises(ValueError, match="engine="):
     sampling.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged", **kw)
 
