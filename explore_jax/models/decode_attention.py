@@ -67,14 +67,25 @@ def _local(q: Array, k: Array, v: Array, key_mask: Array, query_slot: Array, blo
   valid = row < b
   row = jnp.minimum(row, b - 1)
   j = entry - (ends[row] - count[row])
-  # dynamic_slice keeps a block inside the cache: the last block of a row may start earlier than
-  # j * block; the slots it repeats from the block before are masked out below.
-  first = jnp.minimum(j * block, s - block)
-  take = lambda x, r, f: jax.lax.dynamic_slice(x, (r, 0, f, 0), (1, kh, block, h))[0]
-  kb = jax.vmap(take, in_axes=(None, 0, 0))(k, row, first)  # [F, K, block, H]
-  vb = jax.vmap(take, in_axes=(None, 0, 0))(v, row, first)
+  if s % block == 0:
+    # Whole blocks of the slot axis cut into [S / block, block]: a gather by block index. (A slot
+    # offset the compiler cannot prove aligned made XLA:TPU lay every layer's cache out anew at
+    # every step, a copy of the whole cache.)
+    jb = jnp.minimum(j, s // block - 1)  # padding entries: any block (masked out below)
+    first = jb * block
+    grid = lambda x: x.reshape(b, kh, s // block, block, h)[row, :, jb]  # [F, K, block, H]
+    kb, vb = grid(k), grid(v)
+    mask_b = key_mask.reshape(b, s // block, block)[row, jb]
+  else:
+    # dynamic_slice keeps a block inside the cache: the last block of a row may start earlier
+    # than j * block; the slots it repeats from the block before are masked out below.
+    first = jnp.minimum(j * block, s - block)
+    take = lambda x, r, f: jax.lax.dynamic_slice(x, (r, 0, f, 0), (1, kh, block, h))[0]
+    kb = jax.vmap(take, in_axes=(None, 0, 0))(k, row, first)  # [F, K, block, H]
+    vb = jax.vmap(take, in_axes=(None, 0, 0))(v, row, first)
+    mask_b = jax.vmap(lambda r, f: jax.lax.dynamic_slice(key_mask, (r, f), (1, block))[0])(
+        row, first)
   slots = first[:, None] + jnp.arange(block)  # [F, block]
-  mask_b = jax.vmap(lambda r, f: jax.lax.dynamic_slice(key_mask, (r, f), (1, block))[0])(row, first)
   allowed = (mask_b & (slots >= j[:, None] * block) & (slots <= query_slot[row][:, None])
              & valid[:, None])
   qf = q[row].reshape(blocks, kh, g, h)
