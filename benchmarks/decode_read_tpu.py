@@ -7,8 +7,8 @@ filled blocks, `models/decode_attention.py`), at a config's shapes, compiled fro
 
 Needs `make tpu-compiler`. For each fill f (the rows' filled share of their P + N cache slots):
 the view read with its longest row at f (the view's best case: at RL's long-tailed lengths the
-longest row in flight is usually near the cap, so the view reads more) and the ragged read of
-every row filled to f. Figures per device from the compiled step's `cost_analysis()` ('bytes
+longest row in flight is usually near the cap, so the view reads more; the engine's own views
+are segment ends, these are any length) and the ragged read of every row filled to f. Figures per device from the compiled step's `cost_analysis()` ('bytes
 accessed', the compiler's cost model, not a timing) and `memory_analysis()` (temporaries); the
 step is `rollout_engine._decode_chunk` with chunk = 1 (a loop body is counted once). The KV line
 is what the cache holds per device; the weights line what a step must read of them at least.
@@ -68,6 +68,8 @@ def main():
     exe, seconds = aot._compile(prog, mesh, rules)
     cost = exe.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost or "bytes accessed" not in cost:
+      raise SystemExit(f"{args.topology}: the compiler gave no cost analysis")
     return float(cost["bytes accessed"]), exe.memory_analysis().temp_size_in_bytes, seconds
 
   for fill in (float(x) for x in args.fills.split(",")):

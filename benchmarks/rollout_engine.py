@@ -29,7 +29,7 @@ import time
 import jax
 import numpy as np
 
-from explore_jax import checkpoint, sampling
+from explore_jax import checkpoint, rollout_engine, sampling
 
 SPEC = dict(vocab_size=96, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2)
@@ -93,7 +93,7 @@ class Setting:
   top_p: float = 1.0
 
 
-def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks):
+def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
   b = s.prompts.shape[0]
   wave = slots // n  # static: prompts per wave, so that both hold `slots` rows of cache
   kw = dict(max_new_tokens=s.new, temperature=s.temperature, top_p=s.top_p, eos_id=s.eos, n=n,
@@ -113,7 +113,7 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks):
   def continuous(kv_block):
     r, st = sampling.generate(s.cfg, s.params, s.prompts, s.mask, jax.random.key(0),
                               engine="continuous", slots=slots, chunk=chunk, kv_block=kv_block,
-                              **kw)
+                              refill_share=refill_share, **kw)
     return np.asarray(r.tokens), np.asarray(r.lengths), st
 
   (s_tokens, s_util), s_first, s_best = _timed(static, repeats)
@@ -154,7 +154,7 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks):
     rows.append(("transformers", hf_tokens / t_hf, float("nan"), _kv_bytes(s.cfg, slots, length),
                  float("nan"), None))
   print(f"\n{s.name}: {b} prompts x n={n} = {b * n} rows, {slots} slots, cap {s.new}, chunk "
-        f"{chunk}, temperature {s.temperature}, top-p {s.top_p}; response lengths median "
+        f"{chunk}, refill share {refill_share}, temperature {s.temperature}, top-p {s.top_p}; response lengths median "
         f"{np.median(c_len):.0f}, max {c_len.max()}, {tokens} tokens; rows identical to the "
         "static engine's: " + ", ".join(f"{k} {v:.0%}" for k, v in same.items())
         + f"; the drain allows a slot utilization of {_drain_bound(c_len, slots):.2f}")
@@ -204,6 +204,8 @@ def main():
   parser.add_argument("--no_hf", action="store_true")
   parser.add_argument("--kv_blocks", default="0,32,64",
                       help="engine decode attention: 0 = segmented view, B = ragged, B-slot blocks")
+  parser.add_argument("--refill_share", type=float, default=rollout_engine.REFILL_SHARE,
+                      help="a chunk ends early once this share of the slots is free")
   parser.add_argument("--demo_model", default=DEMO_MODEL,
                       help="HF directory of a model trained by the demo ('': skip that setting)")
   args = parser.parse_args()
@@ -216,14 +218,14 @@ def main():
   mask = np.ones_like(prompts)
   for name, new, eos in (("long-tailed", 512, EOS), ("fixed", 128, sampling.NO_EOS)):
     run(Setting(name, hf, cfg, params, prompts, mask, new, eos), args.n, args.slots, args.chunk,
-        args.repeats, not args.no_hf, kv_blocks)
+        args.repeats, not args.no_hf, kv_blocks, args.refill_share)
   if not args.demo_model:
     return
   if not os.path.exists(args.demo_model):
     print(f"\ndemo model: {args.demo_model} does not exist (`make demo` writes it); skipped")
     return
   run(demo_setting(args.demo_model, args.rows // args.n), args.n, args.slots, args.chunk,
-      args.repeats, not args.no_hf, kv_blocks)
+      args.repeats, not args.no_hf, kv_blocks, args.refill_share)
 
 
 if __name__ == "__main__":

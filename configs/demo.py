@@ -43,6 +43,7 @@ def get_config(arg: str | None = None):
   c.eval.batch_size = 64 if test else 1024
   c.eval.slots = 0 if test else 512  # 0: batch_size slots
   c.eval.kv_block = c.train.rollout.kv_block
+  c.eval.refill_share = c.train.rollout.refill_share
   c.eval.prompt_bucket = 16
   c.eval.reward_workers = c.train.reward.workers
   # The demo owns its eval dir: responses of a model since retrained (e.g. a longer budget) are

@@ -15,8 +15,9 @@ The programs of one step (the continuous rollout engine's, the trainer's default
 
     rollout/prefill   one batch of ceil(slots / n) prompts into the engine's prompt pool
     rollout/insert    the pool's prefills copied into every slot (the largest refill)
-    rollout/decode    one chunk of `rollout.chunk` decode steps with every slot full (the ragged
-                      attention's largest read)
+    rollout/decode    one chunk of `rollout.chunk` decode steps with every slot full: the larger,
+                      in memory, of the ragged read of every block and the largest cache view
+                      short of the whole cache (a chunk attending a view holds a copy of it)
     score             the old log-probs (PPO: and values) of the step's rollout
     update            every mini-batch update of the step
 
@@ -313,30 +314,53 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, with_flops: b
             "mesh": dict(mesh.shape), "programs": {}}
   cfg = train.step_config(config, model_cfg, tuple(mesh.shape.values()))
   for prog in step_programs(config, model_cfg, cfg, mesh, only=only):
-    try:
-      compiled, seconds = _compile(prog, mesh, rules)
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      # The compiler itself refuses a program whose temporaries exceed the chip's HBM.
-      report["programs"][prog.name] = {
-          "bytes_per_device": None, "resident_bytes": int(prog.resident), "fits": False,
-          "error": str(e).splitlines()[0][:300]}
-      continue
-    m = compiled.memory_analysis()
-    own = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-           + m.temp_size_in_bytes)
-    total = own + prog.resident
-    report["programs"][prog.name] = {
-        "bytes_per_device": int(total), "program_bytes": int(own),
-        "argument_bytes": int(m.argument_size_in_bytes),
-        "output_bytes": int(m.output_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
-        "temp_bytes": int(m.temp_size_in_bytes), "resident_bytes": int(prog.resident),
-        "compile_s": round(seconds, 2), "fits": bool(total <= USABLE * hbm)}
+    entries = [_memory(variant, mesh, rules, hbm) for variant in _read_variants(prog, config)]
+    # The decode's reads: the one that needs the most memory (a refusal first).
+    report["programs"][prog.name] = max(entries, key=lambda e: (e["bytes_per_device"] is None,
+                                                                e["bytes_per_device"] or 0))
   if with_flops:
     for name, flops in flops_per_call(config, model_cfg, cfg, mesh, only).items():
       report["programs"][name]["flops"] = flops  # dense attention, unrolled: compiles at any size
   return report
+
+
+def _read_variants(prog: Program, config) -> list[Program]:
+  """The decode program as the engine may run it: the ragged read of every block (or the whole
+  cache with kv_block 0) and the largest view short of the whole cache, the segment end below
+  the last (`rollout_engine.run`'s views: `sampling.generate`'s 4 segments). Other programs: as
+  they are."""
+  if prog.name != "rollout/decode":
+    return [prog]
+  p, new = config.data.max_prompt_len, config.rollout.max_new_tokens
+  ends = sampling._segment_ends(new, 4)
+  if len(ends) < 2:
+    return [prog]
+  view = dataclasses.replace(prog, static={**prog.static, "view": p + ends[-2], "ragged": None})
+  return [prog, view]
+
+
+def _memory(prog: Program, mesh, rules, hbm: int) -> dict:
+  """The report entry of one program: its memory per device from the compiled executable."""
+  try:
+    compiled, seconds = _compile(prog, mesh, rules)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The compiler itself refuses a program whose temporaries exceed the chip's HBM.
+    return {"bytes_per_device": None, "resident_bytes": int(prog.resident), "fits": False,
+            "error": str(e).splitlines()[0][:300]}
+  m = compiled.memory_analysis()
+  own = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+         + m.temp_size_in_bytes)
+  total = own + prog.resident
+  read = prog.static.get("ragged")
+  return {"bytes_per_device": int(total), "program_bytes": int(own),
+          "argument_bytes": int(m.argument_size_in_bytes),
+          "output_bytes": int(m.output_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
+          "temp_bytes": int(m.temp_size_in_bytes), "resident_bytes": int(prog.resident),
+          "compile_s": round(seconds, 2), "fits": bool(total <= USABLE * hbm),
+          **({"read": "ragged" if read else f"view of {prog.static['view']} slots"}
+             if "view" in prog.static else {})}
 
 
 def print_report(report: dict) -> None:

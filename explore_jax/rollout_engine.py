@@ -48,9 +48,10 @@ from explore_jax.sharding import logical_sharding
 Array = jax.Array
 
 KV_BLOCK = 64  # slots per block of the ragged decode attention (run's kv_block)
-# A chunk ends once this share of the slots is free (run's refill_share). Ending chunks costs a
-# host round trip each: on the demo's model (steps of 0.4 ms) 0.25 ran 1.2x faster than 0.125 at
-# the same tokens; on RL-like long-tailed lengths the two gave the same tokens/s and utilization.
+# A chunk ends once this share of the slots is free (run's refill_share). Each chunk end costs a
+# host round trip: on the demo's model (steps of 0.4 ms; benchmarks/rollout_engine.py) 0.25 ran
+# 0.80x of static against 0.71x at 0.125; on RL-like long-tailed lengths 1.90x against 1.99x
+# (utilization 0.73 against 0.74), about the spread between runs.
 REFILL_SHARE = 0.25
 # A chunk reads its rows' filled blocks (ragged) only where that reads under 1 / RAGGED_COST of
 # the view: per position read, the ragged attention's gather and small per-block products ran
@@ -206,6 +207,10 @@ def _decode_chunk(params, state: EngineState, eos_id, refill_at, *, config, samp
   """Up to `chunk` decode steps; stops early once `refill_at` slots are free. The attention reads
   the first `view` slots of every row, or (`ragged`) each row's filled blocks only."""
   max_new_tokens = state.tokens.shape[1]
+  # A slot whose row ended on the last chunk's last step still has that row's write index; a
+  # ragged read would give it the row's blocks, where the host counted one.
+  state = state.replace(cache=state.cache.replace(
+      index=jnp.where(state.active, state.cache.index, 0)))
   full = state.cache
   length = full.mask.shape[1]
   if ragged is not None:

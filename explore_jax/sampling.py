@@ -434,8 +434,8 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
         config, params, prompt_tokens, prompt_mask, rng, max_new_tokens=max_new_tokens,
         sampler=sampler, eos_id=eos_id, n=n, mesh=mesh, slots=slots, chunk=chunk,
         buckets=segments, prompt_index=prompt_index, sample_offset=sample_offset,
-        **{k: v for k, v in (("kv_block", kv_block), ("refill_share", refill_share))
-           if v is not None})
+        kv_block=rollout_engine.KV_BLOCK if kv_block is None else kv_block,
+        refill_share=rollout_engine.REFILL_SHARE if refill_share is None else refill_share)
     return (rollout, stats) if with_stats else rollout
   if engine != "static":
     raise ValueError(f"engine={engine!r}: use 'static' or 'continuous'")

@@ -72,6 +72,9 @@ def test_programs_for_a_v5p_slice_fit_and_count_what_they_compute(model_dir):
   # Beside the insert stays the whole train state: f32 params, AdamW's f32 mu and nu.
   state = 12 * memory.sharded_param_count(MODEL, (1, 2, 2))
   assert state <= progs["rollout/insert"]["resident_bytes"] < 1.01 * state
+  # The decode is counted at its largest read: here the view of P + 3N/4 slots (the segment end
+  # below the last), whose copy in the chunk needs more than the ragged read of every block.
+  assert progs["rollout/decode"]["read"] == f"view of {P + 3 * N // 4} slots"
   # The update donates the state: its outputs alias its arguments.
   assert progs["update"]["alias_bytes"] >= 0.99 * state
   vocab = 2 * MODEL.hidden_size * MODEL.vocab_size  # the output projection of one token

@@ -114,7 +114,9 @@ def test_continuous_fixed_lengths_and_bad_input(setup, monkeypatch):
   kw = dict(max_new_tokens=24, eos_id=sampling.NO_EOS, n=3, temperature=0.0)
   ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(2), **kw)
   reads = {}
-  for kv_block in (4, 0):  # ragged, and the segmented view (every slot up to the longest row)
+  # Ragged in blocks of 4 (sliced at slot offsets: 30 slots), of 5 (gathered by block index),
+  # and the segmented view (every slot up to the longest row).
+  for kv_block in (4, 5, 0):
     got, stats = sampling.generate(cfg, params, tokens, mask, jax.random.key(2),
                                    engine="continuous", slots=4, chunk=4, kv_block=kv_block,
                                    with_stats=True, **kw)
@@ -133,6 +135,29 @@ def test_continuous_fixed_lengths_and_bad_input(setup, monkeypatch):
   assert stats["kv_read_positions"] == 5 * 4 * np.dot(steps, views) == 9960
   with pytest.raises(ValueError, match="engine="):
     sampling.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged", **kw)
+
+
+def test_a_slot_that_ends_with_a_chunk_reads_one_block(setup, monkeypatch):
+  """A row that ends on a chunk's last step, with no row left to take its slot: the next chunk's
+  ragged read must give the dead slot one block, as the host counts it, or the flat list overflows
+  and the live row after it loses its newest keys."""
+  monkeypatch.setattr(rollout_engine, "RAGGED_COST", 0.0)
+  cfg, params, tokens, mask, _ = setup
+  free = np.asarray(sampling.generate(cfg, params, tokens, mask, jax.random.key(0),
+                                      max_new_tokens=24, temperature=0.0,
+                                      eos_id=sampling.NO_EOS).tokens)
+  # Prompts (a, b) and an EOS that ends a's row at 9 tokens (8 decode steps: 2 chunks of 4) and
+  # that b's row never emits: b runs on in slot 1 after slot 0 dies.
+  a, b, eos = next((a, b, int(free[a, 8])) for a in range(6) for b in range(6)
+                   if a != b and free[a, 8] not in free[a, :8] and free[a, 8] not in free[b])
+  kw = dict(max_new_tokens=24, temperature=0.0, eos_id=eos)
+  pair, pair_mask = tokens[[a, b]], mask[[a, b]]
+  ref = sampling.generate(cfg, params, pair, pair_mask, jax.random.key(0), **kw)
+  assert np.asarray(ref.lengths).tolist() == [9, 24]
+  # Blocks of one slot: the dead slot's stale index would be P + 9 entries against 1 counted.
+  got = sampling.generate(cfg, params, pair, pair_mask, jax.random.key(0), engine="continuous",
+                          slots=2, chunk=4, kv_block=1, **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
 
 
 _MESH = COMPARE + textwrap.dedent("""
@@ -155,7 +180,7 @@ _MESH = COMPARE + textwrap.dedent("""
       ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), **kw)
       got = sampling.generate(cfg, params_m, jax.device_put(tokens, batch),
                               jax.device_put(mask, batch), jax.random.key(1), mesh=mesh,
-                              engine="continuous", slots=8, chunk=4, kv_block=4, **kw)
+                              engine="continuous", slots=8, chunk=4, kv_block=2, **kw)
       assert len(got.tokens.sharding.device_set) == 8, got.tokens.sharding
       assert len(set(np.asarray(ref.lengths).tolist())) >= 3
       share = compare(cfg, params, ref, got, greedy)
