@@ -282,6 +282,12 @@ def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "gr
     B, S = rollout_batch, rollout_len
     kv = act((B, K, S, H), CACHE_AXES)
     add("kv_cache", L * kv[0], L * kv[1], 2 * _dtype_bytes(kv_dtype), "rollout")
+    # A decode chunk (or a static segment) attending a view of the cache holds a copy of it: at
+    # most the largest of sampling's 4 segment ends short of the whole cache, P + 3N/4 slots.
+    view = prompt_len + -(-3 * (S - prompt_len) // 4)
+    if prompt_len < view < S:
+      copy = act((B, K, view, H), CACHE_AXES)
+      add("decode_view_copy", L * copy[0], L * copy[1], 2 * _dtype_bytes(kv_dtype), "rollout")
     if param_dtype != compute_dtype:
       add("rollout_weights", actor_total, actor_local, c, "rollout")
     if flash_attention:
