@@ -327,12 +327,12 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, with_flops: b
 def _read_variants(prog: Program, config) -> list[Program]:
   """The decode program as the engine may run it: the ragged read of every block (or the whole
   cache with kv_block 0) and the largest view short of the whole cache, the segment end below
-  the last (`rollout_engine.run`'s views: `sampling.generate`'s 4 segments). Other programs: as
-  they are."""
+  the last (`rollout_engine.run`'s views at `sampling.SEGMENTS`). Other programs: as they
+  are."""
   if prog.name != "rollout/decode":
     return [prog]
   p, new = config.data.max_prompt_len, config.rollout.max_new_tokens
-  ends = sampling._segment_ends(new, 4)
+  ends = sampling._segment_ends(new, sampling.SEGMENTS)
   if len(ends) < 2:
     return [prog]
   view = dataclasses.replace(prog, static={**prog.static, "view": p + ends[-2], "ragged": None})

@@ -50,6 +50,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from explore_jax import sampling
 from explore_jax.models.qwen2 import CACHE_AXES, PRESETS, Qwen2Config
 from explore_jax.sharding import DEFAULT_RULES, MESH_AXES, with_default_rules
 
@@ -283,9 +284,10 @@ def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "gr
     kv = act((B, K, S, H), CACHE_AXES)
     add("kv_cache", L * kv[0], L * kv[1], 2 * _dtype_bytes(kv_dtype), "rollout")
     # A decode chunk (or a static segment) attending a view of the cache holds a copy of it: at
-    # most the largest of sampling's 4 segment ends short of the whole cache, P + 3N/4 slots.
-    view = prompt_len + -(-3 * (S - prompt_len) // 4)
-    if prompt_len < view < S:
+    # most the largest segment end short of the whole cache (P + 3N/4 slots at 4 segments).
+    ends = sampling._segment_ends(S - prompt_len, sampling.SEGMENTS) if S > prompt_len else []
+    view = prompt_len + (ends[-2] if len(ends) > 1 else S - prompt_len)
+    if view < S:
       copy = act((B, K, view, H), CACHE_AXES)
       add("decode_view_copy", L * copy[0], L * copy[1], 2 * _dtype_bytes(kv_dtype), "rollout")
     if param_dtype != compute_dtype:

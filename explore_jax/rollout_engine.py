@@ -207,10 +207,6 @@ def _decode_chunk(params, state: EngineState, eos_id, refill_at, *, config, samp
   """Up to `chunk` decode steps; stops early once `refill_at` slots are free. The attention reads
   the first `view` slots of every row, or (`ragged`) each row's filled blocks only."""
   max_new_tokens = state.tokens.shape[1]
-  # A slot whose row ended on the last chunk's last step still has that row's write index; a
-  # ragged read would give it the row's blocks, where the host counted one.
-  state = state.replace(cache=state.cache.replace(
-      index=jnp.where(state.active, state.cache.index, 0)))
   full = state.cache
   length = full.mask.shape[1]
   if ragged is not None:
@@ -221,10 +217,12 @@ def _decode_chunk(params, state: EngineState, eos_id, refill_at, *, config, samp
   def body(carry):
     i, s = carry
     live = s.active
+    # A dead slot reads and writes from index 0: its writes land in its own, unused row of the
+    # cache, and a ragged read gives it one block, as the host counts it. (Its row's index would
+    # give it all that row's blocks: a row that ended on a chunk's last step or with its first
+    # token still holds it.)
+    s = s.replace(cache=s.cache.replace(index=jnp.where(live, s.cache.index, 0)))
     logits, cache = sampling.decode_logits(params, config, s.cache, s.last, s.positions)
-    # A dead slot's index goes back to 0: its writes land in its own, unused row of the cache, and
-    # a ragged read of it is one block.
-    cache = cache.replace(index=jnp.where(live, cache.index, 0))
     s = s.replace(cache=cache, positions=jnp.where(live, s.positions + 1, s.positions),
                   busy=s.busy + jnp.sum(live.astype(jnp.int32)))
     s = _record(s, logits, sampling.step_keys(s.keys, s.t), sampler, eos_id, max_new_tokens, live)

@@ -292,6 +292,9 @@ def decode_logits(params: Params, config: Qwen2Config, cache: KVCache, tokens: A
   return logits[:, 0], cache
 
 
+SEGMENTS = 4  # generate's default cache-view buckets (the static decode's pieces, the engine's views)
+
+
 def _segment_ends(max_new_tokens: int, segments: int) -> list[int]:
   """Last step (exclusive) of each decode segment; the cache of segment j has P + end_j slots."""
   segments = max(1, min(segments, max_new_tokens))
@@ -391,7 +394,7 @@ def _check_prompts(prompt_tokens, prompt_mask) -> None:
 def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_mask: Array,
              rng: Array, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, eos_id: int, n: int = 1, mesh: Mesh | None = None,
-             segments: int = 4, prompt_index: Array | None = None, sample_offset: int = 0,
+             segments: int = SEGMENTS, prompt_index: Array | None = None, sample_offset: int = 0,
              engine: str = "static", slots: int = 0, chunk: int = 16, kv_block: int | None = None,
              refill_share: float | None = None, with_stats: bool = False
              ) -> Rollout | tuple[Rollout, dict]:
