@@ -10,7 +10,7 @@ the view read with its longest row at f (the view's best case: at RL's long-tail
 longest row in flight is usually near the cap, so the view reads more; the engine's own views
 are segment ends, these are any length) and the ragged read of every row filled to f. Figures per device from the compiled step's `cost_analysis()` ('bytes
 accessed', the compiler's cost model, not a timing) and `memory_analysis()` (temporaries); the
-step is `rollout_engine._decode_chunk` with chunk = 1 (a loop body is counted once). The KV line
+step is `rollout_engine._decode_chunk` (a loop body is counted once: one step). The KV line
 is what the cache holds per device; the weights line what a step must read of them at least.
 """
 
@@ -50,7 +50,7 @@ def main():
   rules = sharding.with_default_rules(config.mesh.rules)
   model_cfg = train.model_config(config)
   cfg = train.step_config(config, model_cfg, tuple(mesh.shape.values()))
-  decode, = aot.step_programs(config, model_cfg, cfg, mesh, chunk=1, only=("rollout/decode",))
+  decode, = aot.step_programs(config, model_cfg, cfg, mesh, only=("rollout/decode",))
   full = decode.static["ragged"]
   if full is None:
     raise SystemExit(f"{args.config}: rollout.kv_block is 0 (no ragged read to compare)")

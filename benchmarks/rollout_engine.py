@@ -9,7 +9,9 @@ row with probability about 1/96 and response lengths are geometric (median ~1/8 
 cap, the longest rows reaching it), long-tailed like RL rollouts. A second setting has no EOS
 (fixed lengths). Both JAX engines sample the same tokens (same rng, per-row keys), so they count
 the same tokens; the static one runs in waves of `slots` rows (equal KV-cache memory).
-Tokens/s = generated tokens / seconds of a warm call; compile = first call minus a warm call;
+Timing: after a first call (compile), `--repeats` rounds in which every engine runs once, in
+turn; tokens/s = generated tokens / the median round's seconds, "vs static" = the median (and the
+range) of the rounds' static / engine time ratios; compile = first call minus the median call;
 utilization = decode slot-steps that produced a token / slot-steps run; KV memory from the cache
 shapes (the engine adds its prefill pool of 2 x ceil(slots / n) prompts); KV read / filled = KV
 positions the continuous engine's decode attention read over those it would read attending each
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import time
 
@@ -65,16 +68,22 @@ def _drain_bound(lengths, slots):
   return float(np.sum(np.asarray(lengths) - 1) / (slots * free.max()))
 
 
-def _timed(fn, repeats):
-  start = time.perf_counter()
-  out = fn()
-  first = time.perf_counter() - start
-  best = float("inf")
-  for _ in range(repeats):
+def _rounds(fns: dict, repeats: int):
+  """Each fn's output, compile seconds (first call minus the median warm call) and warm seconds
+  per round: the engines run in turn, `repeats` rounds, so that a slow spell of this shared
+  machine falls on all of them (ratios are taken within a round)."""
+  out, first, warm = {}, {}, {k: [] for k in fns}
+  for k, fn in fns.items():
     start = time.perf_counter()
-    out = fn()
-    best = min(best, time.perf_counter() - start)
-  return out, first, best
+    out[k] = fn()
+    first[k] = time.perf_counter() - start
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      warm[k].append(time.perf_counter() - start)
+  warm = {k: np.asarray(v) for k, v in warm.items()}
+  return out, {k: first[k] - float(np.median(warm[k])) for k in fns}, warm
 
 
 @dataclasses.dataclass
@@ -116,21 +125,31 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
                               refill_share=refill_share, **kw)
     return np.asarray(r.tokens), np.asarray(r.lengths), st
 
-  (s_tokens, s_util), s_first, s_best = _timed(static, repeats)
+  names = {kv_block: f"cont. ragged {kv_block}" if kv_block else "cont. segmented"
+           for kv_block in kv_blocks}
+  fns = {"static": static, **{names[kv]: functools.partial(continuous, kv) for kv in kv_blocks}}
+  out, compile_s, warm = _rounds(fns, repeats)
+  s_tokens, s_util = out["static"]
   width = s.prompts.shape[1]
   length = width + s.new
   f = -(-slots // n)
-  rows, same = [("static", None, s_best, s_util, _kv_bytes(s.cfg, slots, length),
-                 s_first - s_best)], {}
+  c_len = out[names[kv_blocks[0]]][1]
+  tokens = int(c_len.sum())
+  # name, tok/s (median round), vs static (median and range of the rounds' ratios), util, KV, ...
+  ratio = lambda name: warm["static"] / warm[name]
+  rows = [("static", tokens / np.median(warm["static"]), (1.0, 1.0, 1.0), s_util,
+           _kv_bytes(s.cfg, slots, length), compile_s["static"], None)]
+  same = {}
   for kv_block in kv_blocks:
-    name = f"cont. ragged {kv_block}" if kv_block else "cont. segmented"
-    (c_tokens, c_len, st), c_first, c_best = _timed(lambda: continuous(kv_block), repeats)
-    rows.append((name, st, c_best, st["slot_utilization"],
-                 _kv_bytes(s.cfg, slots, length) + _kv_bytes(s.cfg, 2 * f, width),
-                 c_first - c_best))
+    name = names[kv_block]
+    c_tokens, c_len_k, st = out[name]
+    assert int(c_len_k.sum()) == tokens, (name, "counted other tokens")
+    r = ratio(name)
+    rows.append((name, tokens / np.median(warm[name]), (np.median(r), r.min(), r.max()),
+                 st["slot_utilization"], _kv_bytes(s.cfg, slots, length) + _kv_bytes(s.cfg, 2 * f,
+                                                                                      width),
+                 compile_s[name], st))
     same[name] = float(np.mean(np.all(s_tokens == c_tokens, axis=1)))
-    tokens = int(c_len.sum())
-  rows = [(name, tokens / best, util, kv, comp, st) for name, st, best, util, kv, comp in rows]
   if with_hf:
     import torch
     hf_tokens, t_hf = 0, 0.0
@@ -140,29 +159,31 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
       mask = torch.tensor(np.repeat(s.mask[first:first + wave], n, axis=0)).long()
       start = time.perf_counter()
       with torch.no_grad():
-        out = s.hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
+        hf_out = s.hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
                             top_p=s.top_p, temperature=s.temperature, max_new_tokens=s.new,
                             eos_token_id=s.eos if s.eos >= 0 else None, pad_token_id=0,
                             min_new_tokens=s.new if s.eos < 0 else 0)
       t_hf += time.perf_counter() - start
-      gen = out[:, width:].numpy()
+      gen = hf_out[:, width:].numpy()
       if s.eos >= 0:  # tokens up to and including the first EOS
         hit = gen == s.eos
         hf_tokens += int(np.where(hit.any(1), hit.argmax(1) + 1, gen.shape[1]).sum())
       else:
         hf_tokens += gen.size
-    rows.append(("transformers", hf_tokens / t_hf, float("nan"), _kv_bytes(s.cfg, slots, length),
-                 float("nan"), None))
+    hf_tps = hf_tokens / t_hf
+    rows.append(("transformers", hf_tps, (hf_tps / rows[0][1],) * 3, float("nan"),
+                 _kv_bytes(s.cfg, slots, length), float("nan"), None))
   print(f"\n{s.name}: {b} prompts x n={n} = {b * n} rows, {slots} slots, cap {s.new}, chunk "
-        f"{chunk}, refill share {refill_share}, temperature {s.temperature}, top-p {s.top_p}; response lengths median "
-        f"{np.median(c_len):.0f}, max {c_len.max()}, {tokens} tokens; rows identical to the "
+        f"{chunk}, refill share {refill_share}, temperature {s.temperature}, top-p {s.top_p}; "
+        f"{repeats} rounds; response lengths median {np.median(c_len):.0f}, max {c_len.max()}, {tokens} tokens; rows identical to the "
         "static engine's: " + ", ".join(f"{k} {v:.0%}" for k, v in same.items())
         + f"; the drain allows a slot utilization of {_drain_bound(c_len, slots):.2f}")
-  print(f"{'engine':<20}{'tok/s':>8}{'vs static':>11}{'slot util':>11}{'KV MiB':>8}"
+  print(f"{'engine':<20}{'tok/s':>8}{'vs static (range)':>22}{'slot util':>11}{'KV MiB':>8}"
         f"{'compile s':>11}{'KV read/filled':>16}{'chunks':>8}")
-  for name, tps, util, kv, comp, st in rows:
+  for name, tps, (mid, lo, hi), util, kv, comp, st in rows:
     extra = f"{st['kv_read_over_filled']:>15.2f}x{st['chunks']:>8}" if st else ""
-    print(f"{name:<20}{tps:>8.0f}{tps / rows[0][1]:>10.2f}x{util:>11.2f}{kv / 2**20:>8.1f}"
+    spread = f"{mid:.2f}x ({lo:.2f}-{hi:.2f})" if lo != hi else f"{mid:.2f}x"
+    print(f"{name:<20}{tps:>8.0f}{spread:>22}{util:>11.2f}{kv / 2**20:>8.1f}"
           f"{comp:>11.1f}{extra}", flush=True)
 
 
@@ -200,12 +221,15 @@ def main():
   parser.add_argument("--n", type=int, default=8)
   parser.add_argument("--slots", type=int, default=32)
   parser.add_argument("--chunk", type=int, default=16)
-  parser.add_argument("--repeats", type=int, default=1)
+  parser.add_argument("--repeats", type=int, default=5,
+                      help="timed rounds (every engine once per round, after a warm-up call)")
   parser.add_argument("--no_hf", action="store_true")
   parser.add_argument("--kv_blocks", default="0,32,64",
                       help="engine decode attention: 0 = segmented view, B = ragged, B-slot blocks")
   parser.add_argument("--refill_share", type=float, default=rollout_engine.REFILL_SHARE,
                       help="a chunk ends early once this share of the slots is free")
+  parser.add_argument("--settings", default="long-tailed,fixed,demo",
+                      help="which settings to run (comma-separated)")
   parser.add_argument("--demo_model", default=DEMO_MODEL,
                       help="HF directory of a model trained by the demo ('': skip that setting)")
   args = parser.parse_args()
@@ -216,10 +240,13 @@ def main():
         "noisy machine: ratios are more telling than absolute figures")
   kv_blocks = [int(x) for x in args.kv_blocks.split(",")]
   mask = np.ones_like(prompts)
+  settings = args.settings.split(",")
   for name, new, eos in (("long-tailed", 512, EOS), ("fixed", 128, sampling.NO_EOS)):
+    if name not in settings:
+      continue
     run(Setting(name, hf, cfg, params, prompts, mask, new, eos), args.n, args.slots, args.chunk,
         args.repeats, not args.no_hf, kv_blocks, args.refill_share)
-  if not args.demo_model:
+  if not args.demo_model or "demo" not in settings:
     return
   if not os.path.exists(args.demo_model):
     print(f"\ndemo model: {args.demo_model} does not exist (`make demo` writes it); skipped")

@@ -15,9 +15,10 @@ The programs of one step (the continuous rollout engine's, the trainer's default
 
     rollout/prefill   one batch of ceil(slots / n) prompts into the engine's prompt pool
     rollout/insert    the pool's prefills copied into every slot (the largest refill)
-    rollout/decode    one chunk of `rollout.chunk` decode steps with every slot full: the larger,
-                      in memory, of the ragged read of every block and the largest cache view
-                      short of the whole cache (a chunk attending a view holds a copy of it)
+    rollout/decode    a chunk of decode steps with every slot full (FLOPs: `rollout.chunk`
+                      steps): the larger, in memory, of the ragged read of every block and the
+                      largest cache view short of the whole cache (a chunk attending a view
+                      holds a copy of it)
     score             the old log-probs (PPO: and values) of the step's rollout
     update            every mini-batch update of the step
 
@@ -152,10 +153,10 @@ PROGRAMS = ("rollout/prefill", "rollout/insert", "rollout/decode", "score", "upd
 
 
 def step_programs(config: ml_collections.ConfigDict, model_cfg, cfg: train_step.StepConfig,
-                  mesh, *, rows: int | None = None, chunk: int | None = None,
+                  mesh, *, rows: int | None = None,
                   only: tuple[str, ...] = PROGRAMS) -> list[Program]:
   """The programs of one RL step on `mesh` (module docstring), those named in `only`. `rows`
-  (score, update) and `chunk` (decode) override the config's, for the FLOPs compiles."""
+  (score, update) overrides the config's, for the FLOPs compiles."""
   n, p, new = config.rollout.n, config.data.max_prompt_len, config.rollout.max_new_tokens
   rows = rows or config.data.prompts_per_step * n
   ppo = cfg.algorithm == "ppo"
@@ -188,9 +189,9 @@ def step_programs(config: ml_collections.ConfigDict, model_cfg, cfg: train_step.
                    dict(sampler=sampler, max_new_tokens=new, mesh=mesh), state_b)
   decode = Program("rollout/decode", rollout_engine._decode_chunk,
                    (params, engine, i32(), i32()),
-                   dict(config=model_cfg, sampler=sampler, chunk=chunk or config.rollout.chunk,
-                        view=p + new, ragged=rollout_engine.full_ragged(
-                            engine_shapes, config.rollout.kv_block, mesh), mesh=mesh),
+                   dict(config=model_cfg, sampler=sampler, view=p + new,
+                        ragged=rollout_engine.full_ragged(engine_shapes, config.rollout.kv_block,
+                                                          mesh), mesh=mesh),
                    state_b - actor_b + pool_b)
 
   # The rollout as the trainer hands it to the scoring pass: rows over the batch axes.
@@ -282,7 +283,7 @@ def flops_per_call(config, model_cfg, cfg: train_step.StepConfig, mesh,
                                micro_batch_size=micro // shards,
                                logit_chunk=config.data.max_prompt_len
                                + config.rollout.max_new_tokens)
-    progs = step_programs(local, m, body, group, rows=unit, chunk=1, only=only)
+    progs = step_programs(local, m, body, group, rows=unit, only=only)
     per_layers.append({prog.name: _flops(_compile(prog, group, rules)[0]) for prog in progs})
   one, two = per_layers
   layers = model_cfg.num_hidden_layers

@@ -115,7 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   # "static": all rows of a wave decode until the last one ends (explore_jax.sampling).
   c.rollout.engine = "continuous"
   c.rollout.slots = 0  # rows decoded at once (the KV-cache memory bound); 0 = all rows of a step
-  c.rollout.chunk = 16  # decode steps per device call between the host's refills
+  # continuous: decode steps a device call's cache read is sized for (the call runs on while its
+  # rows fit that read, until refill_share of the slots is free)
+  c.rollout.chunk = 16
   # continuous: decode attention reads each row's filled blocks of this many slots
   # (explore_jax/models/decode_attention.py); 0 = every slot up to the longest row in flight
   c.rollout.kv_block = 64

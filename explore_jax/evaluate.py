@@ -94,7 +94,7 @@ def base_config():
   # (explore_jax.rollout_engine); "static": all rows of a call until its longest one ends.
   c.engine = "continuous"
   c.slots = 0  # continuous: rows decoded at once (the KV-cache bound); 0 = batch_size
-  c.chunk = 16  # continuous: decode steps per device call between refills
+  c.chunk = 16  # continuous: decode steps a call's cache read is sized for (rollout.chunk)
   c.kv_block = 64  # continuous: decode attention reads each row's filled blocks of this many slots
   c.refill_share = 0.25  # continuous: a chunk ends early once this share of the slots is free
   c.prompt_bucket = 64  # prompts are left-padded to a multiple of this many tokens

@@ -14,15 +14,18 @@ multi-host run makes the same one):
   2. `_insert` (jitted, state donated): copy the pool entries of the next rows into the free slots,
      sample each row's first token from the prompt's last logits, write it to the output buffers.
      Insert sizes are powers of two (padding entries are dropped), so few shapes compile.
-  3. `_decode_chunk` (jitted, state donated): up to `chunk` decode steps in a `lax.while_loop`,
-     ending early once a share of the slots (`refill_share`) is free while rows are pending. The
-     attention reads each row's filled blocks only (`models/decode_attention.py`; the host gives
-     the chunk a bound on the blocks, from the slots' lengths, in few buckets), or with
-     kv_block=0 a view of the cache's first `view` slots (a bucket above the longest row in
-     flight, as the static sampler's segments). Each step writes every live slot's token,
-     log-prob and entropy at (its row, its position) of the [R, N] output buffers; a slot stops
-     when its row ends. The chunk returns the slots' state, replicated, in one array for the host
-     to schedule from.
+  3. `_decode_chunk` (jitted, state donated): decode steps in a `lax.while_loop`. The host sizes
+     the chunk's cache read for `chunk` steps ahead: each row's filled blocks only
+     (`models/decode_attention.py`; a bound on the blocks, from the slots' lengths, in few
+     buckets), or with kv_block=0 a view of the cache's first `view` slots (the static sampler's
+     segment end above the longest row in flight). The loop runs on while every live row's next
+     step fits that read, until a share of the slots (`refill_share`) is free while rows are
+     pending (with none pending, until half the live rows have ended: the host then shrinks the
+     read). So at fixed lengths a chunk is a whole segment, as in the static sampler, and each
+     chunk end (a host round trip) is a refill or a change of read. Each step writes every live
+     slot's token, log-prob and entropy at (its row, its position) of the [R, N] output buffers;
+     a slot stops when its row ends. The chunk returns the slots' state, replicated, in one array
+     for the host to schedule from.
   4. The Rollout is read off the output buffers: the same layout and values as the static sampler.
 
 Randomness is that of `sampling` (`row_keys`, `step_keys`): a row's draws depend on (rng, prompt
@@ -123,10 +126,6 @@ def _constrain(s: EngineState, mesh: Mesh | None) -> EngineState:
                    lengths=pin(s.lengths, sh.lengths), eos=pin(s.eos, sh.eos))
 
 
-# Compiled once per mesh and shapes (a jit of a fresh partial would compile on every call).
-_placed = jax.jit(_constrain, static_argnames="mesh", donate_argnums=0)
-
-
 def _replicate(x, mesh):
   if mesh is None:
     return x
@@ -200,12 +199,13 @@ def _insert(state: EngineState, pool: Pool, rng, eos_id, slot, entry, row, promp
   return _constrain(s, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampler", "chunk", "view", "ragged",
-                                             "mesh"), donate_argnames=("state",))
-def _decode_chunk(params, state: EngineState, eos_id, refill_at, *, config, sampler, chunk, view,
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "view", "ragged", "mesh"),
+                   donate_argnames=("state",))
+def _decode_chunk(params, state: EngineState, eos_id, refill_at, *, config, sampler, view,
                   ragged, mesh):
-  """Up to `chunk` decode steps; stops early once `refill_at` slots are free. The attention reads
-  the first `view` slots of every row, or (`ragged`) each row's filled blocks only."""
+  """Decode steps while every live row's next step fits the chunk's read (the first `view` slots
+  of every row, or with `ragged` each row's filled blocks, at most `ragged.blocks`) and fewer
+  than `refill_at` slots are free."""
   max_new_tokens = state.tokens.shape[1]
   full = state.cache
   length = full.mask.shape[1]
@@ -214,22 +214,30 @@ def _decode_chunk(params, state: EngineState, eos_id, refill_at, *, config, samp
   elif view < length:  # attend over the first `view` slots only (every live row fits in them)
     state = state.replace(cache=full.map(lambda x: x[:, :, :view]).replace(mask=full.mask[:, :view]))
 
-  def body(carry):
-    i, s = carry
-    live = s.active
+  def index(s):
     # A dead slot reads and writes from index 0: its writes land in its own, unused row of the
     # cache, and a ragged read gives it one block, as the host counts it. (Its row's index would
     # give it all that row's blocks: a row that ended on a chunk's last step or with its first
     # token still holds it.)
-    s = s.replace(cache=s.cache.replace(index=jnp.where(live, s.cache.index, 0)))
+    return jnp.where(s.active, s.cache.index, 0)
+
+  def body(carry):
+    i, s = carry
+    live = s.active
+    s = s.replace(cache=s.cache.replace(index=index(s)))
     logits, cache = sampling.decode_logits(params, config, s.cache, s.last, s.positions)
     s = s.replace(cache=cache, positions=jnp.where(live, s.positions + 1, s.positions),
                   busy=s.busy + jnp.sum(live.astype(jnp.int32)))
     s = _record(s, logits, sampling.step_keys(s.keys, s.t), sampler, eos_id, max_new_tokens, live)
     return i + 1, _constrain(s, mesh)
 
-  go_on = lambda c: (c[0] < chunk) & jnp.any(c[1].active) & (
-      jnp.sum(~c[1].active) < refill_at)
+  def go_on(carry):
+    s = carry[1]
+    # The step writes slot `index` and attends slots 0 .. index of its row.
+    fits = (decode_attention.fits(index(s), ragged) if ragged is not None
+            else jnp.all(index(s) < view))
+    return jnp.any(s.active) & (jnp.sum(~s.active) < refill_at) & fits
+
   steps, state = jax.lax.while_loop(go_on, body, (jnp.zeros((), jnp.int32),
                                                    state.replace(busy=jnp.zeros((), jnp.int32))))
   if ragged is not None:
@@ -298,6 +306,33 @@ def empty_pool(config: Qwen2Config, entries: int, prompt_len: int) -> Pool:
               lengths=jnp.zeros((entries,), jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "slots", "rows", "prompt_len",
+                                             "max_new_tokens", "entries", "mesh"))
+def _start(rng, eos_id, *, config, slots, rows, prompt_len, max_new_tokens, entries, mesh
+           ) -> tuple[EngineState, Pool]:
+  """The idle engine and an empty pool, built in one call (op by op, their dozens of small
+  arrays took about 2% of a one-wave run on CPU, as did assembling the Rollout, `_finish`)."""
+  state = empty_state(config, slots, rows, prompt_len, max_new_tokens, rng, eos_id)
+  pool = empty_pool(config, entries, prompt_len)
+  if mesh is not None:
+    pool = jax.tree.map(jax.lax.with_sharding_constraint, pool, pool_shardings(pool, mesh))
+  return _constrain(state, mesh), pool
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _finish(state: EngineState, prompt_tokens, prompt_mask, *, n) -> sampling.Rollout:
+  """The Rollout read off the output buffers (rows prompt-major, as the static sampler's)."""
+  max_new_tokens = state.tokens.shape[1]
+  mask = (jnp.arange(max_new_tokens)[None, :] < state.lengths[:, None]).astype(jnp.int32)
+  repeat = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), n, axis=0)
+  return sampling.Rollout(
+      tokens=state.tokens, logprobs=state.logprobs, entropy=state.entropy, mask=mask,
+      lengths=state.lengths,
+      finish_reason=jnp.where(state.eos, sampling.FINISH_EOS, sampling.FINISH_LENGTH).astype(
+          jnp.int32),
+      prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
+
+
 def prefill_batch(slots: int, n: int) -> int:
   """Prompts per prefill batch: one batch covers any refill of the slots."""
   return -(-slots // n)
@@ -310,11 +345,12 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
         ) -> tuple[sampling.Rollout, dict]:
   """Rollout of n samples per prompt [B, P] through `slots` decode slots; (Rollout, stats).
 
-  kv_block: the decode attention reads each row's filled blocks of this many slots
+  chunk: the decode steps ahead a chunk's cache read is sized for (it runs on while its rows fit
+  that read). kv_block: the decode attention reads each row's filled blocks of this many slots
   (`decode_attention`) in the chunks where that reads under 1 / RAGGED_COST of the view; 0 always
   reads a `view` of every row (a bucket above the longest row in flight, as the static sampler's
-  segments). refill_share: a chunk ends early once this share of
-  the slots is free and rows are pending."""
+  segments). refill_share: a chunk ends once this share of the slots is free and rows are
+  pending."""
   b, p = prompt_tokens.shape
   rows = b * n
   slots = slots or rows
@@ -324,9 +360,9 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   tokens_h = np.asarray(sampling_host(prompt_tokens), np.int32)
   mask_h = np.asarray(sampling_host(prompt_mask), np.int32)
   f = prefill_batch(slots, n)
-  state = _placed(empty_state(config, slots, rows, p, max_new_tokens, rng, eos_id), mesh=mesh)
-  pool = empty_pool(config, 2 * f, p)
   eos = jnp.int32(eos_id)
+  state, pool = _start(rng, eos, config=config, slots=slots, rows=rows, prompt_len=p,
+                       max_new_tokens=max_new_tokens, entries=2 * f, mesh=mesh)
   prefilled = 0  # prompts [0, prefilled) have been prefilled
   next_row = 0
   active, t = np.zeros(slots, bool), np.zeros(slots, np.int32)
@@ -360,7 +396,11 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
     if not active.any() and next_row == rows:
       break
     pending = rows - next_row
-    refill_at = jnp.int32(max(1, min(int(refill_share * slots), pending)) if pending else slots + 1)
+    # A chunk ends for the host to refill once a share of the slots is free; with no row pending,
+    # once half the live rows have ended, for the host to shrink the ragged read to the rest.
+    free_now = slots - int(active.sum())
+    refill_at = jnp.int32(max(1, min(int(refill_share * slots), pending)) if pending
+                          else free_now + -(-(slots - free_now) // 2))
     # The view: the cache slots the longest live row attends at the chunk's last step (a row of t
     # tokens has written p + t - 1 slots; a step writes one and attends them all), rounded up to
     # a segment end.
@@ -378,8 +418,13 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
         read_per_step = blocks * full.block * shards
         ragged_chunks += 1
     state, sched = _decode_chunk(params, state, eos, refill_at, config=config, sampler=sampler,
-                                 chunk=chunk, view=view, ragged=ragged, mesh=mesh)
+                                 view=view, ragged=ragged, mesh=mesh)
     sched = _host(sched)
+    # A chunk runs no step when rows ended with their first token (the host learns of it here);
+    # with nothing to learn, the host's bound and the device's count of the read disagree.
+    if sched[-2] == 0 and np.array_equal(sched[:slots].astype(bool), active):
+      raise RuntimeError(f"rollout engine: a chunk ran no step (view {view}, ragged {ragged}, "
+                         f"slots' tokens {t[active].tolist()})")
     active, t = sched[:slots].astype(bool), sched[slots:2 * slots].copy()
     chunks, steps, busy = chunks + 1, steps + int(sched[-2]), busy + int(sched[-1])
     read += float(sched[-2]) * read_per_step
@@ -387,14 +432,7 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   # of which attended its P prompt slots and j response slots.
   done = np.asarray(sampling_host(state.lengths), np.float64) - 1
   filled = float(np.sum(done * p + done * (done + 1) / 2))
-  mask = (jnp.arange(max_new_tokens)[None, :] < state.lengths[:, None]).astype(jnp.int32)
-  repeat = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), n, axis=0)
-  rollout = sampling.Rollout(
-      tokens=state.tokens, logprobs=state.logprobs, entropy=state.entropy, mask=mask,
-      lengths=state.lengths,
-      finish_reason=jnp.where(state.eos, sampling.FINISH_EOS, sampling.FINISH_LENGTH).astype(
-          jnp.int32),
-      prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
+  rollout = _finish(state, prompt_tokens, prompt_mask, n=n)
   stats = {"slot_steps": steps * slots, "busy_slot_steps": busy, "decode_steps": steps,
            "chunks": chunks, "ragged_chunks": ragged_chunks,
            "slot_utilization": busy / max(steps * slots, 1),

@@ -46,6 +46,16 @@ def test_blocks_needed_and_read():
   assert decode_attention.blocks_needed([1, 4, 5, 9], 4) == 7
   # On two devices holding rows (1, 4) and (5, 9): the fuller one needs 5.
   assert decode_attention.blocks_needed([1, 4, 5, 9], 4, shards=2) == 5
+  # The device-side check a decode chunk runs on: query slot q has q + 1 filled slots.
+  query_slots = jnp.asarray([0, 3, 4, 8])
+  assert bool(decode_attention.fits(query_slots, decode_attention.Ragged(7, 4)))
+  assert not bool(decode_attention.fits(query_slots, decode_attention.Ragged(6, 4)))
+  # Rows split over 2 batch shards (the count only reads the mesh's axis sizes): 5 on the fuller.
+  mesh = jax.sharding.AbstractMesh((2, 1), ("data", "tensor"))
+  halves = lambda blocks: decode_attention.Ragged(blocks, 4, mesh, jax.sharding.PartitionSpec(
+      ("data", "tensor"), None, None, None))
+  assert bool(decode_attention.fits(query_slots, halves(5)))
+  assert not bool(decode_attention.fits(query_slots, halves(4)))
   # Too few entries drop the last blocks: the output is then wrong (the bound matters).
   q, k, v, mask, query = _case()
   ref = attention.dense(q, k, v, mask, query[:, None])

@@ -125,22 +125,26 @@ def test_continuous_fixed_lengths_and_bad_input(setup, monkeypatch):
     reads[kv_block] = stats["kv_read_over_filled"]
   # Refilled slots restart while their neighbours are far in: the view reads their empty tail.
   assert reads[5] < reads[0], reads
-  # Fixed lengths: the 4 slots run in lockstep through 5 waves (18 rows) of 23 decode steps, in
-  # chunks of 4 from token 1. A chunk's view is the first of the static sampler's segment ends
-  # (6, 12, 18, 24 new tokens) that holds what its last step attends: P + t + 3 slots, at most
-  # P + 24; one slot more (the view of t + 4) reads 10,440 positions instead of 9,960.
-  p = tokens.shape[1]
-  views = [p + next(e for e in (6, 12, 18, 24) if e >= min(t + 3, 24)) for t in range(1, 24, 4)]
-  steps = [min(4, 24 - t) for t in range(1, 24, 4)]
-  assert stats["kv_read_positions"] == 5 * 4 * np.dot(steps, views) == 9960
+  # Fixed lengths: the 4 slots run in lockstep through 5 waves (18 rows) of 23 decode steps. A
+  # chunk's view is the first of the static sampler's segment ends (6, 12, 18, 24 new tokens)
+  # that holds P + t + 3 slots (chunk = 4 steps ahead, at most P + 24), and the chunk runs on
+  # while every row's next step fits it: a row of t tokens writes slot P + t - 1.
+  p, t, read = tokens.shape[1], 1, 0
+  while t < 24:
+    end = next(e for e in (6, 12, 18, 24) if e >= min(t + 3, 24))
+    steps = min(end + 1, 24) - t
+    read, t = read + 4 * steps * (p + end), t + steps
+  # 6, 6, 6 and 5 steps. (The static sampler's segments end a step before their view is full:
+  # 5, 6, 6, 6 steps, 9,840 positions.)
+  assert stats["chunks"] == 5 * 4 and stats["kv_read_positions"] == 5 * read == 9480
   with pytest.raises(ValueError, match="engine="):
     sampling.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged", **kw)
 
 
 def test_a_slot_that_ends_with_a_chunk_reads_one_block(setup, monkeypatch):
-  """A row that ends on a chunk's last step, with no row left to take its slot: the next chunk's
-  ragged read must give the dead slot one block, as the host counts it, or the flat list overflows
-  and the live row after it loses its newest keys."""
+  """A row that ends while its neighbour runs on, with no row left to take its slot: the ragged
+  read must give the dead slot one block, as the host counts it (its stale index would count all
+  its row's blocks: the chunk's read overflows, and the engine stops with an error)."""
   monkeypatch.setattr(rollout_engine, "RAGGED_COST", 0.0)
   cfg, params, tokens, mask, _ = setup
   free = np.asarray(sampling.generate(cfg, params, tokens, mask, jax.random.key(0),

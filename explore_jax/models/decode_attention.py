@@ -54,6 +54,17 @@ def blocks_needed(lengths, block: int, shards: int = 1) -> int:
   return int(per_row.reshape(shards, -1).sum(axis=1).max())
 
 
+def fits(query_slot: Array, ragged: Ragged) -> Array:
+  """Whether a step whose rows query slots `query_slot` [B] reads at most `ragged.blocks` flat
+  entries on every device (on device: `blocks_needed` of query_slot + 1)."""
+  count = -(-(query_slot + 1) // ragged.block)
+  shards = 1
+  if ragged.mesh is not None and ragged.spec is not None and ragged.spec[0] is not None:
+    axes = ragged.spec[0] if isinstance(ragged.spec[0], tuple) else (ragged.spec[0],)
+    shards = int(np.prod([ragged.mesh.shape[a] for a in axes]))
+  return jnp.max(jnp.sum(count.reshape(shards, -1), axis=1)) <= ragged.blocks
+
+
 def _local(q: Array, k: Array, v: Array, key_mask: Array, query_slot: Array, blocks: int,
            block: int) -> Array:
   """q [B, N, H], k and v [B, K, S, H], key_mask [B, S], query_slot [B] -> [B, N, H]."""
