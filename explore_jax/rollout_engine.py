@@ -52,9 +52,9 @@ Array = jax.Array
 
 KV_BLOCK = 64  # slots per block of the ragged decode attention (run's kv_block)
 # A chunk ends once this share of the slots is free (run's refill_share). Each chunk end costs a
-# host round trip: on the demo's model (steps of 0.4 ms; benchmarks/rollout_engine.py) 0.25 ran
-# 0.80x of static against 0.71x at 0.125; on RL-like long-tailed lengths 1.90x against 1.99x
-# (utilization 0.73 against 0.74), about the spread between runs.
+# host round trip: on the demo's model (steps of 0.5 ms; benchmarks/rollout_engine.py) 0.25 ran
+# 0.81-0.84x of static against 0.77-0.79x at 0.125; on RL-like long-tailed lengths 2.07x against
+# 2.13x with the view read (utilization 0.71 against 0.74), about the spread between runs.
 REFILL_SHARE = 0.25
 # A chunk reads its rows' filled blocks (ragged) only where that reads under 1 / RAGGED_COST of
 # the view: per position read, the ragged attention's gather and small per-block products ran
