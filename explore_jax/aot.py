@@ -188,7 +188,7 @@ def step_programs(config: ml_collections.ConfigDict, model_cfg, cfg: train_step.
                    (engine, pool, rng, i32(), *(i32(slots) for _ in range(5))),
                    dict(sampler=sampler, max_new_tokens=new, mesh=mesh), state_b)
   decode = Program("rollout/decode", rollout_engine._decode_chunk,
-                   (params, engine, i32(), i32()),
+                   (params, engine, i32(), i32(), i32()),
                    dict(config=model_cfg, sampler=sampler, view=p + new,
                         ragged=rollout_engine.full_ragged(engine_shapes, config.rollout.kv_block,
                                                           mesh), mesh=mesh),

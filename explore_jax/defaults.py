@@ -116,7 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.engine = "continuous"
   c.rollout.slots = 0  # rows decoded at once (the KV-cache memory bound); 0 = all rows of a step
   # continuous: decode steps a device call's cache read is sized for (the call runs on while its
-  # rows fit that read, until refill_share of the slots is free)
+  # rows fit that read, until refill_share of the slots is free), and the most steps a free slot
+  # waits for its refill
   c.rollout.chunk = 16
   # continuous: decode attention reads each row's filled blocks of this many slots
   # (explore_jax/models/decode_attention.py); 0 = every slot up to the longest row in flight

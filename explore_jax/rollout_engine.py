@@ -20,9 +20,10 @@ multi-host run makes the same one):
      buckets), or with kv_block=0 a view of the cache's first `view` slots (the static sampler's
      segment end above the longest row in flight). The loop runs on while every live row's next
      step fits that read, until a share of the slots (`refill_share`) is free while rows are
-     pending (with none pending, until half the live rows have ended: the host then shrinks the
-     read). So at fixed lengths a chunk is a whole segment, as in the static sampler, and each
-     chunk end (a host round trip) is a refill or a change of read. Each step writes every live
+     pending, or past `chunk` steps any slot is (no free slot waits longer for its refill); with
+     none pending, until half the live rows have ended (the host then shrinks the read). So at
+     fixed lengths a chunk is a whole segment, as in the static sampler, and each chunk end (a
+     host round trip) is a refill or a change of read. Each step writes every live
      slot's token, log-prob and entropy at (its row, its position) of the [R, N] output buffers;
      a slot stops when its row ends. The chunk returns the slots' state, replicated, in one array
      for the host to schedule from.
@@ -54,7 +55,8 @@ KV_BLOCK = 64  # slots per block of the ragged decode attention (run's kv_block)
 # A chunk ends once this share of the slots is free (run's refill_share). Each chunk end costs a
 # host round trip: on the demo's model (steps of 0.5 ms; benchmarks/rollout_engine.py) 0.25 ran
 # 0.81-0.84x of static against 0.77-0.79x at 0.125; on RL-like long-tailed lengths 2.07x against
-# 2.13x with the view read (utilization 0.71 against 0.74), about the spread between runs.
+# 2.13x with the view read (utilization 0.71 against 0.74), about the spread between runs
+# (measured before a free slot's wait was bounded by `chunk` steps; with it, 0.73 at 0.25).
 REFILL_SHARE = 0.25
 # A chunk reads its rows' filled blocks (ragged) only where that reads under 1 / RAGGED_COST of
 # the view: per position read, the ragged attention's gather and small per-block products ran
@@ -201,11 +203,11 @@ def _insert(state: EngineState, pool: Pool, rng, eos_id, slot, entry, row, promp
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "view", "ragged", "mesh"),
                    donate_argnames=("state",))
-def _decode_chunk(params, state: EngineState, eos_id, refill_at, *, config, sampler, view,
-                  ragged, mesh):
+def _decode_chunk(params, state: EngineState, eos_id, refill_at, horizon, *, config, sampler,
+                  view, ragged, mesh):
   """Decode steps while every live row's next step fits the chunk's read (the first `view` slots
-  of every row, or with `ragged` each row's filled blocks, at most `ragged.blocks`) and fewer
-  than `refill_at` slots are free."""
+  of every row, or with `ragged` each row's filled blocks, at most `ragged.blocks`), fewer than
+  `refill_at` slots are free, and (past `horizon` steps) none is."""
   max_new_tokens = state.tokens.shape[1]
   full = state.cache
   length = full.mask.shape[1]
@@ -236,7 +238,8 @@ def _decode_chunk(params, state: EngineState, eos_id, refill_at, *, config, samp
     # The step writes slot `index` and attends slots 0 .. index of its row.
     fits = (decode_attention.fits(index(s), ragged) if ragged is not None
             else jnp.all(index(s) < view))
-    return jnp.any(s.active) & (jnp.sum(~s.active) < refill_at) & fits
+    free = jnp.sum(~s.active)
+    return jnp.any(s.active) & (free < refill_at) & ((carry[0] < horizon) | (free == 0)) & fits
 
   steps, state = jax.lax.while_loop(go_on, body, (jnp.zeros((), jnp.int32),
                                                    state.replace(busy=jnp.zeros((), jnp.int32))))
@@ -346,7 +349,7 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   """Rollout of n samples per prompt [B, P] through `slots` decode slots; (Rollout, stats).
 
   chunk: the decode steps ahead a chunk's cache read is sized for (it runs on while its rows fit
-  that read). kv_block: the decode attention reads each row's filled blocks of this many slots
+  that read), and the most steps a free slot waits for its refill. kv_block: the decode attention reads each row's filled blocks of this many slots
   (`decode_attention`) in the chunks where that reads under 1 / RAGGED_COST of the view; 0 always
   reads a `view` of every row (a bucket above the longest row in flight, as the static sampler's
   segments). refill_share: a chunk ends once this share of the slots is free and rows are
@@ -398,9 +401,12 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
     pending = rows - next_row
     # A chunk ends for the host to refill once a share of the slots is free; with no row pending,
     # once half the live rows have ended, for the host to shrink the ragged read to the rest.
+    # Past `chunk` steps it also ends for a free slot while rows are pending (no slot waits
+    # longer than that for its refill; with none free, as at fixed lengths, it runs on).
     free_now = slots - int(active.sum())
     refill_at = jnp.int32(max(1, min(int(refill_share * slots), pending)) if pending
                           else free_now + -(-(slots - free_now) // 2))
+    horizon = jnp.int32(chunk if pending else max_new_tokens)
     # The view: the cache slots the longest live row attends at the chunk's last step (a row of t
     # tokens has written p + t - 1 slots; a step writes one and attends them all), rounded up to
     # a segment end.
@@ -417,8 +423,8 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
         ragged = dataclasses.replace(full, blocks=blocks)
         read_per_step = blocks * full.block * shards
         ragged_chunks += 1
-    state, sched = _decode_chunk(params, state, eos, refill_at, config=config, sampler=sampler,
-                                 view=view, ragged=ragged, mesh=mesh)
+    state, sched = _decode_chunk(params, state, eos, refill_at, horizon, config=config,
+                                 sampler=sampler, view=view, ragged=ragged, mesh=mesh)
     sched = _host(sched)
     # A chunk runs no step when rows ended with their first token (the host learns of it here);
     # with nothing to learn, the host's bound and the device's count of the read disagree.

@@ -414,8 +414,8 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
   engine="static" samples all rows at once (this module); "continuous" keeps `slots` decode slots
   busy and refills each finished one at once (`explore_jax.rollout_engine`; a device call's cache
   read is sized for `chunk` decode steps ahead and the call runs on while its rows fit it, until
-  a `refill_share` of the slots is free; its decode attention reads each row's filled blocks of
-  `kv_block` slots, 0: `segments` cache-view buckets). Both
+  a `refill_share` of the slots is free (past `chunk` steps, any slot); its decode attention
+  reads each row's filled blocks of `kv_block` slots, 0: `segments` cache-view buckets). Both
   return the same Rollout. with_stats:
   (Rollout, stats) with stats["slot_utilization"] = generated tokens / decode slot-steps (the
   static sampler's slots are its rows).
