@@ -175,8 +175,9 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
                  _kv_bytes(s.cfg, slots, length), float("nan"), None))
   print(f"\n{s.name}: {b} prompts x n={n} = {b * n} rows, {slots} slots, cap {s.new}, chunk "
         f"{chunk}, refill share {refill_share}, temperature {s.temperature}, top-p {s.top_p}; "
-        f"{repeats} rounds; response lengths median {np.median(c_len):.0f}, max {c_len.max()}, {tokens} tokens; rows identical to the "
-        "static engine's: " + ", ".join(f"{k} {v:.0%}" for k, v in same.items())
+        f"{repeats} rounds; response lengths median {np.median(c_len):.0f}, max {c_len.max()}, "
+        f"{tokens} tokens; rows identical to the static engine's: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in same.items())
         + f"; the drain allows a slot utilization of {_drain_bound(c_len, slots):.2f}")
   print(f"{'engine':<20}{'tok/s':>8}{'vs static (range)':>22}{'slot util':>11}{'KV MiB':>8}"
         f"{'compile s':>11}{'KV read/filled':>16}{'chunks':>8}")

@@ -27,7 +27,8 @@ multi-host run makes the same one):
      slot's token, log-prob and entropy at (its row, its position) of the [R, N] output buffers;
      a slot stops when its row ends. The chunk returns the slots' state, replicated, in one array
      for the host to schedule from.
-  4. The Rollout is read off the output buffers: the same layout and values as the static sampler.
+  4. The Rollout is read off the output buffers (`sampling.rollout_from_buffers`, as the static
+     sampler's): the same layout and values.
 
 Randomness is that of `sampling` (`row_keys`, `step_keys`): a row's draws depend on (rng, prompt
 index, sample index, position) only, so both engines draw the same tokens from the same rng.
@@ -314,26 +315,12 @@ def empty_pool(config: Qwen2Config, entries: int, prompt_len: int) -> Pool:
 def _start(rng, eos_id, *, config, slots, rows, prompt_len, max_new_tokens, entries, mesh
            ) -> tuple[EngineState, Pool]:
   """The idle engine and an empty pool, built in one call (op by op, their dozens of small
-  arrays took about 2% of a one-wave run on CPU, as did assembling the Rollout, `_finish`)."""
+  arrays took about 2% of a one-wave run on CPU)."""
   state = empty_state(config, slots, rows, prompt_len, max_new_tokens, rng, eos_id)
   pool = empty_pool(config, entries, prompt_len)
   if mesh is not None:
     pool = jax.tree.map(jax.lax.with_sharding_constraint, pool, pool_shardings(pool, mesh))
   return _constrain(state, mesh), pool
-
-
-@functools.partial(jax.jit, static_argnames=("n",))
-def _finish(state: EngineState, prompt_tokens, prompt_mask, *, n) -> sampling.Rollout:
-  """The Rollout read off the output buffers (rows prompt-major, as the static sampler's)."""
-  max_new_tokens = state.tokens.shape[1]
-  mask = (jnp.arange(max_new_tokens)[None, :] < state.lengths[:, None]).astype(jnp.int32)
-  repeat = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), n, axis=0)
-  return sampling.Rollout(
-      tokens=state.tokens, logprobs=state.logprobs, entropy=state.entropy, mask=mask,
-      lengths=state.lengths,
-      finish_reason=jnp.where(state.eos, sampling.FINISH_EOS, sampling.FINISH_LENGTH).astype(
-          jnp.int32),
-      prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
 
 
 def prefill_batch(slots: int, n: int) -> int:
@@ -349,11 +336,11 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   """Rollout of n samples per prompt [B, P] through `slots` decode slots; (Rollout, stats).
 
   chunk: the decode steps ahead a chunk's cache read is sized for (it runs on while its rows fit
-  that read), and the most steps a free slot waits for its refill. kv_block: the decode attention reads each row's filled blocks of this many slots
-  (`decode_attention`) in the chunks where that reads under 1 / RAGGED_COST of the view; 0 always
-  reads a `view` of every row (a bucket above the longest row in flight, as the static sampler's
-  segments). refill_share: a chunk ends once this share of the slots is free and rows are
-  pending."""
+  that read), and the most steps a free slot waits for its refill. kv_block: the decode attention
+  reads each row's filled blocks of this many slots (`decode_attention`) in the chunks where that
+  reads under 1 / RAGGED_COST of the view; 0 always reads a `view` of every row (a bucket above
+  the longest row in flight, as the static sampler's segments). refill_share: a chunk ends once
+  this share of the slots is free and rows are pending."""
   b, p = prompt_tokens.shape
   rows = b * n
   slots = slots or rows
@@ -373,7 +360,6 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   chunks = steps = busy = ragged_chunks = 0
   read = 0.0  # KV positions the decode's attention read
   full = full_ragged(state, kv_block, mesh)  # every slot full: the most a chunk can read
-  shards = slots // state.cache.k[0].sharding.shard_shape(state.cache.k[0].shape)[0]
   while True:
     free = np.nonzero(~active)[0]
     take = min(len(free), rows - next_row)
@@ -417,11 +403,11 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
       # Each slot's filled length at the chunk's last step (a dead slot reads one block), the
       # flat block entries that needs on the fullest device, rounded up to few shapes.
       filled_end = np.where(active, np.minimum(p + t + chunk - 1, p + max_new_tokens), 1)
-      need = decode_attention.blocks_needed(filled_end, full.block, shards)
+      need = decode_attention.blocks_needed(filled_end, full.block, full.shards)
       blocks = _bucket(need, full.blocks)
-      if blocks * full.block * shards * RAGGED_COST < read_per_step:
+      if blocks * full.block * full.shards * RAGGED_COST < read_per_step:
         ragged = dataclasses.replace(full, blocks=blocks)
-        read_per_step = blocks * full.block * shards
+        read_per_step = blocks * full.block * full.shards
         ragged_chunks += 1
     state, sched = _decode_chunk(params, state, eos, refill_at, horizon, config=config,
                                  sampler=sampler, view=view, ragged=ragged, mesh=mesh)
@@ -438,7 +424,9 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   # of which attended its P prompt slots and j response slots.
   done = np.asarray(sampling_host(state.lengths), np.float64) - 1
   filled = float(np.sum(done * p + done * (done + 1) / 2))
-  rollout = _finish(state, prompt_tokens, prompt_mask, n=n)
+  rollout = sampling.rollout_from_buffers(state.tokens, state.logprobs, state.entropy,
+                                          state.lengths, state.eos, prompt_tokens, prompt_mask,
+                                          n=n)
   stats = {"slot_steps": steps * slots, "busy_slot_steps": busy, "decode_steps": steps,
            "chunks": chunks, "ragged_chunks": ragged_chunks,
            "slot_utilization": busy / max(steps * slots, 1),

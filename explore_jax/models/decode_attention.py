@@ -46,6 +46,14 @@ class Ragged:
   mesh: Mesh | None = None
   spec: PartitionSpec | None = None
 
+  @property
+  def shards(self) -> int:
+    """Devices the rows are split over (contiguous equal shares: `blocks_needed`'s shards)."""
+    if self.mesh is None or self.spec is None or self.spec[0] is None:
+      return 1
+    axes = self.spec[0] if isinstance(self.spec[0], tuple) else (self.spec[0],)
+    return int(np.prod([self.mesh.shape[a] for a in axes]))
+
 
 def blocks_needed(lengths, block: int, shards: int = 1) -> int:
   """The flat entries rows of `lengths` filled slots need (host side): on `shards` devices
@@ -58,11 +66,7 @@ def fits(query_slot: Array, ragged: Ragged) -> Array:
   """Whether a step whose rows query slots `query_slot` [B] reads at most `ragged.blocks` flat
   entries on every device (on device: `blocks_needed` of query_slot + 1)."""
   count = -(-(query_slot + 1) // ragged.block)
-  shards = 1
-  if ragged.mesh is not None and ragged.spec is not None and ragged.spec[0] is not None:
-    axes = ragged.spec[0] if isinstance(ragged.spec[0], tuple) else (ragged.spec[0],)
-    shards = int(np.prod([ragged.mesh.shape[a] for a in axes]))
-  return jnp.max(jnp.sum(count.reshape(shards, -1), axis=1)) <= ragged.blocks
+  return jnp.max(jnp.sum(count.reshape(ragged.shards, -1), axis=1)) <= ragged.blocks
 
 
 def _local(q: Array, k: Array, v: Array, key_mask: Array, query_slot: Array, blocks: int,
