@@ -17,9 +17,10 @@ and compute.
     MFU = model FLOPs / step time / chip peak (bf16 dense). On out-of-memory the micro-batch is
     halved and the step rebuilt.
 (b) Decode: `explore_jax.sampling.generate` at batch 256 with no EOS (every row runs all its new
-    tokens). Decode time = time(generate, N new) - time(generate, 1 new) (the prefill), over N - 1
-    steps. Roofline step time = (parameter bytes + KV bytes at the average context P + N / 2) /
-    HBM bandwidth; the figure is roofline step time / measured step time.
+    tokens), with each engine of `--engines` (the continuous one with a slot per row). Decode
+    time = time(generate, N new) - time(generate, 1 new) (the prefill), over N - 1 steps.
+    Roofline step time = (parameter bytes + KV bytes at the average context P + N / 2) / HBM
+    bandwidth; the figure is roofline step time / measured step time.
 Targets: MFU >= 45%, decode >= 50% of the roofline.
 """
 
@@ -197,23 +198,6 @@ def bench_decode(args, hbm_bw) -> None:
   params = jax.jit(lambda r: qwen2.init_params(model_cfg, r))(jax.random.PRNGKey(0))
   prompts = jax.random.randint(jax.random.PRNGKey(1), (b, p), 0, model_cfg.vocab_size, jnp.int32)
   prompt_mask = jnp.ones((b, p), jnp.int32)
-
-  def timed(new: int) -> tuple[float, float]:
-    """(first call s, best warm call s) of generate with `new` tokens per row, no EOS."""
-    times = []
-    for i in range(1 + args.decode_repeats):
-      start = time.perf_counter()
-      r = sampling.generate(model_cfg, params, prompts, prompt_mask, jax.random.PRNGKey(i),
-                            max_new_tokens=new, eos_id=sampling.NO_EOS)
-      lengths = np.asarray(r.lengths)
-      times.append(time.perf_counter() - start)
-      assert lengths.min() == new, f"rows stopped early: {lengths.min()} < {new}"
-    return times[0], min(times[1:])
-
-  first_prefill, prefill_s = timed(1)
-  first_full, full_s = timed(n)
-  decode_s = max(full_s - prefill_s, 1e-9)
-  step_s = decode_s / (n - 1)
   itemsize = jnp.dtype(model_cfg.param_dtype).itemsize
   n_params = sum(x.size for x in jax.tree.leaves(params))
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
@@ -224,22 +208,47 @@ def bench_decode(args, hbm_bw) -> None:
   kv_bytes = b * avg_ctx * kv_per_token
   step_bytes = param_bytes + kv_bytes
   print(f"(b) decode: {n_params / 1e6:.0f}M params ({itemsize} bytes each), batch {b}, prompt {p}, "
-        f"{n} new tokens, no EOS")
-  print(f"    compile+first call: prefill-only {first_prefill:.1f} s, full {first_full:.1f} s; "
-        f"warm: prefill {1e3 * prefill_s:.1f} ms, full {1e3 * full_s:.1f} ms")
-  print(f"    decode {1e3 * step_s:.3f} ms/step, {b * (n - 1) / decode_s:,.0f} tokens/s; "
-        f"end to end {b * n / full_s:,.0f} tokens/s")
+        f"{n} new tokens, no EOS; engines: {args.engines}")
   print(f"    bytes/step = params {param_bytes / 1e9:.3f} GB + KV at avg context {avg_ctx:.0f} "
-        f"({kv_per_token} B/token) {kv_bytes / 1e9:.3f} GB = {step_bytes / 1e9:.3f} GB; "
-        f"achieved {si(step_bytes / step_s, 'B/s')}")
-  if hbm_bw:
-    roof_s = step_bytes / hbm_bw
-    print(f"    roofline step {1e3 * roof_s:.3f} ms at {hbm_bw / 1e12:.2f} TB/s -> "
-          f"{pct(roof_s / step_s)} of roofline   (target >= {100 * ROOFLINE_TARGET:.0f}%)",
-          flush=True)
-  else:
-    print(f"    fraction of roofline {pct(None)}   (target >= {100 * ROOFLINE_TARGET:.0f}%)",
-          flush=True)
+        f"({kv_per_token} B/token) {kv_bytes / 1e9:.3f} GB = {step_bytes / 1e9:.3f} GB")
+  tokens = {}
+  for engine in args.engines.split(","):
+    # the continuous engine with one slot per row: the same rows, decoded by its chunks
+    kw = dict(engine="continuous", slots=b) if engine == "continuous" else dict(engine=engine)
+
+    def timed(new: int) -> tuple[float, float]:
+      """(first call s, best warm call s) of generate with `new` tokens per row, no EOS."""
+      times = []
+      for i in range(1 + args.decode_repeats):
+        start = time.perf_counter()
+        r = sampling.generate(model_cfg, params, prompts, prompt_mask, jax.random.PRNGKey(i),
+                              max_new_tokens=new, eos_id=sampling.NO_EOS, **kw)
+        lengths = np.asarray(r.lengths)
+        times.append(time.perf_counter() - start)
+        assert lengths.min() == new, f"rows stopped early: {lengths.min()} < {new}"
+      tokens[engine] = np.asarray(r.tokens)
+      return times[0], min(times[1:])
+
+    first_prefill, prefill_s = timed(1)
+    first_full, full_s = timed(n)
+    decode_s = max(full_s - prefill_s, 1e-9)
+    step_s = decode_s / (n - 1)
+    print(f"  {engine}: compile+first call: prefill-only {first_prefill:.1f} s, full "
+          f"{first_full:.1f} s; warm: prefill {1e3 * prefill_s:.1f} ms, full {1e3 * full_s:.1f} ms")
+    print(f"    {engine} decode {1e3 * step_s:.3f} ms/step, {b * (n - 1) / decode_s:,.0f} "
+          f"tokens/s; end to end {b * n / full_s:,.0f} tokens/s; achieved "
+          f"{si(step_bytes / step_s, 'B/s')}")
+    if hbm_bw:
+      roof_s = step_bytes / hbm_bw
+      print(f"    {engine} roofline step {1e3 * roof_s:.3f} ms at {hbm_bw / 1e12:.2f} TB/s -> "
+            f"{pct(roof_s / step_s)} of roofline   (target >= {100 * ROOFLINE_TARGET:.0f}%)",
+            flush=True)
+    else:
+      print(f"    {engine} fraction of roofline {pct(None)}   "
+            f"(target >= {100 * ROOFLINE_TARGET:.0f}%)", flush=True)
+  if len(tokens) == 2:
+    a, c = tokens.values()
+    print(f"    rows identical between the engines (same rng): {np.mean(np.all(a == c, 1)):.0%}")
 
 
 def main() -> None:
@@ -258,6 +267,8 @@ def main() -> None:
   parser.add_argument("--decode_prompt", type=int, default=128)
   parser.add_argument("--decode_new", type=int, default=512)
   parser.add_argument("--decode_repeats", type=int, default=2)
+  parser.add_argument("--engines", default="static,continuous",
+                      help="sampling.generate engines timed in (b)")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="override the chip table")
   parser.add_argument("--hbm_tbps", type=float, default=0.0, help="override the chip table")
   args = parser.parse_args()

@@ -8,7 +8,8 @@ of the output head is zero: at temperature 1 every other logit is near 0 too, so
 row with probability about 1/96 and response lengths are geometric (median ~1/8 of the 512-token
 cap, the longest rows reaching it), long-tailed like RL rollouts. A second setting has no EOS
 (fixed lengths). Both JAX engines sample the same tokens (same rng, per-row keys), so they count
-the same tokens; the static one runs in waves of `slots` rows (equal KV-cache memory).
+the same tokens (in bf16 a near-tie can flip a row: tok/s counts each engine's own tokens and the
+ratios are per token); the static one runs in waves of `slots` rows (equal KV-cache memory).
 Timing: after a first call (compile), `--repeats` rounds in which every engine runs once, in
 turn; tokens/s = generated tokens / the median round's seconds, "vs static" = the median (and the
 range) of the rounds' static / engine time ratios; compile = first call minus the median call;
@@ -16,6 +17,11 @@ utilization = decode slot-steps that produced a token / slot-steps run; KV memor
 shapes (the engine adds its prefill pool of 2 x ceil(slots / n) prompts); KV read / filled = KV
 positions the continuous engine's decode attention read over those it would read attending each
 row's filled length only (1.0: the ragged read's ideal).
+
+`--preset qwen2.5-0.5b` (for a GPU: `benchmarks/gpu.sh` runs it) swaps the tiny model for that
+preset's layers and heads in bf16, random weights from `qwen2.init_params`, with the same
+96-token vocabulary and zeroed EOS row (tied embeddings: after 24 random layers the logits are
+about as flat, so the lengths are about as long-tailed); no transformers twin.
 
 A third setting runs the demo's trained model (`make demo` writes runs/demo; `--demo_model DIR`
 for another) on held-out countdown problems, sampled as the demo evaluates (configs/demo.py).
@@ -30,9 +36,11 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from explore_jax import checkpoint, rollout_engine, sampling
+from explore_jax.models import qwen2
 
 SPEC = dict(vocab_size=96, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2)
@@ -54,8 +62,21 @@ def _models():
   return hf, cfg, jax.device_put(params)
 
 
+def _preset_model(name):
+  """(None, cfg, params): the preset's layers in bf16 with the benchmark's vocabulary, random
+  weights, the EOS row of the (tied) output head zeroed."""
+  cfg = qwen2.preset(name, vocab_size=SPEC["vocab_size"], param_dtype="bfloat16", dtype="bfloat16")
+  params = jax.jit(lambda r: qwen2.init_params(cfg, r))(jax.random.key(0))
+  model = params["model"]
+  params["model"] = {**model, "embed_tokens": model["embed_tokens"].at[EOS].set(0)}
+  if "lm_head" in params:
+    params["lm_head"] = params["lm_head"].at[:, EOS].set(0)
+  return None, cfg, params
+
+
 def _kv_bytes(cfg, rows, length):
-  return rows * length * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+  per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
+  return rows * length * per_slot * jnp.dtype(cfg.dtype).itemsize
 
 
 def _drain_bound(lengths, slots):
@@ -109,15 +130,16 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
             with_stats=True)
 
   def static():
-    outs, busy, steps = [], 0, 0
+    outs, busy, steps, count = [], 0, 0, 0
     for first in range(0, b, wave):
       part = slice(first, first + wave)
       r, st = sampling.generate(s.cfg, s.params, s.prompts[part], s.mask[part],
                                 jax.random.key(0), prompt_index=np.arange(first, first + wave),
                                 **kw)
       outs.append(np.asarray(r.tokens))
+      count += int(np.asarray(r.lengths).sum())
       busy, steps = busy + int(st["busy_slot_steps"]), steps + int(st["slot_steps"])
-    return np.concatenate(outs), busy / steps
+    return np.concatenate(outs), busy / steps, count
 
   def continuous(kv_block):
     r, st = sampling.generate(s.cfg, s.params, s.prompts, s.mask, jax.random.key(0),
@@ -129,7 +151,7 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
            for kv_block in kv_blocks}
   fns = {"static": static, **{names[kv]: functools.partial(continuous, kv) for kv in kv_blocks}}
   out, compile_s, warm = _rounds(fns, repeats)
-  s_tokens, s_util = out["static"]
+  s_tokens, s_util, s_count = out["static"]
   width = s.prompts.shape[1]
   length = width + s.new
   f = -(-slots // n)
@@ -137,15 +159,14 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
   tokens = int(c_len.sum())
   # name, tok/s (median round), vs static (median and range of the rounds' ratios), util, KV, ...
   ratio = lambda name: warm["static"] / warm[name]
-  rows = [("static", tokens / np.median(warm["static"]), (1.0, 1.0, 1.0), s_util,
+  rows = [("static", s_count / np.median(warm["static"]), (1.0, 1.0, 1.0), s_util,
            _kv_bytes(s.cfg, slots, length), compile_s["static"], None)]
   same = {}
   for kv_block in kv_blocks:
     name = names[kv_block]
     c_tokens, c_len_k, st = out[name]
-    assert int(c_len_k.sum()) == tokens, (name, "counted other tokens")
-    r = ratio(name)
-    rows.append((name, tokens / np.median(warm[name]), (np.median(r), r.min(), r.max()),
+    r = ratio(name) * int(c_len_k.sum()) / s_count  # per token: bf16 can flip a near-tie
+    rows.append((name, int(c_len_k.sum()) / np.median(warm[name]), (np.median(r), r.min(), r.max()),
                  st["slot_utilization"], _kv_bytes(s.cfg, slots, length) + _kv_bytes(s.cfg, 2 * f,
                                                                                       width),
                  compile_s[name], st))
@@ -231,14 +252,19 @@ def main():
                       help="a chunk ends early once this share of the slots is free")
   parser.add_argument("--settings", default="long-tailed,fixed,demo",
                       help="which settings to run (comma-separated)")
+  parser.add_argument("--preset", default="",
+                      help="a qwen2 preset's layers (bf16, random, 96-token vocabulary) instead of "
+                      "the tiny model; no transformers row")
   parser.add_argument("--demo_model", default=DEMO_MODEL,
                       help="HF directory of a model trained by the demo ('': skip that setting)")
   args = parser.parse_args()
-  hf, cfg, params = _models()
+  hf, cfg, params = _preset_model(args.preset) if args.preset else _models()
+  with_hf = hf is not None and not args.no_hf
   prompts = np.random.default_rng(0).integers(4, SPEC["vocab_size"], (args.rows // args.n,
                                                                        PROMPT)).astype(np.int32)
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}); float32; shared, "
-        "noisy machine: ratios are more telling than absolute figures")
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}); "
+        f"{args.preset + ' layers, ' if args.preset else ''}{cfg.dtype}; ratios are more telling "
+        "than absolute figures on a shared machine")
   kv_blocks = [int(x) for x in args.kv_blocks.split(",")]
   mask = np.ones_like(prompts)
   settings = args.settings.split(",")
@@ -246,7 +272,7 @@ def main():
     if name not in settings:
       continue
     run(Setting(name, hf, cfg, params, prompts, mask, new, eos), args.n, args.slots, args.chunk,
-        args.repeats, not args.no_hf, kv_blocks, args.refill_share)
+        args.repeats, with_hf, kv_blocks, args.refill_share)
   if not args.demo_model or "demo" not in settings:
     return
   if not os.path.exists(args.demo_model):
