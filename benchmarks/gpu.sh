@@ -20,7 +20,7 @@
 #   GPU_BENCH_PHASES       which of a, b, c to run, default "a b c"
 # Arguments after the first are passed to gpu_bench.py (e.g. --rows 8 --micro 4).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 START=$SECONDS
 BUDGET=${GPU_BENCH_BUDGET_S:-570}
 left() { echo $(( BUDGET - (SECONDS - START) )); }
@@ -58,9 +58,11 @@ else
       exit 1
     fi
     echo "== installing jax[cuda12] + explore_jax into $VENV (GPU_BENCH_INSTALL=0 skips)"
-    python3 -m venv "$VENV" \
-      && timeout "$(cap 200)" "$VENV/bin/pip" install -q -e . 'jax[cuda12]' \
-      || { echo "install failed or timed out" >&2; exit 1; }
+    if ! { python3 -m venv "$VENV" \
+           && timeout "$(cap 200)" "$VENV/bin/pip" install -q -e . 'jax[cuda12]'; }; then
+      echo "install failed or timed out" >&2
+      exit 1
+    fi
     PY=$VENV/bin/python
     has_gpu_jax "$PY" || { echo "$PY: jax still has no GPU backend" >&2; exit 1; }
   fi
@@ -73,33 +75,27 @@ echo "== python: $PY ($(left) s of the budget left)"
 # and a hung or out-of-memory phase cannot take the other down.
 PHASES=${GPU_BENCH_PHASES:-a b c}
 rc_a=0 rc_b=0 rc_c=0
-if [[ $PHASES == *a* ]]; then
-  echo "== (a) train step ($(left) s left)"
-  timeout --kill-after=10 "$(cap 150)" "$PY" benchmarks/gpu_bench.py train "${ARGS[@]}" "$@" \
-    2>&1 | tee -a "$LOG"
-  rc_a=${PIPESTATUS[0]}
-  (( rc_a == 124 )) && echo "(a) timed out" | tee -a "$LOG"
+# phase LETTER TITLE CAP_S COMMAND...: COMMAND, with at most CAP_S seconds of the budget, when
+# GPU_BENCH_PHASES names LETTER; its exit status goes to rc_LETTER.
+phase() {
+  local letter=$1 title=$2 cap_s=$3 rc
+  shift 3
+  [[ $PHASES == *$letter* ]] || return 0
+  echo "== ($letter) $title ($(left) s left)"
+  timeout --kill-after=10 "$(cap "$cap_s")" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  (( rc == 124 )) && echo "($letter) timed out" | tee -a "$LOG"
+  printf -v "rc_$letter" %d "$rc"
+}
+if [[ -n "$SMOKE" ]]; then  # the tiny model, a few rows: proves phase (c) runs
+  ENGINE_ARGS=(--rows 32 --slots 8 --repeats 1 --kv_blocks '0,32')
+else
+  ENGINE_ARGS=(--preset qwen2.5-0.5b --rows 2048 --slots 256 --repeats 2 --kv_blocks '0,64')
 fi
-if [[ $PHASES == *b* ]]; then
-  echo "== (b) decode ($(left) s left)"
-  timeout --kill-after=10 "$(cap 160)" "$PY" benchmarks/gpu_bench.py decode "${ARGS[@]}" "$@" \
-    2>&1 | tee -a "$LOG"
-  rc_b=${PIPESTATUS[0]}
-  (( rc_b == 124 )) && echo "(b) timed out" | tee -a "$LOG"
-fi
-if [[ $PHASES == *c* ]]; then
-  echo "== (c) rollout engines ($(left) s left)"
-  if [[ -n "$SMOKE" ]]; then  # the tiny model, a few rows: proves the phase runs
-    ENGINE_ARGS=(--rows 32 --slots 8 --repeats 1 --kv_blocks 0,32)
-  else
-    ENGINE_ARGS=(--preset qwen2.5-0.5b --rows 2048 --slots 256 --repeats 2 --kv_blocks 0,64)
-  fi
-  PYTHONPATH=".:${PYTHONPATH:-}" timeout --kill-after=10 "$(cap 330)" "$PY" \
-    benchmarks/rollout_engine.py --no_hf \
-    --settings long-tailed,fixed "${ENGINE_ARGS[@]}" 2>&1 | tee -a "$LOG"
-  rc_c=${PIPESTATUS[0]}
-  (( rc_c == 124 )) && echo "(c) timed out" | tee -a "$LOG"
-fi
+phase a "train step" 150 "$PY" benchmarks/gpu_bench.py train "${ARGS[@]}" "$@"
+phase b decode 160 "$PY" benchmarks/gpu_bench.py decode "${ARGS[@]}" "$@"
+phase c "rollout engines" 330 env PYTHONPATH=".:${PYTHONPATH:-}" "$PY" \
+  benchmarks/rollout_engine.py --no_hf --settings long-tailed,fixed "${ENGINE_ARGS[@]}"
 
 echo "== summary ($(( SECONDS - START )) s in all)"
 grep -E "^device|MFU|of roofline|timed out|^(long-tailed|fixed|static|cont\.)" "$LOG" \
