@@ -211,26 +211,25 @@ def bench_decode(args, hbm_bw) -> None:
         f"{n} new tokens, no EOS; engines: {args.engines}")
   print(f"    bytes/step = params {param_bytes / 1e9:.3f} GB + KV at avg context {avg_ctx:.0f} "
         f"({kv_per_token} B/token) {kv_bytes / 1e9:.3f} GB = {step_bytes / 1e9:.3f} GB")
+
+  def timed(new: int, engine: str) -> tuple[float, float, np.ndarray]:
+    """(first call s, best warm call s, the last call's tokens) of generate with `new` tokens per
+    row, no EOS; the continuous engine with one slot per row (the same rows, in its chunks)."""
+    kw = dict(engine="continuous", slots=b) if engine == "continuous" else dict(engine=engine)
+    times = []
+    for i in range(1 + args.decode_repeats):
+      start = time.perf_counter()
+      r = sampling.generate(model_cfg, params, prompts, prompt_mask, jax.random.PRNGKey(i),
+                            max_new_tokens=new, eos_id=sampling.NO_EOS, **kw)
+      lengths = np.asarray(r.lengths)
+      times.append(time.perf_counter() - start)
+      assert lengths.min() == new, f"rows stopped early: {lengths.min()} < {new}"
+    return times[0], min(times[1:]), np.asarray(r.tokens)
+
   tokens = {}
   for engine in args.engines.split(","):
-    # the continuous engine with one slot per row: the same rows, decoded by its chunks
-    kw = dict(engine="continuous", slots=b) if engine == "continuous" else dict(engine=engine)
-
-    def timed(new: int) -> tuple[float, float]:
-      """(first call s, best warm call s) of generate with `new` tokens per row, no EOS."""
-      times = []
-      for i in range(1 + args.decode_repeats):
-        start = time.perf_counter()
-        r = sampling.generate(model_cfg, params, prompts, prompt_mask, jax.random.PRNGKey(i),
-                              max_new_tokens=new, eos_id=sampling.NO_EOS, **kw)
-        lengths = np.asarray(r.lengths)
-        times.append(time.perf_counter() - start)
-        assert lengths.min() == new, f"rows stopped early: {lengths.min()} < {new}"
-      tokens[engine] = np.asarray(r.tokens)
-      return times[0], min(times[1:])
-
-    first_prefill, prefill_s = timed(1)
-    first_full, full_s = timed(n)
+    first_prefill, prefill_s, _ = timed(1, engine)
+    first_full, full_s, tokens[engine] = timed(n, engine)
     decode_s = max(full_s - prefill_s, 1e-9)
     step_s = decode_s / (n - 1)
     print(f"  {engine}: compile+first call: prefill-only {first_prefill:.1f} s, full "

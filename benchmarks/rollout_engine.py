@@ -165,8 +165,9 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
   for kv_block in kv_blocks:
     name = names[kv_block]
     c_tokens, c_len_k, st = out[name]
-    r = ratio(name) * int(c_len_k.sum()) / s_count  # per token: bf16 can flip a near-tie
-    rows.append((name, int(c_len_k.sum()) / np.median(warm[name]), (np.median(r), r.min(), r.max()),
+    count = int(c_len_k.sum())
+    r = ratio(name) * count / s_count  # per token: in bf16 a near-tie can flip a row
+    rows.append((name, count / np.median(warm[name]), (np.median(r), r.min(), r.max()),
                  st["slot_utilization"], _kv_bytes(s.cfg, slots, length) + _kv_bytes(s.cfg, 2 * f,
                                                                                       width),
                  compile_s[name], st))
