@@ -36,7 +36,7 @@ study: $(VENV)/.installed
 
 # Runs the demo twice from nothing (fresh cache and workdirs) and diffs the two results.json.
 demo-check: $(VENV)/.installed
-	$(PY) -m explore_jax.repro --workdir runs/demo_check
+	$(PY) -m explore_jax.demo.repro --workdir runs/demo_check
 
 test: $(VENV)/.installed $(TPU_COMPILER)/.installed
 	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests

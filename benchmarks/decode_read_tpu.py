@@ -42,14 +42,15 @@ def main():
   parser.add_argument("--fills", default="1,0.5,0.25,0.125")
   args = parser.parse_args()
 
-  from explore_jax import aot, sharding, train
+  from explore_jax.tpu import aot, sharding
+  from explore_jax.train import setup
 
   config = _config(args.config)
   devices, chip = aot.topology_devices(args.topology)
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   rules = sharding.with_default_rules(config.mesh.rules)
-  model_cfg = train.model_config(config)
-  cfg = train.step_config(config, model_cfg, tuple(mesh.shape.values()))
+  model_cfg = setup.model_config(config)
+  cfg = setup.step_config(config, model_cfg, tuple(mesh.shape.values()))
   decode, = aot.step_programs(config, model_cfg, cfg, mesh, only=("rollout/decode",))
   full = decode.static["ragged"]
   if full is None:

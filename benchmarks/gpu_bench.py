@@ -8,7 +8,7 @@
 Random weights (`qwen2.init_params` on the preset config; nothing is downloaded), bf16 parameters
 and compute.
 
-(a) Train: `explore_jax.train_step.update`, the trainer's jitted step (GRPO, entropy advantage,
+(a) Train: `explore_jax.train.step.update`, the trainer's jitted step (GRPO, entropy advantage,
     token-mean, remat on), mini-batch = all rows (one AdamW step per call), accumulated over
     micro-batches of `--micro` rows. Model FLOPs per step (no remat recompute counted):
         6 * N_body * R * T          the decoder layers' matmuls, N_body = params without embeddings
@@ -16,7 +16,7 @@ and compute.
       + 12 * L * T^2 * D_attn * R   attention scores and values, full T x T as computed
     MFU = model FLOPs / step time / chip peak (bf16 dense). On out-of-memory the micro-batch is
     halved and the step rebuilt.
-(b) Decode: `explore_jax.sampling.generate` at batch 256 with no EOS (every row runs all its new
+(b) Decode: `explore_jax.rollout.generate` at batch 256 with no EOS (every row runs all its new
     tokens), with each engine of `--engines` (the continuous one with a slot per row). Decode
     time = time(generate, N new) - time(generate, 1 new) (the prefill), over N - 1 steps.
     Roofline step time = (parameter bytes + KV bytes at the average context P + N / 2) / HBM
@@ -41,10 +41,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from explore_jax import defaults, sampling, sharding, train_state  # noqa: E402
-from explore_jax import train_step as ts  # noqa: E402
+from explore_jax import rollout as rollout_lib
+from explore_jax.config import defaults
 from explore_jax.models import qwen2  # noqa: E402
 from explore_jax.rl import actor_loss as actor_lib  # noqa: E402
+from explore_jax.rollout import sampling
+from explore_jax.tpu import sharding
+from explore_jax.train import state as train_state  # noqa: E402
+from explore_jax.train import step as ts  # noqa: E402
 
 # nvidia-smi name fragment -> (bf16 dense FLOP/s, HBM bytes/s); first match wins.
 CHIPS = (
@@ -219,8 +223,8 @@ def bench_decode(args, hbm_bw) -> None:
     times = []
     for i in range(1 + args.decode_repeats):
       start = time.perf_counter()
-      r = sampling.generate(model_cfg, params, prompts, prompt_mask, jax.random.PRNGKey(i),
-                            max_new_tokens=new, eos_id=sampling.NO_EOS, **kw)
+      r = rollout_lib.generate(model_cfg, params, prompts, prompt_mask, jax.random.PRNGKey(i),
+                               max_new_tokens=new, eos_id=sampling.NO_EOS, **kw)
       lengths = np.asarray(r.lengths)
       times.append(time.perf_counter() - start)
       assert lengths.min() == new, f"rows stopped early: {lengths.min()} < {new}"
@@ -267,7 +271,7 @@ def main() -> None:
   parser.add_argument("--decode_new", type=int, default=512)
   parser.add_argument("--decode_repeats", type=int, default=2)
   parser.add_argument("--engines", default="static,continuous",
-                      help="sampling.generate engines timed in (b)")
+                      help="rollout_lib.generate engines timed in (b)")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="override the chip table")
   parser.add_argument("--hbm_tbps", type=float, default=0.0, help="override the chip table")
   args = parser.parse_args()

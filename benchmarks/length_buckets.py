@@ -3,7 +3,7 @@
   .venv/bin/python benchmarks/length_buckets.py                       # the demo's shapes
   .venv/bin/python benchmarks/length_buckets.py --buckets 1,2,4 --lengths uniform --steps 3
 
-Runs the real jitted `explore_jax.train_step.score_rollout` and `update` of the arithmetic config
+Runs the real jitted `explore_jax.train.step.score_rollout` and `update` of the arithmetic config
 (`defaults.tiny_config`, configs/tiny_cpu.py: its model, 64 prompts x 8 responses, mini-batch
 256, micro-batch 64, prompts of up to 24 tokens, responses of up to 48) on a random model and a
 batch of random tokens whose lengths follow `--lengths`:
@@ -31,9 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from explore_jax import defaults, pretrain, sampling, sharding, train, train_state
-from explore_jax import train_step as ts
+from explore_jax.config import defaults
+from explore_jax.demo import pretrain
 from explore_jax.models import qwen2
+from explore_jax.rollout import sampling
+from explore_jax.tpu import sharding
+from explore_jax.train import setup
+from explore_jax.train import state as train_state
+from explore_jax.train import step as ts
 
 
 def make_rollout(rows: int, p: int, n: int, vocab: int, lengths: str, seed: int = 0):
@@ -88,7 +93,7 @@ def main() -> None:
     params = qwen2.init_params(model_cfg, jax.random.PRNGKey(0))
     state0 = train_state.init_state(model_cfg, params, tx, tx, False, 0,
                                     train_state.state_shardings(shapes, specs, mesh, rules))
-    base = train.step_config(config, model_cfg)
+    base = setup.step_config(config, model_cfg)
     cfgs = {c: ts.StepConfig(**{**base.__dict__, "length_buckets": c}) for c in counts}
 
     def run(count):

@@ -21,8 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import math_verify  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from explore_jax import data
-from explore_jax import rewards
+from explore_jax import data, rewards
 
 
 def main():

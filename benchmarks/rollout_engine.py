@@ -39,8 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from explore_jax import checkpoint, rollout_engine, sampling
-from explore_jax.models import qwen2
+from explore_jax import rollout as rollout_lib
+from explore_jax.models import checkpoint, qwen2
+from explore_jax.rollout import engine as rollout_engine
+from explore_jax.rollout import sampling
 
 SPEC = dict(vocab_size=96, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2)
@@ -133,18 +135,18 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
     outs, busy, steps, count = [], 0, 0, 0
     for first in range(0, b, wave):
       part = slice(first, first + wave)
-      r, st = sampling.generate(s.cfg, s.params, s.prompts[part], s.mask[part],
-                                jax.random.key(0), prompt_index=np.arange(first, first + wave),
-                                **kw)
+      r, st = rollout_lib.generate(s.cfg, s.params, s.prompts[part], s.mask[part],
+                                   jax.random.key(0), prompt_index=np.arange(first, first + wave),
+                                   **kw)
       outs.append(np.asarray(r.tokens))
       count += int(np.asarray(r.lengths).sum())
       busy, steps = busy + int(st["busy_slot_steps"]), steps + int(st["slot_steps"])
     return np.concatenate(outs), busy / steps, count
 
   def continuous(kv_block):
-    r, st = sampling.generate(s.cfg, s.params, s.prompts, s.mask, jax.random.key(0),
-                              engine="continuous", slots=slots, chunk=chunk, kv_block=kv_block,
-                              refill_share=refill_share, **kw)
+    r, st = rollout_lib.generate(s.cfg, s.params, s.prompts, s.mask, jax.random.key(0),
+                                 engine="continuous", slots=slots, chunk=chunk, kv_block=kv_block,
+                                 refill_share=refill_share, **kw)
     return np.asarray(r.tokens), np.asarray(r.lengths), st
 
   names = {kv_block: f"cont. ragged {kv_block}" if kv_block else "cont. segmented"

@@ -1,4 +1,4 @@
-"""Generated tokens/s of `explore_jax.sampling.generate` vs transformers' `generate`, same weights.
+"""Generated tokens/s of `explore_jax.rollout.generate` vs transformers' `generate`, same weights.
 
   .venv/bin/python benchmarks/sampler.py                 # both configs
   .venv/bin/python benchmarks/sampler.py --configs a --repeats 3
@@ -23,7 +23,9 @@ import numpy as np
 import torch
 import transformers
 
-from explore_jax import checkpoint, sampling
+from explore_jax import rollout as rollout_lib
+from explore_jax.models import checkpoint
+from explore_jax.rollout import sampling
 
 CONFIGS = {
     "a": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -62,8 +64,8 @@ def run(name: str, batch: int, repeats: int) -> dict:
   mask = np.ones_like(prompts)
 
   def ours():
-    r = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), max_new_tokens=NEW,
-                          temperature=1.0, top_p=TOP_P, eos_id=sampling.NO_EOS)
+    r = rollout_lib.generate(cfg, params, prompts, mask, jax.random.key(0), max_new_tokens=NEW,
+                             temperature=1.0, top_p=TOP_P, eos_id=sampling.NO_EOS)
     r.tokens.block_until_ready()
     assert int(r.lengths.min()) == NEW
     return r

@@ -5,7 +5,7 @@
 
 Compile: the gradient of a token-level loss of `qwen2.forward` (remat "full", as the 7B configs
 run) over `--batch` x `--seq`, lowered and compiled from shapes, per-layer params vs the same
-config with scan_layers. Decode: `sampling.generate` (greedy, no EOS) over the same weights in
+config with scan_layers. Decode: `rollout_lib.generate` (greedy, no EOS) over the same weights in
 both layouts, median of 3 timed calls after a warm-up; the scanned model decodes unrolled over
 slices of its stacked parameters (`qwen2.apply_with_cache`). CPU timings on a shared machine
 are noisy; compare within one run.
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from explore_jax import sampling
+from explore_jax import rollout as rollout_lib
 from explore_jax.models import qwen2
 
 
@@ -39,7 +39,7 @@ def _compile_seconds(cfg, batch, seq):
 
 
 def _decode_seconds(cfg, params, prompts, mask, new):
-  run = lambda: jax.block_until_ready(sampling.generate(
+  run = lambda: jax.block_until_ready(rollout_lib.generate(
       cfg, params, prompts, mask, jax.random.key(0), max_new_tokens=new, temperature=0.0,
       eos_id=-1).tokens)
   start = time.perf_counter()

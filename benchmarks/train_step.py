@@ -6,9 +6,9 @@
 One step = forward, backward and one AdamW step (global-norm clip 1.0) on a GRPO batch, with the
 paper's entropy advantage (psi = min(alpha * stop_gradient(H), |A| / kappa), alpha 0.4, kappa 2),
 PPO clip 0.2 / 0.28, token-mean loss.
-  * JAX: the real trainer, `explore_jax.train_step.update` (jitted, state donated) with
+  * JAX: the real trainer, `explore_jax.train.step.update` (jitted, state donated) with
     mini_batch_size == micro_batch_size == rows, so one call is exactly one optimizer step; the
-    state comes from `explore_jax.train_state` as in `explore_jax.train`.
+    state comes from `explore_jax.train.state` as in `explore_jax.train`.
   * PyTorch: transformers' `Qwen2ForCausalLM` (sdpa attention, logits only for the response
     positions via `logits_to_keep`), log_softmax + gather, entropy from the same logits, the same
     surrogate written out below, `clip_grad_norm_(1.0)`, `torch.optim.AdamW` (foreach).
@@ -36,10 +36,12 @@ import numpy as np
 import torch
 import transformers
 
-from explore_jax import checkpoint, defaults, sharding, train_state
-from explore_jax import train_step as ts
-from explore_jax.models import qwen2
+from explore_jax.config import defaults
+from explore_jax.models import checkpoint, qwen2
 from explore_jax.rl import actor_loss as actor_lib
+from explore_jax.tpu import sharding
+from explore_jax.train import state as train_state
+from explore_jax.train import step as ts
 
 CONFIGS = {
     "tiny": dict(model=dict(vocab_size=512, hidden_size=128, intermediate_size=384,

@@ -9,7 +9,7 @@ configs/tiny_cpu.py, plus `placebo` (psi = alpha * sg(H) without its clip). `:si
 trainer test's shortened run (tiny_config's test model on two-number problems).
 """
 
-from explore_jax import defaults as common
+from explore_jax.config import defaults as common
 
 
 def get_config(arg: str | None = None):

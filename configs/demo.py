@@ -1,4 +1,4 @@
-r"""The paper's comparison on the countdown testbed at CPU scale (explore_jax/demo.py).
+r"""The paper's comparison on the countdown testbed at CPU scale (explore_jax/demo/study.py).
 
     python -m explore_jax.demo --config configs/demo.py --workdir runs/demo                # make demo
     python -m explore_jax.demo --config configs/demo.py:plan=study --workdir runs/study   # make study
@@ -18,8 +18,9 @@ held-out problem. About an hour on 2 cores.
 
 import ml_collections
 
-from explore_jax import defaults as common
-from explore_jax import demo, evaluate
+from explore_jax.config import defaults as common
+from explore_jax.demo import study as demo
+from explore_jax.evaluation import evaluate
 
 
 def get_config(arg: str | None = None):

@@ -22,8 +22,8 @@ Memory of a 7B model in bf16 at 64 decode slots: 15 GB of weights and ~31 GB of 
 four, ~12 GB a chip.
 """
 
-from explore_jax import defaults as common
-from explore_jax import evaluate
+from explore_jax.config import defaults as common
+from explore_jax.evaluation import evaluate
 
 
 def get_config(arg: str | None = None):

@@ -7,7 +7,7 @@ Same code path and sampling protocol as configs/eval_paper.py (temperature 0.6, 
 short responses and n = 16 samples of 64 problems.
 """
 
-from explore_jax import evaluate
+from explore_jax.evaluation import evaluate
 
 
 def get_config(arg: str | None = None):

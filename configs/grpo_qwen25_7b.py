@@ -12,7 +12,7 @@ Variants (same data, seeds and budget): `:variant=baseline` (plain GRPO), `:vari
 DAPO prompt template and answer checker.
 """
 
-from explore_jax import defaults as common
+from explore_jax.config import defaults as common
 
 
 def get_config(arg: str | None = None):

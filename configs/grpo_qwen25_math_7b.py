@@ -6,7 +6,7 @@ Variants: `:variant=baseline`, `:variant=entropy_reg`. Qwen2.5-Math-7B has a 409
 (rope_theta 1e4), so prompt + response are capped at 4096 here rather than the paper's 8K.
 """
 
-from explore_jax import defaults as common
+from explore_jax.config import defaults as common
 
 
 def get_config(arg: str | None = None):

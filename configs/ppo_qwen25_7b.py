@@ -7,10 +7,10 @@ value head, initialised from the actor's backbone, trained with its own AdamW an
 warm-up rollouts; GAE with gamma = lambda = 1; value clip 0.5. Sources: Cheng et al., arXiv
 2506.14758, Appendix B ("For PPO only, the critic is trained with a learning rate of 2e-6, with a
 10-step pre-training applied before initiating policy updates"); the shared settings and where
-each comes from are in `explore_jax.defaults.paper_7b`.
+each comes from are in `explore_jax.config.defaults.paper_7b`.
 """
 
-from explore_jax import defaults as common
+from explore_jax.config import defaults as common
 
 
 def get_config(arg: str | None = None):

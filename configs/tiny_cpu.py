@@ -6,7 +6,7 @@
 
 The tiny "base model" is first pre-trained (SFT) on the synthetic task (worked solutions, and for
 a share `pretrain.direct_answer_frac` of the problems the bare answer) and cached (see
-`explore_jax/pretrain.py`), then RL-trained through exactly the code path of the 7B configs.
+`explore_jax/demo/pretrain.py`), then RL-trained through exactly the code path of the 7B configs.
 It is the experiment of `configs/demo.py` (`defaults.tiny_config`), one variant at a time.
 Variants: `entropy_adv` (default, the paper), `baseline` (plain GRPO), `entropy_reg` (the
 -beta * H regularizer of the paper's Table 3), `ppo` (PPO + entropy advantage, alpha 0.1),
@@ -14,7 +14,7 @@ Variants: `entropy_adv` (default, the paper), `baseline` (plain GRPO), `entropy_
 32-wide model, for the trainer's own tests.
 """
 
-from explore_jax import defaults as common
+from explore_jax.config import defaults as common
 
 
 def get_config(arg: str | None = None):

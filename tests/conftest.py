@@ -38,7 +38,7 @@ def make_tiny_hf(seed: int = 0, **overrides) -> TinyHF:
   import torch
   import transformers
 
-  from explore_jax import checkpoint
+  from explore_jax.models import checkpoint
 
   kw = {**TINY, **overrides}
   torch.manual_seed(seed)

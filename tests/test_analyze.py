@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from explore_jax import analyze
+from explore_jax.evaluation import analyze
 
 FILLER = ("the", "number", "is", "equal", "to", "we", "have", "sum", "of", "two", "and", "value",
           "x", "square", "root", "gives", "result", "also", "sole", "sofa")

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from explore_jax import memory
 from explore_jax.models import qwen2
+from explore_jax.tpu import memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILER = os.environ.get("EXPLORE_JAX_TPU_COMPILER",

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from explore_jax import train_step
 from explore_jax.models import attention, qwen2
+from explore_jax.train import step as train_step
 
 
 def _batch(b, t, n, kh, h, seed=0):
@@ -145,7 +145,7 @@ def test_length_buckets_round_to_the_splash_block():
 
 _SHARDED_SCRIPT = """
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
-from explore_jax import sharding
+from explore_jax.tpu import sharding
 from explore_jax.models import attention
 rng = np.random.default_rng(0)
 q = jnp.asarray(rng.normal(size=(2, 128, 4, 128)), jnp.float32)

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from explore_jax import defaults, pretrain
+from explore_jax.config import defaults
+from explore_jax.demo import pretrain
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from conftest import make_tiny_hf
-from explore_jax import checkpoint, sharding
-from explore_jax.models import qwen2
+from explore_jax.models import checkpoint, qwen2
+from explore_jax.tpu import sharding
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 10))
 _forward = jax.jit(qwen2.forward, static_argnums=2)
@@ -156,7 +156,8 @@ _FAKE_DEVICES_SCRIPT = """
 import jax, numpy as np, sys
 sys.path.insert(0, sys.argv[2])
 from test_checkpoint import _mesh_shardings
-from explore_jax import checkpoint, sharding
+from explore_jax.models import checkpoint
+from explore_jax.tpu import sharding
 assert jax.device_count() == 4
 mesh = sharding.make_mesh((1, 2, 2))
 config, params = checkpoint.load_hf(sys.argv[1], shardings=_mesh_shardings(mesh))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from explore_jax import compare
 from explore_jax.data import countdown
+from explore_jax.evaluation import compare
 
 
 def test_t_interval_is_scipy_s():

@@ -141,7 +141,8 @@ def test_values_stay_in_range_and_the_data_api_serves_the_task():
 def test_pretraining_demonstrations_and_length_buckets():
   """Each problem is shown `traces_per_problem` random attempts, drawn from its own seed (the same
   on any process); the retrying share follows retry_frac; short rows get a bucket of their own."""
-  from explore_jax import defaults, pretrain
+  from explore_jax.config import defaults
+  from explore_jax.demo import pretrain
   c = defaults.tiny_config("test")
   c.data.name = "countdown"
   c.data.countdown.update(train_size=100, retry_frac=0.2)

@@ -9,12 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import transformers
 
-from explore_jax import data
-from explore_jax import paths
-from explore_jax.data import builders
-from explore_jax.data import pipeline
-from explore_jax.data import synthetic
-from explore_jax.data import templates
+from explore_jax import data, paths
+from explore_jax.data import builders, pipeline, synthetic, templates
 from explore_jax.data import tokenizer as tokenizer_lib
 
 SHARED = paths.default_data_dir()

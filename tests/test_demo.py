@@ -120,7 +120,7 @@ def check_report_numbers(demo):
   assert 0.0 < floor["1"] < floor["8"] < 1.0
   # Every cell of the results table is results.json's figure, formatted as the report does (a
   # tolerance of one rounding step would fail on a figure that sits on a rounding boundary).
-  from explore_jax import demo as demo_lib
+  from explore_jax.demo import study as demo_lib
   report = open(workdir / "report.md").read()
   section = report.split("## Held-out results", 1)[1].split("\n\n")[1]
   table = [line for line in section.splitlines() if line.startswith("| ")]

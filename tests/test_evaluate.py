@@ -15,8 +15,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from explore_jax import evaluate
-from explore_jax.evaluate import pass_at_k
+from explore_jax.evaluation import evaluate
+from explore_jax.evaluation.evaluate import pass_at_k
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,8 +123,7 @@ def make_model_dir(path: str, seed: int = 0) -> str:
   import transformers
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-  from explore_jax import checkpoint
-  from explore_jax.models import qwen2
+  from explore_jax.models import checkpoint, qwen2
 
   # GPT-2's byte -> printable character map, so that token id == byte value.
   printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
@@ -297,8 +296,10 @@ def test_two_processes_sample_what_one_device_does(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_resumes_without_resampling(model_dir, tmp_path, monkeypatch):
-  from explore_jax import rewards, sampling
+  from explore_jax import rewards
+  from explore_jax import rollout as rollout_lib
   from explore_jax.data import templates
+  from explore_jax.rollout import sampling
 
   class OddLengthGrader:
     """Varied outcomes (a random model is never right), to exercise pass@k."""
@@ -315,7 +316,7 @@ def test_evaluate_resumes_without_resampling(model_dir, tmp_path, monkeypatch):
 
   monkeypatch.setattr(rewards, "RewardPool", OddLengthGrader)
   prompts_seen, calls = [], []
-  real_generate = sampling.generate
+  real_generate = rollout_lib.generate
 
   def counting_generate(config, params, prompt_tokens, prompt_mask, rng, **kw):
     calls.append(1)

@@ -177,7 +177,7 @@ def test_setup_checks_for_a_job_then_ships_the_commit_and_installs_the_lock(tmp_
   subprocess.run(archive, check=True, timeout=60)
   with tarfile.open(archive[6]) as tf:
     names = set(tf.getnames())
-  assert {"pyproject.toml", "explore_jax/memory.py", "launch_tpu.sh", "requirements/tpu.txt",
+  assert {"pyproject.toml", "explore_jax/tpu/memory.py", "launch_tpu.sh", "requirements/tpu.txt",
           "launch_tpu_worker.sh"} <= names
   assert not any(n.startswith((".venv", ".git/", "runs/", ".cache/")) for n in names)
   # Without a data directory: a warning, and only the code is shipped.

@@ -17,8 +17,8 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import pytest
 
-from explore_jax import memory
 from explore_jax.models import qwen2
+from explore_jax.tpu import memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def test_qwen25_7b_matches_the_model_card():
 _SHARDED_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, optax
-    from explore_jax import memory, sharding
+    from explore_jax.tpu import memory, sharding
     from explore_jax.models import qwen2
     sys.path.insert(0, "tests")
     from test_memory import CONFIGS

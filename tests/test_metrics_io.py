@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from explore_jax import metrics_io
+from explore_jax.train import metrics as metrics_io
 
 
 def _snapshot(store) -> dict[str, bytes]:

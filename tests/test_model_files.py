@@ -8,7 +8,10 @@ import os
 import pytest
 from etils import epath
 
-from explore_jax import defaults, model_files, sharding, train
+from explore_jax.config import defaults
+from explore_jax.models import files as model_files
+from explore_jax.tpu import sharding
+from explore_jax.train import setup
 
 FILES = {"config.json": b'{"model_type": "qwen2"}', "model-00001-of-00002.safetensors": b"a" * 3000,
          "model-00002-of-00002.safetensors": b"b" * 1000, "sub/extra.txt": b"extra",
@@ -40,7 +43,7 @@ def test_stage_reuse_redo_and_fingerprint_check(fake_bucket, tmp_path, monkeypat
   monkeypatch.setattr(sharding, "check_same_on_every_host", lambda *a: checks.append(a))
   stage = tmp_path / "stage"
 
-  model_dir, tokenizer_dir = train.resolve_model(_config(stage))
+  model_dir, tokenizer_dir = setup.resolve_model(_config(stage))
   assert model_dir == str(stage / "bucket" / "models" / "Qwen-tiny") == tokenizer_dir
   visible = {k: v for k, v in FILES.items() if not k.startswith(".")}
   assert {k: v for k, v in _tree(model_dir).items() if not k.startswith(".")} == visible
@@ -53,26 +56,26 @@ def test_stage_reuse_redo_and_fingerprint_check(fake_bucket, tmp_path, monkeypat
   weights = os.path.join(model_dir, "model-00001-of-00002.safetensors")
   seen = os.stat(model_dir).st_ino, os.stat(weights).st_mtime_ns
   monkeypatch.setattr(model_files, "_download", lambda *a: pytest.fail("copied again"))
-  assert train.resolve_model(_config(stage))[0] == model_dir
+  assert setup.resolve_model(_config(stage))[0] == model_dir
   assert (os.stat(model_dir).st_ino, os.stat(weights).st_mtime_ns) == seen
   monkeypatch.undo()
   monkeypatch.setattr(sharding, "check_same_on_every_host", lambda *a: checks.append(a))
 
   # A partial copy (a file gone) is never used: staged again.
   os.remove(weights)
-  assert train.resolve_model(_config(stage))[0] == model_dir
+  assert setup.resolve_model(_config(stage))[0] == model_dir
   assert open(weights, "rb").read() == FILES["model-00001-of-00002.safetensors"]
   assert os.stat(model_dir).st_ino != seen[0]
   # So is a copy of an older upload of the same sizes (a retrained model in the same place).
   epath.Path("gs://bucket/models/Qwen-tiny/model-00002-of-00002.safetensors").write_bytes(
       b"c" * 1000)
-  train.resolve_model(_config(stage))
+  setup.resolve_model(_config(stage))
   assert _tree(model_dir)["model-00002-of-00002.safetensors"] == b"c" * 1000
   assert checks[-1][1] != fingerprint
 
   # A gs:// tokenizer is staged and checked as well.
   checks.clear()
-  model_dir, tokenizer_dir = train.resolve_model(
+  model_dir, tokenizer_dir = setup.resolve_model(
       _config(stage, tokenizer="gs://bucket/models/tok"))
   assert tokenizer_dir == str(stage / "bucket" / "models" / "tok")
   assert _tree(tokenizer_dir)["tokenizer.json"] == b"{}"
@@ -80,4 +83,4 @@ def test_stage_reuse_redo_and_fingerprint_check(fake_bucket, tmp_path, monkeypat
                                     "train: the tokenizer files of gs://bucket/models/tok"]
 
   with pytest.raises(FileNotFoundError, match="model.path=gs://bucket/nothing: no files"):
-    train.resolve_model(_config(stage, path="gs://bucket/nothing"))
+    setup.resolve_model(_config(stage, path="gs://bucket/nothing"))

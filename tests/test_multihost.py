@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from explore_jax import pretrain
+from explore_jax.demo import pretrain
 from test_train import (REFERENCE, _command, read_metrics, reference_run,  # noqa: F401
                         train_env)
 
@@ -144,8 +144,9 @@ def test_two_processes_match_one_process_and_resume(train_env, reference_run, tm
     for key in KEYS:
       np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
   # The export of step 4 holds the weights of the 1-process run's.
-  from explore_jax import checkpoint, train
-  assert train.exported_step(str(tmp_path / "two" / "hf")) == 4
+  from explore_jax.models import checkpoint
+  from explore_jax.train import export
+  assert export.exported_step(str(tmp_path / "two" / "hf")) == 4
   cfg_one, params_one = checkpoint.load_hf(reference_run / "hf")
   cfg_two, params_two = checkpoint.load_hf(tmp_path / "two" / "hf")
   assert cfg_one == cfg_two

@@ -9,7 +9,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from explore_jax import plots
+from explore_jax.evaluation import plots
 
 
 def _image(path):

@@ -1,6 +1,6 @@
-"""`python -m explore_jax.repro` (make demo-check): what it calls a difference."""
+"""`python -m explore_jax.demo.repro` (make demo-check): what it calls a difference."""
 
-from explore_jax import repro
+from explore_jax.demo import repro
 
 
 def test_compare_results_names_each_differing_figure_but_not_timings():

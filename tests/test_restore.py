@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from explore_jax import train_state
+from explore_jax.train import state as train_state
 
 
 def _state(width=4, extra=False):
@@ -82,9 +82,9 @@ def test_step_decision_on_one_process():
   """Stop on this process's SIGTERM; save for time once `every_minutes` passed (0: never)."""
   import time
 
-  from explore_jax import train
+  from explore_jax.train import loop
   now = time.monotonic()
-  assert train.step_decision(True, now, 0.0) == (True, False)
-  assert train.step_decision(False, now - 61, 1.0) == (False, True)
-  assert train.step_decision(False, now - 59, 1.0) == (False, False)
-  assert train.step_decision(False, now - 1e6, 0.0) == (False, False)
+  assert loop.step_decision(True, now, 0.0) == (True, False)
+  assert loop.step_decision(False, now - 61, 1.0) == (False, True)
+  assert loop.step_decision(False, now - 59, 1.0) == (False, False)
+  assert loop.step_decision(False, now - 1e6, 0.0) == (False, False)

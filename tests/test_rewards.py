@@ -9,8 +9,7 @@ import math_verify
 import numpy as np
 import pytest
 
-from explore_jax import data
-from explore_jax import rewards
+from explore_jax import data, rewards
 
 BENCHMARKS = [("math500", "test"), ("aime24", "test"), ("aime25", "test"), ("amc23", "test"),
               ("gsm8k", "test"), ("gsm8k", "train"), ("dapo_math_17k", "train")]

@@ -10,15 +10,17 @@ import jax
 import numpy as np
 import pytest
 
-from explore_jax import rollout_engine, sampling
+from explore_jax import rollout as rollout_lib
 from explore_jax.models import qwen2
+from explore_jax.rollout import engine as rollout_engine
+from explore_jax.rollout import sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Shared with the mesh subprocess below.
 COMPARE = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from explore_jax import sampling
+    from explore_jax.rollout import sampling
     from explore_jax.models import qwen2
 
     def tiny():
@@ -63,8 +65,8 @@ def setup():
   cfg, params = tiny()
   tokens, mask = prompts()
   # An EOS that the greedy continuations emit at different positions: rows of different lengths.
-  free = sampling.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=24,
-                           temperature=0.0, eos_id=sampling.NO_EOS)
+  free = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=24,
+                              temperature=0.0, eos_id=sampling.NO_EOS)
   counts = np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)
   return cfg, params, tokens, mask, int(np.argmax(counts))
 
@@ -75,10 +77,10 @@ def test_continuous_equals_static(setup, greedy, monkeypatch):
   cfg, params, tokens, mask, eos = setup
   kw = dict(max_new_tokens=24, eos_id=eos, n=3, **({"temperature": 0.0} if greedy else
                                                     {"temperature": 1.0, "top_p": 0.9}))
-  ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), **kw)
+  ref = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(1), **kw)
   # Blocks of 4 slots: rows of 7 to 30 filled slots read 2 to 8 blocks each.
-  got, stats = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), engine="continuous",
-                                 slots=4, chunk=4, kv_block=4, with_stats=True, **kw)
+  got, stats = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(1), engine="continuous",
+                                    slots=4, chunk=4, kv_block=4, with_stats=True, **kw)
   lengths = np.asarray(ref.lengths)
   assert len(set(lengths.tolist())) >= 3 and (lengths < 24).any() and (lengths == 24).any()
   share = compare(cfg, params, ref, got, greedy)
@@ -99,11 +101,11 @@ def test_continuous_equals_static(setup, greedy, monkeypatch):
   if not greedy:
     # A row's draws follow its prompt's index, not its batch mates or place (same shapes: no
     # compile): the prompts reversed, with their indices, give the same rows reversed.
-    back = sampling.generate(cfg, params, tokens[::-1], mask[::-1], jax.random.key(1),
-                             prompt_index=np.arange(6)[::-1], **kw)
+    back = rollout_lib.generate(cfg, params, tokens[::-1], mask[::-1], jax.random.key(1),
+                                prompt_index=np.arange(6)[::-1], **kw)
     np.testing.assert_array_equal(np.asarray(back.tokens).reshape(6, 3, -1)[::-1],
                                   np.asarray(ref.tokens).reshape(6, 3, -1))
-    other = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), sample_offset=3, **kw)
+    other = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(1), sample_offset=3, **kw)
     assert np.mean(np.all(np.asarray(other.tokens) == np.asarray(ref.tokens), axis=1)) < 0.5
 
 
@@ -112,14 +114,14 @@ def test_continuous_fixed_lengths_and_bad_input(setup, monkeypatch):
   cfg, params, tokens, mask, _ = setup
   # The shapes of the greedy test above (eos_id is traced): nothing compiles again.
   kw = dict(max_new_tokens=24, eos_id=sampling.NO_EOS, n=3, temperature=0.0)
-  ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(2), **kw)
+  ref = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2), **kw)
   reads = {}
   # Ragged in blocks of 5 (gathered by block index: 30 slots; the tests above slice blocks of 4
   # at slot offsets), and the segmented view (every slot up to the longest row).
   for kv_block in (5, 0):
-    got, stats = sampling.generate(cfg, params, tokens, mask, jax.random.key(2),
-                                   engine="continuous", slots=4, chunk=4, kv_block=kv_block,
-                                   with_stats=True, **kw)
+    got, stats = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2),
+                                      engine="continuous", slots=4, chunk=4, kv_block=kv_block,
+                                      with_stats=True, **kw)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(got.finish_reason), np.asarray(ref.finish_reason))
     reads[kv_block] = stats["kv_read_over_filled"]
@@ -138,7 +140,7 @@ def test_continuous_fixed_lengths_and_bad_input(setup, monkeypatch):
   # 5, 6, 6, 6 steps, 9,840 positions.)
   assert stats["chunks"] == 5 * 4 and stats["kv_read_positions"] == 5 * read == 9480
   with pytest.raises(ValueError, match="engine="):
-    sampling.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged", **kw)
+    rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged", **kw)
 
 
 def test_a_slot_that_ends_with_a_chunk_reads_one_block(setup, monkeypatch):
@@ -147,32 +149,32 @@ def test_a_slot_that_ends_with_a_chunk_reads_one_block(setup, monkeypatch):
   its row's blocks: the chunk's read overflows, and the engine stops with an error)."""
   monkeypatch.setattr(rollout_engine, "RAGGED_COST", 0.0)
   cfg, params, tokens, mask, _ = setup
-  free = np.asarray(sampling.generate(cfg, params, tokens, mask, jax.random.key(0),
-                                      max_new_tokens=24, temperature=0.0,
-                                      eos_id=sampling.NO_EOS).tokens)
+  free = np.asarray(rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0),
+                                         max_new_tokens=24, temperature=0.0,
+                                         eos_id=sampling.NO_EOS).tokens)
   # Prompts (a, b) and an EOS that ends a's row at 9 tokens (8 decode steps: 2 chunks of 4) and
   # that b's row never emits: b runs on in slot 1 after slot 0 dies.
   a, b, eos = next((a, b, int(free[a, 8])) for a in range(6) for b in range(6)
                    if a != b and free[a, 8] not in free[a, :8] and free[a, 8] not in free[b])
   kw = dict(max_new_tokens=24, temperature=0.0, eos_id=eos)
   pair, pair_mask = tokens[[a, b]], mask[[a, b]]
-  ref = sampling.generate(cfg, params, pair, pair_mask, jax.random.key(0), **kw)
+  ref = rollout_lib.generate(cfg, params, pair, pair_mask, jax.random.key(0), **kw)
   assert np.asarray(ref.lengths).tolist() == [9, 24]
   # Blocks of one slot: the dead slot's stale index would be P + 9 entries against 1 counted.
-  got = sampling.generate(cfg, params, pair, pair_mask, jax.random.key(0), engine="continuous",
-                          slots=2, chunk=4, kv_block=1, **kw)
+  got = rollout_lib.generate(cfg, params, pair, pair_mask, jax.random.key(0), engine="continuous",
+                             slots=2, chunk=4, kv_block=1, **kw)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
 
 
 _MESH = COMPARE + textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from explore_jax import sharding
+    from explore_jax.tpu import sharding
     cfg, params = tiny()
     tokens, mask = prompts(8)
-    free = sampling.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=16,
-                             temperature=0.0, eos_id=sampling.NO_EOS)
+    free = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=16,
+                                temperature=0.0, eos_id=sampling.NO_EOS)
     eos = int(np.argmax(np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)))
-    from explore_jax import rollout_engine
+    from explore_jax.rollout import engine as rollout_engine
     rollout_engine.RAGGED_COST = 0.0  # every chunk reads ragged, in a shard_map
     mesh = sharding.make_mesh((2, 2, 2))
     params_m = jax.device_put(params, sharding.logical_to_mesh(qwen2.logical_axes(cfg), params,
@@ -181,10 +183,10 @@ _MESH = COMPARE + textwrap.dedent("""
     for greedy in (True, False):
       kw = dict(max_new_tokens=16, eos_id=eos, n=2,
                 **({"temperature": 0.0} if greedy else {"top_p": 0.9}))
-      ref = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), **kw)
-      got = sampling.generate(cfg, params_m, jax.device_put(tokens, batch),
-                              jax.device_put(mask, batch), jax.random.key(1), mesh=mesh,
-                              engine="continuous", slots=8, chunk=4, kv_block=2, **kw)
+      ref = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(1), **kw)
+      got = rollout_lib.generate(cfg, params_m, jax.device_put(tokens, batch),
+                                 jax.device_put(mask, batch), jax.random.key(1), mesh=mesh,
+                                 engine="continuous", slots=8, chunk=4, kv_block=2, **kw)
       assert len(got.tokens.sharding.device_set) == 8, got.tokens.sharding
       assert len(set(np.asarray(ref.lengths).tolist())) >= 3
       share = compare(cfg, params, ref, got, greedy)

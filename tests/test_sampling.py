@@ -14,8 +14,9 @@ import scipy.stats
 import torch
 import transformers
 
-from explore_jax import checkpoint, sampling
-from explore_jax.models import qwen2
+from explore_jax import rollout as rollout_lib
+from explore_jax.models import checkpoint, qwen2
+from explore_jax.rollout import sampling
 
 VOCAB, PAD = 97, 0
 _forward = jax.jit(qwen2.forward, static_argnums=2)
@@ -73,9 +74,9 @@ def test_greedy_matches_transformers_left_padded(model):
   hf, cfg, params = model
   tokens, mask = _prompts([5, 9, 3, 7, 1], 9)
   n_new = 16
-  greedy = lambda eos, n=1: sampling.generate(cfg, params, tokens, mask, jax.random.key(0),
-                                              max_new_tokens=n_new, temperature=0.0, eos_id=eos,
-                                              n=n)
+  greedy = lambda eos, n=1: rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0),
+                                                 max_new_tokens=n_new, temperature=0.0, eos_id=eos,
+                                                 n=n)
   # The greedy path before an EOS does not depend on eos_id: make row 0's 4th token the EOS, so
   # both finish reasons occur.
   eos = int(greedy(VOCAB - 1).tokens[0, 3])
@@ -120,8 +121,8 @@ def test_logprobs_entropy_mask_match_teacher_forcing(model):
   _, cfg, params = model
   tokens, mask = _prompts([4, 7, 2], 7, seed=3)
   n_new, eos = 12, 5
-  r = sampling.generate(cfg, params, tokens, mask, jax.random.key(7), max_new_tokens=n_new,
-                        temperature=1.3, top_p=0.9, eos_id=eos, n=3)
+  r = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(7), max_new_tokens=n_new,
+                           temperature=1.3, top_p=0.9, eos_id=eos, n=3)
   out, lengths = np.asarray(r.tokens), np.asarray(r.lengths)
   full = np.concatenate([np.asarray(r.prompt_tokens), out], axis=1)
   full_mask = np.concatenate([np.asarray(r.prompt_mask), np.asarray(r.mask)], axis=1)
@@ -145,8 +146,8 @@ def test_logprobs_entropy_mask_match_teacher_forcing(model):
   assert (np.asarray(r.finish_reason) == sampling.FINISH_EOS).any()
 
   # One loop over the whole cache instead of segments over a growing view: the same rollout.
-  one = sampling.generate(cfg, params, tokens, mask, jax.random.key(7), max_new_tokens=n_new,
-                          temperature=1.3, top_p=0.9, eos_id=eos, n=3, segments=1)
+  one = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(7), max_new_tokens=n_new,
+                             temperature=1.3, top_p=0.9, eos_id=eos, n=3, segments=1)
   np.testing.assert_array_equal(np.asarray(one.tokens), out)
   np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(r.logprobs), atol=1e-5)
 
@@ -154,8 +155,8 @@ def test_logprobs_entropy_mask_match_teacher_forcing(model):
 def test_same_rng_same_rollout_rows_differ(model):
   _, cfg, params = model
   tokens, mask = _prompts([5, 3], 5, seed=4)
-  run = lambda key: sampling.generate(cfg, params, tokens, mask, key, max_new_tokens=8,
-                                      temperature=1.0, top_k=20, eos_id=VOCAB - 1, n=4)
+  run = lambda key: rollout_lib.generate(cfg, params, tokens, mask, key, max_new_tokens=8,
+                                         temperature=1.0, top_k=20, eos_id=VOCAB - 1, n=4)
   a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
@@ -262,20 +263,22 @@ def test_bad_input_errors(model):
   _, cfg, params = model
   tokens, mask = _prompts([3, 2], 3)
   with pytest.raises(ValueError, match="not left-padded"):
-    sampling.generate(cfg, params, tokens, mask[:, ::-1], jax.random.key(0), max_new_tokens=2,
-                      eos_id=2)
+    rollout_lib.generate(cfg, params, tokens, mask[:, ::-1], jax.random.key(0), max_new_tokens=2,
+                         eos_id=2)
   with pytest.raises(ValueError, match="top_p"):
-    sampling.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=2, eos_id=2,
-                      top_p=0.0)
+    rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=2, eos_id=2,
+                         top_p=0.0)
   with pytest.raises(ValueError, match="eos_id"):
-    sampling.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=2,
-                      eos_id=VOCAB)
+    rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=2,
+                         eos_id=VOCAB)
 
 
 _MESH_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from explore_jax import sampling, sharding
+    from explore_jax import rollout as rollout_lib
+    from explore_jax.rollout import sampling
+    from explore_jax.tpu import sharding
     from explore_jax.models import qwen2
     cfg = qwen2.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -286,17 +289,17 @@ _MESH_SCRIPT = textwrap.dedent("""
     tokens = rng.integers(3, 128, (4, 6)).astype(np.int32)
     mask = (np.arange(6)[None] >= np.array([0, 3, 1, 5])[:, None]).astype(np.int32)
     kw = dict(max_new_tokens=10, eos_id=2, n=2)
-    ref_g = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), temperature=0.0, **kw)
-    ref_s = sampling.generate(cfg, params, tokens, mask, jax.random.key(1), top_p=0.9, **kw)
+    ref_g = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(1), temperature=0.0, **kw)
+    ref_s = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(1), top_p=0.9, **kw)
     mesh = sharding.make_mesh((2, 2, 2))
     sh = sharding.logical_to_mesh(qwen2.logical_axes(cfg), params, mesh)
     params_m = jax.device_put(params, sh)
     batch = NamedSharding(mesh, P(("data", "fsdp")))
     tokens_m, mask_m = jax.device_put(tokens, batch), jax.device_put(mask, batch)
-    got_g = sampling.generate(cfg, params_m, tokens_m, mask_m, jax.random.key(1), temperature=0.0,
-                              mesh=mesh, **kw)
-    got_s = sampling.generate(cfg, params_m, tokens_m, mask_m, jax.random.key(1), top_p=0.9,
-                              mesh=mesh, **kw)
+    got_g = rollout_lib.generate(cfg, params_m, tokens_m, mask_m, jax.random.key(1), temperature=0.0,
+                                 mesh=mesh, **kw)
+    got_s = rollout_lib.generate(cfg, params_m, tokens_m, mask_m, jax.random.key(1), top_p=0.9,
+                                 mesh=mesh, **kw)
     assert len(got_g.tokens.sharding.device_set) == 8, got_g.tokens.sharding
     np.testing.assert_array_equal(np.asarray(got_g.tokens), np.asarray(ref_g.tokens))
     np.testing.assert_array_equal(np.asarray(got_g.lengths), np.asarray(ref_g.lengths))

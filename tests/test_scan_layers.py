@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from explore_jax import checkpoint, convert, train_state
-from explore_jax.models import qwen2
+from explore_jax.models import checkpoint, qwen2
+from explore_jax.train import export as convert
+from explore_jax.train import state as train_state
 
 _TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 10)), jnp.int32)
 _MASK = jnp.asarray(np.arange(10)[None] >= np.array([[0], [4]]), jnp.int32)  # one row left-padded

@@ -148,8 +148,9 @@ def test_metrics_and_export_in_a_bucket(fake_bucket, tmp_path):
   import jax
   from etils import epath
 
-  from explore_jax import metrics_io, train
   from explore_jax.models import qwen2
+  from explore_jax.train import export
+  from explore_jax.train import metrics as metrics_io
 
   workdir = "gs://bucket/run"
   log = metrics_io.MetricsLog(workdir, resume_step=0)
@@ -169,12 +170,12 @@ def test_metrics_and_export_in_a_bucket(fake_bucket, tmp_path):
   tok = tmp_path / "tok"
   tok.mkdir()
   (tok / "tokenizer.json").write_text('{"version": "1.0"}')
-  assert train.exported_step(workdir + "/hf") is None
+  assert export.exported_step(workdir + "/hf") is None
   for out in (workdir + "/hf", str(tmp_path / "hf")):
-    train.export_hf(cfg, params, out, str(tok), step=3)
-    assert train.exported_step(out) == 3
+    export.export_hf(cfg, params, out, str(tok), step=3)
+    assert export.exported_step(out) == 3
   names = sorted(os.listdir(tmp_path / "hf"))
-  assert train.EXPORT_RECORD in names
+  assert export.EXPORT_RECORD in names
   assert sorted(p.name for p in epath.Path(workdir, "hf").iterdir()) == names
   for name in names:
     assert epath.Path(workdir, "hf", name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
@@ -312,11 +313,12 @@ def test_torn_and_missing_checkpoints(train_env, tmp_path):
 
 def test_dry_run_prints_the_memory_plan(train_env, tmp_path):
   """--config.dry_run builds the state from shapes on an 8-device (1, 4, 2) mesh, allocates
-  nothing, and its measured per-device bytes equal explore_jax.memory's analytic plan."""
+  nothing, and its measured per-device bytes equal explore_jax.tpu.memory's analytic plan."""
   import importlib.util
   import re
-  from explore_jax import memory, pretrain
+  from explore_jax.demo import pretrain
   from explore_jax.models import qwen2
+  from explore_jax.tpu import memory
 
   env = dict(train_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   overrides = ["--config.dry_run=True", "--config.mesh.shape=(1,4,2)"]

@@ -8,9 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from explore_jax import defaults, sampling, sharding, train_state, train_step
+from explore_jax import rollout as rollout_lib
+from explore_jax.config import defaults
 from explore_jax.models import qwen2
 from explore_jax.rl import actor_loss
+from explore_jax.tpu import sharding
+from explore_jax.train import state as train_state
+from explore_jax.train import step as train_step
 
 MODEL = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -36,8 +40,8 @@ def _setup(algorithm="grpo", lr=1e-3, max_new_tokens=10):
   prompts = np.random.RandomState(0).randint(1, 64, (4, 6)).astype(np.int32)
   pmask = np.ones_like(prompts)
   pmask[0, :2] = 0
-  rollout = sampling.generate(MODEL, state.actor, prompts, pmask, jax.random.PRNGKey(1),
-                              max_new_tokens=max_new_tokens, eos_id=0, n=4)
+  rollout = rollout_lib.generate(MODEL, state.actor, prompts, pmask, jax.random.PRNGKey(1),
+                                 max_new_tokens=max_new_tokens, eos_id=0, n=4)
   scores = jnp.asarray([1., -1., -1., 1., 1., 1., 1., 1., -1., -1., 1., -1., 1., 1., -1., -1.])
   return state, tx, rollout, scores
 

@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from explore_jax import sharding, train_state
+from explore_jax.tpu import sharding
+from explore_jax.train import state as train_state
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--dir")

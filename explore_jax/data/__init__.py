@@ -27,10 +27,7 @@ from typing import Any
 import numpy as np
 
 from explore_jax import paths
-from explore_jax.data import builders
-from explore_jax.data import countdown
-from explore_jax.data import readers
-from explore_jax.data import synthetic
+from explore_jax.data import builders, countdown, readers, synthetic
 
 _log = logging.getLogger(__name__)
 

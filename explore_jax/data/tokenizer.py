@@ -15,8 +15,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 import transformers
 
-from explore_jax.data import synthetic
-from explore_jax.data import templates
+from explore_jax.data import synthetic, templates
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (

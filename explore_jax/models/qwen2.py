@@ -5,7 +5,7 @@ Einsum letters, used in every shape comment of this file:
   G query heads per kv head (N = K * G), H head dim, D width, F MLP width, V vocab, L layers.
 
 Parameters keep Hugging Face names (`q_proj`, `gate_proj`, `input_layernorm`, ...) so that conversion
-is a rename-and-reshape table (see `explore_jax.checkpoint`). Projection kernels are stored per head
+is a rename-and-reshape table (see `explore_jax.models.checkpoint`). Projection kernels are stored per head
 (`q_proj.kernel` is [D, N, H]) so that heads can be sharded by a logical axis rule without reshapes.
 
 The params pytree returned by `init_params` is a plain nested dict (no `{"params": ...}` wrapper):

@@ -8,10 +8,10 @@ r"""The main job: the paper's experiment at CPU scale, end to end, in one comman
 2. for each seed, every arm of `config.arms` (GRPO baseline, GRPO + entropy advantage, ...) is
    trained from it with the same data order, budget and seed (`explore_jax.train`);
 3. the base and every trained model are evaluated on the held-out split: avg@n and pass@k for
-   k = 1..n (`explore_jax.evaluate`, the paper's sampling protocol);
-4. each arm is compared with the baseline, paired by seed and by problem (`explore_jax.compare`:
+   k = 1..n (`explore_jax.evaluation.evaluate`, the paper's sampling protocol);
+4. each arm is compared with the baseline, paired by seed and by problem (`explore_jax.evaluation.compare`:
    t-interval over seeds, bootstrap over problems, coverage counts, the random-attempt floor);
-   the paper's three entropy analyses run on each arm's seed-0 responses (`explore_jax.analyze`);
+   the paper's three entropy analyses run on each arm's seed-0 responses (`explore_jax.evaluation.analyze`);
    `report.md` / `report.html` gather it all with pass@k and training curves and a token-entropy
    view of responses, and `results.json` has every figure.
 
@@ -24,25 +24,25 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 import os
 import time
 
-from absl import app, flags
-import jax
 import markdown_it
 import matplotlib
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 from scipy import stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from explore_jax import (analyze, checkpoint, compare, defaults, evaluate, plots, pretrain,
-                         provenance, train)
+from explore_jax import provenance
+from explore_jax.config import defaults
 from explore_jax.data import countdown, templates
+from explore_jax.demo import pretrain
+from explore_jax.evaluation import analyze, compare, evaluate, plots
+from explore_jax.models import checkpoint
+from explore_jax.train import loop
 
 
 def _say(msg: str) -> None:
@@ -214,7 +214,7 @@ def report_lines(config, summary: dict, base_acc: float, floor, comparison: dict
             f"Arm minus baseline, same seeds and problems ({comparison['seeds']} seeds, "
             f"{comparison['problems']} problems): a 95% t-interval over the seeds' mean "
             "differences and a 95% bootstrap interval over problems within seeds "
-            "(explore_jax/compare.py says what each carries). Coverage: problems solved by at "
+            "(explore_jax/evaluation/compare.py says what each carries). Coverage: problems solved by at "
             f"least one of the {n} samples of one side and none of the other's, per seed.", "",
             "| arm | metric | difference | t-interval (seeds) | bootstrap (problems) |",
             "|---|---|---|---|---|"]
@@ -235,7 +235,7 @@ def report_lines(config, summary: dict, base_acc: float, floor, comparison: dict
             "## The paper's entropy analyses", "",
             f"The first {config.analysis.responses} held-out responses of each model (seed 0), "
             "entropies recomputed under that model; tokens and sentences treated as independent "
-            "draws, as in the paper (explore_jax/analyze.py).", "",
+            "draws, as in the paper (explore_jax/evaluation/analyze.py).", "",
             "| model | analysis | group | mean H (n) | rest | mean H (n) | Welch t (p) | "
             "Mann-Whitney p | Cohen's d |", "|---|---|---|---|---|---|---|---|---|"]
   for label, res in analyses.items():
@@ -282,7 +282,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name in config.arms:
       label = run_name(name, seed)
       _say(f"2/4 RL: {label} ({config.train.total_steps} steps)")
-      train.train(arm_config(config, name, seed, base), os.path.join(workdir, "runs", label))
+      loop.train(arm_config(config, name, seed, base), os.path.join(workdir, "runs", label))
       runs[label] = (name, seed)
 
   _say("3/4 evaluation: held-out pass@k of the base and every trained model")
@@ -340,18 +340,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     json.dump(out, f, indent=2)
   _say(f"done in {out['seconds']:.0f} s. Report: {os.path.abspath(report)} (and report.html)")
   return out
-
-
-def main(argv):
-  del argv
-  logging.getLogger().setLevel(logging.WARNING)
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(os.path.abspath(_WORKDIR.value), "jax_cache"))
-  run(_CONFIG.value, _WORKDIR.value)
-
-
-if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.",
-                                            lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where everything goes.")
-  app.run(main)

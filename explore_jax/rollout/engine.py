@@ -1,6 +1,6 @@
 """Continuous-batching rollouts: a fixed set of decode slots, each refilled as soon as its row ends.
 
-The static sampler (`explore_jax.sampling`) decodes all rows of a batch until its last row ends,
+The static sampler (`explore_jax.rollout.sampling`) decodes all rows of a batch until its last row ends,
 so with long-tailed response lengths most of its row-steps are spent on finished rows. Here `S`
 decode slots share one KV cache [S, K, P + N, H] whose write index is per row; when a slot's row
 emits EOS or reaches max_new_tokens, the host gives the slot the next pending (prompt, sample) row:
@@ -45,10 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from explore_jax import sampling
 from explore_jax.models import decode_attention, qwen2
 from explore_jax.models.qwen2 import KVCache, Params, Qwen2Config
-from explore_jax.sharding import logical_sharding
+from explore_jax.rollout import sampling
+from explore_jax.tpu.sharding import logical_sharding
 
 Array = jax.Array
 
@@ -438,7 +438,7 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
 
 def sampling_host(x) -> np.ndarray:
   """Prompts as numpy on every process (they are small)."""
-  from explore_jax import sharding
+  from explore_jax.tpu import sharding
   return sharding.to_host(x)
 
 

@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 1
   c.on_nonfinite = "raise"  # "raise": stop naming step and quantity; "skip": drop that update
   c.dry_run = False  # build the state from shapes on the mesh, print per-device memory, exit
-  # The chip (explore_jax.memory.HBM_BYTES: v4, v5e, v5p, v6e) whose HBM the dry run checks its
+  # The chip (explore_jax.tpu.memory.HBM_BYTES: v4, v5e, v5p, v6e) whose HBM the dry run checks its
   # estimate against when the devices report no memory size (a CPU mesh standing in for a
   # slice); exits 1 when the estimate does not fit. Empty: the device's own figure.
   c.dry_run_chip = ""
@@ -111,8 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.top_k = 0
   c.rollout.prompts_per_wave = 0  # static engine: prompts sampled at once; 0 = all of a step
   # "continuous": `slots` decode slots, each refilled as soon as its row ends
-  # (explore_jax.rollout_engine; the KV cache is slots x (max_prompt_len + max_new_tokens));
-  # "static": all rows of a wave decode until the last one ends (explore_jax.sampling).
+  # (explore_jax.rollout.engine; the KV cache is slots x (max_prompt_len + max_new_tokens));
+  # "static": all rows of a wave decode until the last one ends (explore_jax.rollout.sampling).
   c.rollout.engine = "continuous"
   c.rollout.slots = 0  # rows decoded at once (the KV-cache memory bound); 0 = all rows of a step
   # continuous: decode steps a device call's cache read is sized for (the call runs on while its
@@ -193,7 +193,7 @@ def mesh_config(shape: tuple[int, int, int]) -> ml_collections.ConfigDict:
 
 
 def distributed_config() -> ml_collections.ConfigDict:
-  """Multi-controller start-up (`explore_jax.sharding.initialize_distributed`)."""
+  """Multi-controller start-up (`explore_jax.tpu.sharding.initialize_distributed`)."""
   return ml_collections.ConfigDict(dict(
       coordinator="",  # host:port; "auto": TPU-pod detection; empty: single process
       num_processes=1,

@@ -38,7 +38,7 @@ from explore_jax.models import qwen2
 from explore_jax.rl import actor_loss as actor_lib
 from explore_jax.rl import advantages as adv_lib
 from explore_jax.rl import losses
-from explore_jax.train_state import TrainState
+from explore_jax.train.state import TrainState
 
 Array = jax.Array
 

@@ -22,8 +22,8 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from explore_jax import sharding
 from explore_jax.models import qwen2
+from explore_jax.tpu import sharding
 
 Array = jax.Array
 

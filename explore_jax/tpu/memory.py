@@ -12,7 +12,7 @@ A run goes through two phases on top of a resident train state:
   peak = state + max(update, rollout)
 
 Sizes per device come from the same logical-axis rules as the real arrays
-(`explore_jax.sharding.DEFAULT_RULES`): a logical name maps to mesh axes by flax's priority rules
+(`explore_jax.tpu.sharding.DEFAULT_RULES`): a logical name maps to mesh axes by flax's priority rules
 and a mesh axis that does not divide a dimension evenly is dropped (the dimension is replicated over
 it), exactly as `sharding.logical_to_mesh` does. So parameters and optimizer states are divided by
 up to fsdp * tensor, batches by up to data * fsdp, heads / MLP width / vocabulary by up to tensor.
@@ -50,9 +50,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from explore_jax import sampling
 from explore_jax.models.qwen2 import CACHE_AXES, PRESETS, Qwen2Config
-from explore_jax.sharding import DEFAULT_RULES, MESH_AXES, with_default_rules
+from explore_jax.rollout import sampling
+from explore_jax.tpu.sharding import DEFAULT_RULES, MESH_AXES, with_default_rules
 
 GiB = 2**30
 
@@ -403,7 +403,7 @@ def plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]
 def print_plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]) -> dict:
   """Print `plan_for_config` as a table; returns the plan."""
   p = plan_for_config(config, model_config, mesh_shape)
-  print(f"analytic plan (explore_jax.memory), mesh {tuple(mesh_shape)}; *_params and "
+  print(f"analytic plan (explore_jax.tpu.memory), mesh {tuple(mesh_shape)}; *_params and "
         "*_adamw_mu_nu equal the measured state less AdamW's step counters:")
   print(format_plan(p, unit="MiB"))
   return p
@@ -423,7 +423,7 @@ def format_plan(p: dict, chip: str | None = None, unit: str = "GiB") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  ap = argparse.ArgumentParser(prog="python -m explore_jax.memory",
+  ap = argparse.ArgumentParser(prog="python -m explore_jax.tpu.memory",
                                description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="qwen2.5-7b", choices=sorted(PRESETS))
   ap.add_argument("--mesh", default="1,4,4", help="data,fsdp,tensor (one -1 = --chips / rest)")

@@ -1,7 +1,7 @@
 """Is the demo bit-reproducible on this machine? Runs it twice from nothing and compares.
 
-    python -m explore_jax.repro --workdir runs/demo_check                 # `make demo-check`
-    python -m explore_jax.repro --workdir /tmp/rc --config configs/demo.py:steps=5   # shorter
+    python -m explore_jax.demo.repro --workdir runs/demo_check                 # `make demo-check`
+    python -m explore_jax.demo.repro --workdir /tmp/rc --config configs/demo.py:steps=5   # shorter
 
 Each run gets a fresh workdir (its own base model, compilation cache and evaluation), so nothing
 is reused between them. The two `results.json` are compared number by number (all but the

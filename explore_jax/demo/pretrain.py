@@ -30,12 +30,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from explore_jax import checkpoint, paths, sampling
 from explore_jax import data as data_lib
+from explore_jax import paths
 from explore_jax import rewards as rewards_lib
+from explore_jax import rollout as rollout_lib
 from explore_jax.data import countdown, synthetic, templates
 from explore_jax.data import tokenizer as tokenizer_lib
-from explore_jax.models import qwen2
+from explore_jax.models import checkpoint, qwen2
+from explore_jax.rollout import sampling
 
 FORMAT_VERSION = 2  # bump when the recipe below or the task's text changes: stale bases are not reused
 
@@ -199,8 +201,8 @@ def greedy_accuracy(cfg, params, tokenizer, records, template: str, eos_id: int,
     ids = [tokenizer(templates.apply_template(template, r["problem"], tokenizer),
                      add_special_tokens=False)["input_ids"] for r in chunk]
     toks, mask = sampling.left_pad(ids, eos_id)
-    out = sampling.generate(cfg, params, toks, mask, jax.random.PRNGKey(0),
-                            max_new_tokens=max_new_tokens, temperature=0.0, eos_id=eos_id)
+    out = rollout_lib.generate(cfg, params, toks, mask, jax.random.PRNGKey(0),
+                               max_new_tokens=max_new_tokens, temperature=0.0, eos_id=eos_id)
     lengths = np.asarray(out.lengths)
     texts = tokenizer.batch_decode([t[:n] for t, n in zip(np.asarray(out.tokens).tolist(),
                                                           lengths.tolist())],

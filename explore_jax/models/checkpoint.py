@@ -35,9 +35,9 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
-from explore_jax import sharding
 from explore_jax.models import qwen2
 from explore_jax.models.qwen2 import Qwen2Config
+from explore_jax.tpu import sharding
 
 Params = dict[str, Any]
 

@@ -23,7 +23,7 @@ Randomness is per row: the draw of response position t of sample j of prompt i u
 `fold_in(fold_in(fold_in(rng, prompt_index[i]), j), t)` (`row_keys`, `step_keys`), and every choice
 the samplers make is made row by row. So a row's tokens depend only on (rng, its prompt's index,
 its sample index), never on its batch mates or on when it was scheduled: the static sampler and
-the continuous engine (`explore_jax.rollout_engine`) draw the same tokens from the same rng.
+the continuous engine (`explore_jax.rollout.engine`) draw the same tokens from the same rng.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from explore_jax.models import qwen2
 from explore_jax.models.qwen2 import KVCache, Params, Qwen2Config
-from explore_jax.sharding import logical_sharding
+from explore_jax.tpu.sharding import logical_sharding
 
 Array = jax.Array
 
@@ -390,7 +390,7 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = Non
   return tokens, mask
 
 
-def _check_prompts(prompt_tokens, prompt_mask) -> None:
+def check_prompts(prompt_tokens, prompt_mask) -> None:
   if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
     raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
                      "must both be [B, P]")
@@ -404,58 +404,14 @@ def _check_prompts(prompt_tokens, prompt_mask) -> None:
                      "at least one real token); pad prompts on the left")
 
 
-def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_mask: Array,
-             rng: Array, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0, eos_id: int, n: int = 1, mesh: Mesh | None = None,
-             segments: int = SEGMENTS, prompt_index: Array | None = None, sample_offset: int = 0,
-             engine: str = "static", slots: int = 0, chunk: int = 16, kv_block: int | None = None,
-             refill_share: float | None = None, with_stats: bool = False
-             ) -> Rollout | tuple[Rollout, dict]:
-  """Sample n responses per left-padded prompt [B, P]; rows i*n .. i*n+n-1 answer prompt i.
-
-  Every row gets exactly max_new_tokens columns; eos_id=NO_EOS never stops (fixed lengths).
-  temperature 0 is greedy; top_k 0 / top_p 1 switch truncation off. Each distinct
-  (temperature, top_k, top_p, max_new_tokens, n, shapes) compiles once. With a mesh, the rows are
-  split over the data axes and the kv heads over `tensor` (params and prompts may already be
-  sharded on it). `segments`: the decode loop runs in that many pieces over a growing view of the
-  cache, so that early steps do not attend over its empty tail (same results; each piece is
-  compiled, so compile time grows with it).
-
-  Randomness: row i*n+j draws with the keys of (rng, prompt_index[i], sample_offset + j) (module
-  docstring); prompt_index [B] defaults to 0..B-1 (give the prompts' indices in the whole step
-  when a step is sampled in several calls).
-  engine="static" samples all rows at once (this module); "continuous" keeps `slots` decode slots
-  busy and refills each finished one at once (`explore_jax.rollout_engine`; a device call's cache
-  read is sized for `chunk` decode steps ahead and the call runs on while its rows fit it, until
-  a `refill_share` of the slots is free (past `chunk` steps, any slot); its decode attention
-  reads each row's filled blocks of `kv_block` slots, 0: `segments` cache-view buckets). Both
-  return the same Rollout. with_stats:
-  (Rollout, stats) with stats["slot_utilization"] = generated tokens / decode slot-steps (the
-  static sampler's slots are its rows).
-  """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-  if n < 1:
-    raise ValueError(f"n={n}: must be >= 1")
-  if not (0 <= eos_id < config.vocab_size or eos_id == NO_EOS):
-    raise ValueError(f"eos_id={eos_id} is outside the vocabulary (size {config.vocab_size}); "
-                     f"use {NO_EOS} for fixed-length rollouts")
-  _check_prompts(prompt_tokens, prompt_mask)
-  sampler = Sampler(float(temperature), int(top_k), float(top_p))
-  if prompt_index is None:
-    prompt_index = np.arange(prompt_tokens.shape[0], dtype=np.int32)
-  prompt_index = np.asarray(prompt_index, np.int32)  # the same on every process
-  if engine == "continuous":
-    from explore_jax import rollout_engine  # imports this module
-    rollout, stats = rollout_engine.run(
-        config, params, prompt_tokens, prompt_mask, rng, max_new_tokens=max_new_tokens,
-        sampler=sampler, eos_id=eos_id, n=n, mesh=mesh, slots=slots, chunk=chunk,
-        buckets=segments, prompt_index=prompt_index, sample_offset=sample_offset,
-        kv_block=rollout_engine.KV_BLOCK if kv_block is None else kv_block,
-        refill_share=rollout_engine.REFILL_SHARE if refill_share is None else refill_share)
-    return (rollout, stats) if with_stats else rollout
-  if engine != "static":
-    raise ValueError(f"engine={engine!r}: use 'static' or 'continuous'")
+def generate_static(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_mask: Array,
+                    rng: Array, *, max_new_tokens: int, sampler: Sampler, eos_id: int, n: int,
+                    mesh: Mesh | None, segments: int, prompt_index: np.ndarray,
+                    sample_offset: int) -> tuple[Rollout, dict]:
+  """All rows at once: prefill, then one decode loop until the longest row ends (in `segments`
+  pieces over a growing view of the cache). Called through `explore_jax.rollout.generate`, which
+  checks the arguments. Returns (Rollout, stats) with stats["slot_utilization"] = generated tokens
+  / decode row-steps (the static sampler's slots are its rows)."""
   state = _prefill(params, jnp.asarray(prompt_tokens, jnp.int32),
                    jnp.asarray(prompt_mask, jnp.int32), rng, jnp.int32(eos_id), prompt_index,
                    jnp.int32(sample_offset), config=config, max_new_tokens=max_new_tokens, n=n,
@@ -464,8 +420,6 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: Array, prompt_m
                   segments=segments)
   rollout = rollout_from_buffers(state.tokens, state.logprobs, state.entropy, state.lengths,
                                  state.done, prompt_tokens, prompt_mask, n=n)
-  if not with_stats:
-    return rollout
   # Decode steps run: the first token comes from the prefill, the loop ran until the longest row.
   steps = jnp.max(state.lengths) - 1
   busy = jnp.sum(state.lengths) - state.lengths.shape[0]
