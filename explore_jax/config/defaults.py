@@ -29,6 +29,7 @@ def parse_arg(arg: str | None, **defaults) -> types.SimpleNamespace:
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every key of a training run with its default: the run's own keys, then one section each."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 500  # rollouts (each followed by its policy updates)
@@ -46,142 +47,176 @@ def base_config() -> ml_collections.ConfigDict:
   c.dry_run_chip = ""
   c.progress_bar = True
   c.export_hf = True  # at the end, write the actor to WORKDIR/hf (local or gs://) in HF format
+  c.model = model_config()
+  c.pretrain = pretrain_config()
+  c.data = data_config()
+  c.rollout = rollout_config()
+  c.reward = reward_config()
+  c.rl = rl_config()
+  c.optim = optim_config()
+  c.mesh = mesh_config((1, -1, 1))
+  c.distributed = distributed_config()
+  return c
 
-  c.model = ml_collections.ConfigDict()
-  c.model.path = ""  # HF or orbax directory, local or gs://; empty = random init (+ pretrain SFT)
-  c.model.tokenizer = ""  # tokenizer directory; empty = model.path (or the tiny tokenizer)
+
+def model_config() -> ml_collections.ConfigDict:
+  """The model: where its files are, its dtypes and memory layout, and a random model's shape."""
+  model = ml_collections.ConfigDict()
+  model.path = ""  # HF or orbax directory, local or gs://; empty = random init (+ pretrain SFT)
+  model.tokenizer = ""  # tokenizer directory; empty = model.path (or the tiny tokenizer)
   # Where each host copies a gs:// model.path / model.tokenizer before loading it (once: a
   # complete copy is reused); empty = models/ in the cache dir (explore_jax/paths.py).
-  c.model.stage_dir = ""
-  c.model.param_dtype = "float32"
-  c.model.dtype = "float32"
-  c.model.remat = False
+  model.stage_dir = ""
+  model.param_dtype = "float32"
+  model.dtype = "float32"
+  model.remat = False
   # Attention of the training forward (explore_jax/models/attention.py): "auto" picks splash on
   # TPU (head dim a multiple of 128), cuDNN on a GPU in bf16/fp16, else dense up to 128 positions
   # and blockwise (flash, memory linear in length, faster on CPU) beyond; or "dense", "blockwise", "splash",
   # "cudnn". The sampler's cached decode is dense whatever this says.
-  c.model.attention = "auto"
+  model.attention = "auto"
   # One nn.scan over the decoder layers (parameters stacked on a leading layer axis; compiles one
   # layer instead of L). A checkpoint keeps the layout it was written with: restoring it under the
   # other layout is an error (convert it with `python -m explore_jax.convert restack`).
-  c.model.scan_layers = False
+  model.scan_layers = False
   # What a rematerialised layer saves: "none", "full", "projections" (the q/k/v/o and MLP
   # projection outputs); "" = model.remat decides (True: "full", False: "none").
-  c.model.remat_policy = ""
+  model.remat_policy = ""
   # Architecture of a randomly initialised model (ignored when model.path is set).
-  c.model.hidden_size = 128
-  c.model.intermediate_size = 384
-  c.model.num_hidden_layers = 4
-  c.model.num_attention_heads = 4
-  c.model.num_key_value_heads = 2
-  c.model.rope_theta = 10000.0
-  c.model.tie_word_embeddings = True
+  model.hidden_size = 128
+  model.intermediate_size = 384
+  model.num_hidden_layers = 4
+  model.num_attention_heads = 4
+  model.num_key_value_heads = 2
+  model.rope_theta = 10000.0
+  model.tie_word_embeddings = True
+  return model
 
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """Supervised pre-training of a random model on a generated task (the CPU "base model")."""
+  pretrain = ml_collections.ConfigDict()
   # Supervised pre-training of a random model on the synthetic task (the CPU "base model").
-  c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.steps = 0
-  c.pretrain.batch_size = 64
-  c.pretrain.lr = 3e-3
-  c.pretrain.seq_len = 96
-  c.pretrain.seed = 0  # the base model is shared by every RL seed of an experiment
+  pretrain.steps = 0
+  pretrain.batch_size = 64
+  pretrain.lr = 3e-3
+  pretrain.seq_len = 96
+  pretrain.seed = 0  # the base model is shared by every RL seed of an experiment
   # Share of problems whose demonstration is the bare boxed answer, no worked steps.
-  c.pretrain.direct_answer_frac = 0.0
-  c.pretrain.traces_per_problem = 1  # countdown: random attempts shown per problem
-  c.pretrain.length_buckets = 1  # 2: short rows in batches of their own length (pretrain.py)
+  pretrain.direct_answer_frac = 0.0
+  pretrain.traces_per_problem = 1  # countdown: random attempts shown per problem
+  pretrain.length_buckets = 1  # 2: short rows in batches of their own length (pretrain.py)
+  return pretrain
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "dapo_math_17k"
-  c.data.split = "train"
-  c.data.data_dir = ""  # empty: ../shared/data next to the checkout (explore_jax.paths)
-  c.data.template = "dapo"  # see explore_jax.data.templates
-  c.data.prompts_per_step = 512
-  c.data.max_prompt_len = 1024
+
+def data_config() -> ml_collections.ConfigDict:
+  """The prompts: dataset, template, how many per step and how long."""
+  data = ml_collections.ConfigDict()
+  data.name = "dapo_math_17k"
+  data.split = "train"
+  data.data_dir = ""  # empty: ../shared/data next to the checkout (explore_jax.paths)
+  data.template = "dapo"  # see explore_jax.data.templates
+  data.prompts_per_step = 512
+  data.max_prompt_len = 1024
   # Difficulty of the synthetic_arithmetic task (explore_jax.data.synthetic.ArithmeticConfig).
-  c.data.synthetic = ml_collections.ConfigDict(dict(
+  data.synthetic = ml_collections.ConfigDict(dict(
       min_operands=2, max_operands=4, max_number=19, max_value=999, ops="+-*", train_size=20000,
       test_size=500))
   # The countdown task (explore_jax.data.countdown.CountdownConfig).
-  c.data.countdown = countdown_config()
+  data.countdown = countdown_config()
+  return data
 
-  c.rollout = ml_collections.ConfigDict()
-  c.rollout.n = 8  # samples per prompt (the GRPO group)
-  c.rollout.max_new_tokens = 8192
-  c.rollout.temperature = 1.0
-  c.rollout.top_p = 1.0
-  c.rollout.top_k = 0
-  c.rollout.prompts_per_wave = 0  # static engine: prompts sampled at once; 0 = all of a step
+
+def rollout_config() -> ml_collections.ConfigDict:
+  """Sampling a step's responses: the group size, the sampling settings, the engine."""
+  rollout = ml_collections.ConfigDict()
+  rollout.n = 8  # samples per prompt (the GRPO group)
+  rollout.max_new_tokens = 8192
+  rollout.temperature = 1.0
+  rollout.top_p = 1.0
+  rollout.top_k = 0
+  rollout.prompts_per_wave = 0  # static engine: prompts sampled at once; 0 = all of a step
   # "continuous": `slots` decode slots, each refilled as soon as its row ends
   # (explore_jax.rollout.engine; the KV cache is slots x (max_prompt_len + max_new_tokens));
   # "static": all rows of a wave decode until the last one ends (explore_jax.rollout.sampling).
-  c.rollout.engine = "continuous"
-  c.rollout.slots = 0  # rows decoded at once (the KV-cache memory bound); 0 = all rows of a step
+  rollout.engine = "continuous"
+  rollout.slots = 0  # rows decoded at once (the KV-cache memory bound); 0 = all rows of a step
   # continuous: decode steps a device call's cache read is sized for (the call runs on while its
   # rows fit that read, until refill_share of the slots is free), and the most steps a free slot
   # waits for its refill
-  c.rollout.chunk = 16
+  rollout.chunk = 16
   # continuous: decode attention reads each row's filled blocks of this many slots
   # (explore_jax/models/decode_attention.py); 0 = every slot up to the longest row in flight
-  c.rollout.kv_block = 64
+  rollout.kv_block = 64
   # continuous: a chunk ends early once this share of the slots is free while rows are pending
-  c.rollout.refill_share = 0.25
+  rollout.refill_share = 0.25
+  return rollout
 
-  c.reward = ml_collections.ConfigDict()
-  c.reward.method = "dapo"  # "dapo" | "math_verify"
-  c.reward.correct = 1.0
-  c.reward.incorrect = -1.0
-  c.reward.timeout_s = 5.0
-  c.reward.workers = 8
 
-  c.rl = ml_collections.ConfigDict()
-  c.rl.algorithm = "grpo"  # "grpo" | "ppo"
-  c.rl.entropy_advantage = True  # the paper's psi term
-  c.rl.alpha = 0.4
-  c.rl.kappa = 2.0
+def reward_config() -> ml_collections.ConfigDict:
+  """Grading: the checker, the reward values, the process pool."""
+  reward = ml_collections.ConfigDict()
+  reward.method = "dapo"  # "dapo" | "math_verify"
+  reward.correct = 1.0
+  reward.incorrect = -1.0
+  reward.timeout_s = 5.0
+  reward.workers = 8
+  return reward
+
+
+def rl_config() -> ml_collections.ConfigDict:
+  """The RL update: algorithm, the paper's entropy advantage, the loss and its batch sizes."""
+  rl = ml_collections.ConfigDict()
+  rl.algorithm = "grpo"  # "grpo" | "ppo"
+  rl.entropy_advantage = True  # the paper's psi term
+  rl.alpha = 0.4
+  rl.kappa = 2.0
   # psi's clip at |A| / kappa; False is a placebo arm, psi = alpha * sg(H) on every token: the
   # same positive offset, whose expected gradient is 0 (H depends on the prefix only), without
   # the clip that makes the paper's term reweight correct and incorrect responses differently.
-  c.rl.entropy_clip = True
-  c.rl.entropy_coef = 0.0  # beta of the entropy regularizer -beta * H (Table 3 baseline)
-  c.rl.kl_coef = 0.0
-  c.rl.kl_kind = "k3"
-  c.rl.clip_low = 0.2
-  c.rl.clip_high = 0.28
-  c.rl.clip_c = 0.0  # dual-clip constant for A < 0; 0 = off (the paper's optional value is 3)
-  c.rl.agg = "token-mean"
-  c.rl.norm_by_std = True
-  c.rl.gamma = 1.0
-  c.rl.lam = 1.0
-  c.rl.whiten_advantages = True  # PPO: masked whitening of GAE advantages
-  c.rl.value_clip = 0.5
-  c.rl.epochs = 1  # passes over each rollout; updates per rollout = epochs * rollouts / mini_batch
-  c.rl.mini_batch_size = 256  # sequences per policy update
+  rl.entropy_clip = True
+  rl.entropy_coef = 0.0  # beta of the entropy regularizer -beta * H (Table 3 baseline)
+  rl.kl_coef = 0.0
+  rl.kl_kind = "k3"
+  rl.clip_low = 0.2
+  rl.clip_high = 0.28
+  rl.clip_c = 0.0  # dual-clip constant for A < 0; 0 = off (the paper's optional value is 3)
+  rl.agg = "token-mean"
+  rl.norm_by_std = True
+  rl.gamma = 1.0
+  rl.lam = 1.0
+  rl.whiten_advantages = True  # PPO: masked whitening of GAE advantages
+  rl.value_clip = 0.5
+  rl.epochs = 1  # passes over each rollout; updates per rollout = epochs * rollouts / mini_batch
+  rl.mini_batch_size = 256  # sequences per policy update
   # Sequences per forward/backward (gradient accumulation), set by exactly one of two keys:
   # micro_batch_size counts the whole mesh's sequences (it must split evenly over the data x fsdp
   # batch shards); micro_batch_per_shard counts one batch shard's, so the global micro-batch is
   # micro_batch_per_shard x data x fsdp. The other must be 0.
-  c.rl.micro_batch_size = 32
-  c.rl.micro_batch_per_shard = 0
-  c.rl.critic_warmup_steps = 10  # PPO: critic-only rollouts before policy updates start
-  c.rl.logit_chunk = 1024  # tokens per chunk when projecting hidden states to the vocabulary
+  rl.micro_batch_size = 32
+  rl.micro_batch_per_shard = 0
+  rl.critic_warmup_steps = 10  # PPO: critic-only rollouts before policy updates start
+  rl.logit_chunk = 1024  # tokens per chunk when projecting hidden states to the vocabulary
   # Static row lengths (evenly spaced up to prompt + response) a micro-batch is cut to after
   # sorting rows by length: skips padding, same result. 1 = off; each length is one compiled
   # branch of the update (compile time grows with it).
-  c.rl.length_buckets = 1
+  rl.length_buckets = 1
+  return rl
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-6
-  c.optim.critic_lr = 1e-5
-  c.optim.warmup_steps = 0  # optimizer updates of linear warm-up
-  c.optim.schedule = "constant"  # "constant" | "cosine"
-  c.optim.weight_decay = 0.01
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.max_grad_norm = 1.0
 
-  c.mesh = mesh_config((1, -1, 1))
-  c.distributed = distributed_config()
-  return c
+def optim_config() -> ml_collections.ConfigDict:
+  """AdamW and its learning-rate schedule (the paper: lr 1e-6, constant)."""
+  optim = ml_collections.ConfigDict()
+  optim.lr = 1e-6
+  optim.critic_lr = 1e-5
+  optim.warmup_steps = 0  # optimizer updates of linear warm-up
+  optim.schedule = "constant"  # "constant" | "cosine"
+  optim.weight_decay = 0.01
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.max_grad_norm = 1.0
+  return optim
 
 
 def mesh_config(shape: tuple[int, int, int]) -> ml_collections.ConfigDict:

@@ -9,8 +9,10 @@ with the trainer's own forward pass (old log-probs, values, advantages) -> sever
 metrics, checkpoints. Running the same command on the same workdir resumes from the newest complete
 checkpoint. SIGTERM on any process saves at the next step boundary on every process, and all exit 0.
 
-Sections, top to bottom: flags; distributed + mesh; model and tokenizer; state from shapes; data and
-rewards; resume; the loop.
+`train` reads top to bottom as named steps: `set_up` (distributed, mesh, model, the step's static
+config, optimizers, the state's shapes), `restore` (the newest checkpoint, else the model's
+weights), `prompt_stream` (the data), then per step `run_step` (rollout -> grade -> score ->
+updates -> metrics) and `save_if_due`, and at the end `export_final`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
 from etils import epath
 import flax.linen as nn
@@ -41,6 +44,219 @@ from explore_jax.train import state as train_state
 from explore_jax.train import step as train_step
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What every step of a run reads: fixed once `set_up` has built it."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model_cfg: Any  # qwen2.Qwen2Config
+  cfg: train_step.StepConfig  # the update's static config
+  score_cfg: train_step.StepConfig  # the scoring pass's (loss-free: one compile for every variant)
+  optim: setup.Optimizers
+  shapes: train_state.TrainState  # of the state, from shapes alone
+  shardings: train_state.TrainState
+  model_dir: str  # on this host's disk ("" in the dry run)
+  tokenizer_dir: str
+
+  @property
+  def ppo(self) -> bool:
+    return self.cfg.algorithm == "ppo"
+
+  @property
+  def rows(self) -> int:
+    return self.config.data.prompts_per_step * self.config.rollout.n
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Train (or resume) the run of `config` in `workdir`; exports the actor at the end."""
+  run = set_up(config, workdir)
+  if config.dry_run:
+    dry_run(run)
+    return
+  tokenizer, eos_id, pad_id = load_tokenizer(run)
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+    ckpt = train_state.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    setup.check_resume_config(workdir, config, has_checkpoint=bool(ckpt.manager.all_steps()))
+    sharding.on_main(lambda: write_run_files(run), f"train: writing {workdir}")
+    state, data_state, ref_params = restore(run, ckpt)
+    prompts = prompt_stream(config, data_state)
+    start = int(state.step)
+    log = metrics_io.MetricsLog(workdir, start, enabled=jax.process_index() == 0)
+    bar = progress_bar(config, start)
+    stop = watch_sigterm()
+    last_save = time.monotonic()
+    with rewards_lib.RewardPool(max_workers=config.reward.workers,
+                                timeout_s=config.reward.timeout_s) as pool:
+      for step in range(start + 1, config.total_steps + 1):
+        state, metrics = run_step(run, state, ref_params, next(prompts), tokenizer, pool, step,
+                                  eos_id, pad_id)
+        last = step == config.total_steps
+        sigterm, timed = step_decision(stop["sigterm"], last_save,
+                                       config.checkpoint_every_minutes)
+        if last or sigterm or timed or step % config.checkpoint_every == 0:
+          t0 = time.perf_counter()
+          ckpt.save(step, state, prompts.get_state())  # async: the write goes on behind the loop
+          metrics["perf/checkpoint_s"] = time.perf_counter() - t0
+          last_save = time.monotonic()
+        log.write(step, metrics)
+        show_progress(bar, metrics)
+        if sigterm and not last:
+          close_after_sigterm(ckpt, log, bar, step)
+          return
+    ckpt.close()
+    log.close()
+    if bar is not None:
+      bar.close()
+    export_final(run, state)
+
+
+# --------------------------------------------------------------------------------------------------
+# The named steps
+# --------------------------------------------------------------------------------------------------
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Distributed start-up, the mesh, the model's files and architecture (shapes only in the dry
+  run: no weights, no tokenizer), the step's static config, the optimizers, the state's shapes."""
+  sharding.initialize_distributed(config.distributed)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = sharding.with_default_rules(config.mesh.rules)
+  logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
+  if config.dry_run:
+    model_dir = tokenizer_dir = ""
+    model_cfg = setup.model_config(config)
+  else:
+    model_dir, tokenizer_dir = setup.resolve_model(config)
+    model_cfg = setup.model_config(config, model_dir)
+  cfg = setup.step_config(config, model_cfg, tuple(mesh.shape.values()))
+  optim = setup.optimizers(config)
+  shapes, specs = train_state.abstract_state(model_cfg, optim.actor_tx, optim.critic_tx,
+                                             cfg.algorithm == "ppo")
+  return Run(config=config, workdir=workdir, mesh=mesh, rules=rules, model_cfg=model_cfg, cfg=cfg,
+             score_cfg=dataclasses.replace(cfg, loss=actor_loss.LossConfig()), optim=optim,
+             shapes=shapes, shardings=train_state.state_shardings(shapes, specs, mesh, rules),
+             model_dir=model_dir, tokenizer_dir=tokenizer_dir)
+
+
+def dry_run(run: Run) -> None:
+  """--config.dry_run: the resolved config and the memory report; exit 1 if it does not fit."""
+  if jax.process_index() == 0:
+    setup.write_config(run.workdir, run.config)
+  if not setup.report_memory(run.config, run.model_cfg, run.shapes, run.shardings, run.mesh):
+    raise SystemExit(1)
+
+
+def load_tokenizer(run: Run):
+  """(tokenizer, eos id, pad id): the model's own EOS when the tokenizer names none."""
+  import transformers
+  tokenizer = transformers.AutoTokenizer.from_pretrained(run.tokenizer_dir)
+  eos_id = (tokenizer.eos_token_id if tokenizer.eos_token_id is not None
+            else run.model_cfg.eos_token_id)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+  return tokenizer, eos_id, pad_id
+
+
+def write_run_files(run: Run) -> None:
+  """config.json, environment.json, and the model's HF config and tokenizer beside the
+  checkpoints: enough to export any of them (`python -m explore_jax.convert run-to-hf`) wherever
+  the workdir can be read. Process 0 writes."""
+  setup.write_config(run.workdir, run.config)
+  provenance.note_start(run.workdir)  # the commit and versions; a warning if a resume changed them
+  checkpoint.write_hf_config(run.model_cfg, os.path.join(run.workdir, export.MODEL_DIR),
+                             run.model_cfg.param_dtype, run.tokenizer_dir)
+
+
+def restore(run: Run, ckpt: train_state.Checkpointer):
+  """(state, data iterator state or None, reference params or None): the newest complete
+  checkpoint, else a fresh state from the model's weights. The reference policy of the KL term is
+  always the model's own weights."""
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          run.shapes, run.shardings)
+  restored = ckpt.restore_latest(abstract)
+  ref_params = None
+  if restored is None or run.config.rl.kl_coef:
+    _, params = checkpoint.load_model(run.model_dir, dtype=jnp.dtype(run.model_cfg.param_dtype),
+                                      shardings=run.shardings.actor,
+                                      scan_layers=run.model_cfg.scan_layers)
+    ref_params = params if run.config.rl.kl_coef else None
+  if restored is None:
+    state = train_state.init_state(run.model_cfg, params, run.optim.actor_tx,
+                                   run.optim.critic_tx, run.ppo, run.config.seed, run.shardings)
+    return state, None, ref_params
+  state, data_state = restored
+  return state, data_state, ref_params
+
+
+def prompt_stream(config: ml_collections.ConfigDict, data_state):
+  """The global batches of prompts. Every process walks the same shuffled stream and keeps its
+  own slice of each batch, so a run's batches do not depend on how many processes share it."""
+  records = data_lib.load(config.data.name, config.data.split, config.data.data_dir or None,
+                          **data_lib.generated_task_configs(config.data.synthetic,
+                                                            config.data.countdown))
+  prompts = pipeline.prompt_batches(records, batch_size=config.data.prompts_per_step,
+                                    seed=config.seed)
+  if data_state is not None:
+    prompts.set_state(data_state)
+  return prompts
+
+
+def run_step(run: Run, state, ref_params, batch: list, tokenizer, pool, step: int, eos_id: int,
+             pad_id: int):
+  """One RL step: rollout -> grade -> score (old log-probs, values, advantages) -> mini-batch
+  updates. Returns the new state and the step's metrics (fetched to the host)."""
+  config = run.config
+  t0 = time.perf_counter()
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+  rollout, scores, prompt_trunc, timing = collect.sample_and_grade(
+      config, run.model_cfg, state.actor, batch, tokenizer, pool, run.mesh, run.rules, rng,
+      eos_id, pad_id)
+  t1 = time.perf_counter()
+  scored, metrics = train_step.score_rollout(state, ref_params, rollout, scores,
+                                             cfg=run.score_cfg)
+  train_actor = not run.ppo or step > config.rl.critic_warmup_steps
+  state, update_metrics = train_step.update(state, scored, cfg=run.cfg,
+                                            actor_tx=run.optim.actor_tx,
+                                            critic_tx=run.optim.critic_tx,
+                                            train_actor=train_actor)
+  metrics.update(update_metrics)
+  metrics.update(collect.rollout_metrics(rollout, scores, config))
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  t2 = time.perf_counter()
+  metrics.update(step_metrics(run, step, metrics, prompt_trunc, timing,
+                              update_s=t2 - t1, step_s=t2 - t0))
+  check_finite(step, metrics, config.on_nonfinite)
+  return state, metrics
+
+
+def step_metrics(run: Run, step: int, metrics: dict, prompt_trunc: float, timing: dict, *,
+                 update_s: float, step_s: float) -> dict:
+  """Learning rates, timings and throughputs of a step (`metrics`: the step's own, read only)."""
+  config, optim = run.config, run.optim
+  warmup = 0 if not run.ppo else min(step, config.rl.critic_warmup_steps)
+  actor_updates = optim.updates_per_step * (step - warmup)
+  n_generated = metrics["rollout/response_length_mean"] * run.rows
+  out = {
+      "optim/actor_lr": float(optim.actor_lr(max(actor_updates - 1, 0))),
+      "rollout/prompt_truncated_frac": prompt_trunc,
+      "perf/rollout_s": timing["rollout"], "perf/reward_s": timing["reward"],
+      "perf/update_s": update_s, "perf/step_s": step_s,
+      "perf/rollout_tokens_per_s": n_generated / max(timing["rollout"], 1e-9),
+      # Decode slot-steps that produced a token (the static engine's slots are its rows).
+      "rollout/slot_utilization": timing["slot_utilization"],
+      "rollout/retry_frac": timing["retry_frac"],
+      # Padded [P + N] positions (with rl.length_buckets > 1 the update's model body runs over
+      # perf/update_length_frac of them: the same rows in less time).
+      "perf/update_tokens_per_s": config.rl.epochs * run.rows * (
+          config.data.max_prompt_len + config.rollout.max_new_tokens) / max(update_s, 1e-9),
+  }
+  if run.ppo:
+    out["optim/critic_lr"] = float(optim.critic_lr(max(optim.updates_per_step * step - 1, 0)))
+  return out
+
+
 def check_finite(step: int, metrics: dict, mode: str) -> None:
   bad = [k for k, v in metrics.items() if not np.isfinite(v) or (k.endswith("update_finite")
                                                                    and v < 1)]
@@ -52,180 +268,16 @@ def check_finite(step: int, metrics: dict, mode: str) -> None:
     logging.warning("step %d: non-finite %s; update skipped", step, bad)
 
 
-# --------------------------------------------------------------------------------------------------
-# Main
-# --------------------------------------------------------------------------------------------------
+def watch_sigterm() -> dict:
+  """Our own SIGTERM handler on every process (it replaces the one of JAX's preemption service):
+  a flag that `step_decision` all-reduces, so that a SIGTERM on any host stops every host at the
+  same step boundary. The preemption sync point would do the same on a TPU pod but answers "no"
+  without a distributed client (one process) and on CPU processes; the flag works everywhere for
+  one tiny collective per step."""
+  stop = {"sigterm": False}
+  signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+  return stop
 
-
-def train(config: ml_collections.ConfigDict, workdir: str) -> None:
-  sharding.initialize_distributed(config.distributed)
-  is_main = jax.process_index() == 0
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-
-  # Mesh and logical-axis rules.
-  mesh = sharding.make_mesh(config.mesh.shape)
-  rules = sharding.with_default_rules(config.mesh.rules)
-  logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
-
-  # Model (the dry run needs its shapes only: no weights, no tokenizer).
-  if config.dry_run:
-    model_dir = tokenizer_dir = ""
-    model_cfg = setup.model_config(config)
-  else:
-    model_dir, tokenizer_dir = setup.resolve_model(config)
-    model_cfg = setup.model_config(config, model_dir)
-  cfg = setup.step_config(config, model_cfg, tuple(mesh.shape.values()))
-  # Scoring a rollout does not depend on the loss: one compilation serves every variant.
-  score_cfg = dataclasses.replace(cfg, loss=actor_loss.LossConfig())
-  ppo = cfg.algorithm == "ppo"
-
-  # Optimizers and the state, from shapes.
-  rows = config.data.prompts_per_step * config.rollout.n
-  updates_per_step, actor_lr, critic_lr, actor_tx, critic_tx = setup.optimizers(config)
-  shapes, specs = train_state.abstract_state(model_cfg, actor_tx, critic_tx, ppo)
-  shardings = train_state.state_shardings(shapes, specs, mesh, rules)
-  if config.dry_run:
-    if is_main:
-      setup.write_config(workdir, config)
-    if not setup.report_memory(config, model_cfg, shapes, shardings, mesh):
-      raise SystemExit(1)
-    return
-
-  # Tokenizer.
-  import transformers
-  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-  eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_id
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    ckpt = train_state.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-    setup.check_resume_config(workdir, config, has_checkpoint=bool(ckpt.manager.all_steps()))
-
-    def write_run_files():
-      setup.write_config(workdir, config)
-      provenance.note_start(workdir)  # the commit and versions; a warning if a resume changed them
-      # The model's HF config and tokenizer beside the checkpoints: enough to export any of them
-      # (python -m explore_jax.convert run-to-hf) wherever the workdir can be read.
-      checkpoint.write_hf_config(model_cfg, os.path.join(workdir, export.MODEL_DIR),
-                                 model_cfg.param_dtype, tokenizer_dir)
-
-    sharding.on_main(write_run_files, f"train: writing {workdir}")
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, shardings)
-    restored = ckpt.restore_latest(abstract)
-    ref_params = None
-    if restored is None or config.rl.kl_coef:
-      _, params = checkpoint.load_model(model_dir, dtype=jnp.dtype(model_cfg.param_dtype),
-                                        shardings=shardings.actor,
-                                        scan_layers=model_cfg.scan_layers)
-      ref_params = params if config.rl.kl_coef else None
-    if restored is None:
-      state = train_state.init_state(model_cfg, params, actor_tx, critic_tx, ppo, config.seed,
-                                     shardings)
-      data_state = None
-    else:
-      state, data_state = restored
-    start = int(state.step)
-
-    # Data: every process walks the same shuffled stream of global batches and keeps its own
-    # slice of each, so a run's batches do not depend on how many processes share it.
-    records = data_lib.load(config.data.name, config.data.split, config.data.data_dir or None,
-                            **data_lib.generated_task_configs(config.data.synthetic,
-                                                              config.data.countdown))
-    prompts = pipeline.prompt_batches(records, batch_size=config.data.prompts_per_step,
-                                      seed=config.seed)
-    if data_state is not None:
-      prompts.set_state(data_state)
-
-    log = metrics_io.MetricsLog(workdir, start, enabled=is_main)
-    stop = {"sigterm": False}
-    # Our own handler on every process (it replaces the one of JAX's preemption service): a flag
-    # that step_decision all-reduces, so that a SIGTERM on any host stops every host at the same
-    # step boundary. The preemption sync point would do the same on a TPU pod but answers "no"
-    # without a distributed client (one process) and on CPU processes; the flag works everywhere
-    # for one tiny collective per step.
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-    last_save = time.monotonic()
-    bar = None
-    if is_main and config.progress_bar:
-      import tqdm
-      bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", dynamic_ncols=True)
-
-    with rewards_lib.RewardPool(max_workers=config.reward.workers,
-                                timeout_s=config.reward.timeout_s) as pool:
-      for step in range(start + 1, config.total_steps + 1):
-        t0 = time.perf_counter()
-        rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
-        rollout, scores, prompt_trunc, timing = collect.sample_and_grade(
-            config, model_cfg, state.actor, next(prompts), tokenizer, pool, mesh, rules, rng,
-            eos_id, pad_id)
-        t2 = time.perf_counter()
-
-        batch, metrics = train_step.score_rollout(state, ref_params, rollout, scores,
-                                                  cfg=score_cfg)
-        train_actor = not ppo or step > config.rl.critic_warmup_steps
-        state, update_metrics = train_step.update(state, batch, cfg=cfg, actor_tx=actor_tx,
-                                                  critic_tx=critic_tx, train_actor=train_actor)
-        metrics.update(update_metrics)
-        metrics.update(collect.rollout_metrics(rollout, scores, config))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        t3 = time.perf_counter()
-
-        actor_updates = updates_per_step * (step - (0 if not ppo else
-                                                    min(step, config.rl.critic_warmup_steps)))
-        n_generated = metrics["rollout/response_length_mean"] * rows
-        metrics.update({
-            "optim/actor_lr": float(actor_lr(max(actor_updates - 1, 0))),
-            "rollout/prompt_truncated_frac": prompt_trunc,
-            "perf/rollout_s": timing["rollout"], "perf/reward_s": timing["reward"],
-            "perf/update_s": t3 - t2, "perf/step_s": t3 - t0,
-            "perf/rollout_tokens_per_s": n_generated / max(timing["rollout"], 1e-9),
-            # Decode slot-steps that produced a token (the static engine's slots are its rows).
-            "rollout/slot_utilization": timing["slot_utilization"],
-            "rollout/retry_frac": timing["retry_frac"],
-            # Padded [P + N] positions (with rl.length_buckets > 1 the update's model body runs
-            # over perf/update_length_frac of them: the same rows in less time).
-            "perf/update_tokens_per_s": config.rl.epochs * rows * (
-                config.data.max_prompt_len + config.rollout.max_new_tokens) / max(t3 - t2, 1e-9),
-        })
-        if ppo:
-          metrics["optim/critic_lr"] = float(critic_lr(max(updates_per_step * step - 1, 0)))
-        check_finite(step, metrics, config.on_nonfinite)
-        last = step == config.total_steps
-        sigterm, timed = step_decision(stop["sigterm"], last_save,
-                                       config.checkpoint_every_minutes)
-        if last or sigterm or timed or step % config.checkpoint_every == 0:
-          t4 = time.perf_counter()
-          ckpt.save(step, state, prompts.get_state())  # async: the write goes on behind the loop
-          metrics["perf/checkpoint_s"] = time.perf_counter() - t4
-          last_save = time.monotonic()
-        log.write(step, metrics)
-        if bar is not None:
-          bar.update(1)
-          bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
-                          acc=f"{metrics['reward/accuracy']:.2f}",
-                          len=f"{metrics['rollout/response_length_mean']:.0f}",
-                          H=f"{metrics['rollout/entropy']:.3f}")
-
-        if sigterm and not last:
-          t4 = time.perf_counter()
-          ckpt.close()
-          log.close()
-          logging.warning("SIGTERM (on this or another process): saved step %d in %.1f s, "
-                          "exiting", step, time.perf_counter() - t4)
-          if bar is not None:
-            bar.close()
-          return
-    ckpt.close()
-    log.close()
-    if bar is not None:
-      bar.close()
-    hf_dir = os.path.join(workdir, "hf")
-    # A run rerun after it finished keeps its export untouched (evaluations key on its files).
-    # Process 0 decides, so that every process joins the export's gathers or none does.
-    stale = sharding.on_main(lambda: export.exported_step(hf_dir) != int(state.step), "train: export")
-    if config.export_hf and sharding.from_main(np.array([bool(stale)], np.int32))[0]:
-      export.export_hf(model_cfg, state.actor, hf_dir, tokenizer_dir, int(state.step))
 
 def step_decision(sigterm: bool, last_save: float, every_minutes: float) -> tuple[bool, bool]:
   """(stop, save for time) agreed by every process at a step boundary: stop when any process got
@@ -235,3 +287,40 @@ def step_decision(sigterm: bool, last_save: float, every_minutes: float) -> tupl
   timed = bool(every_minutes) and time.monotonic() - last_save >= 60 * every_minutes
   flags = sharding.gather_ints([bool(sigterm), timed])
   return bool(flags[:, 0].max()), bool(flags[0, 1])
+
+
+def close_after_sigterm(ckpt, log, bar, step: int) -> None:
+  """Wait for the step's save, close the files; the process then exits 0."""
+  t0 = time.perf_counter()
+  ckpt.close()
+  log.close()
+  logging.warning("SIGTERM (on this or another process): saved step %d in %.1f s, exiting", step,
+                  time.perf_counter() - t0)
+  if bar is not None:
+    bar.close()
+
+
+def progress_bar(config: ml_collections.ConfigDict, start: int):
+  if jax.process_index() != 0 or not config.progress_bar:
+    return None
+  import tqdm
+  return tqdm.tqdm(total=config.total_steps, initial=start, desc="train", dynamic_ncols=True)
+
+
+def show_progress(bar, metrics: dict) -> None:
+  if bar is None:
+    return
+  bar.update(1)
+  bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}",
+                  len=f"{metrics['rollout/response_length_mean']:.0f}",
+                  H=f"{metrics['rollout/entropy']:.3f}")
+
+
+def export_final(run: Run, state) -> None:
+  """The trained actor to WORKDIR/hf. A run rerun after it finished keeps its export untouched
+  (evaluations key on its files). Process 0 decides, so that every process joins the export's
+  gathers or none does."""
+  hf_dir = os.path.join(run.workdir, "hf")
+  stale = sharding.on_main(lambda: export.exported_step(hf_dir) != int(state.step), "train: export")
+  if run.config.export_hf and sharding.from_main(np.array([bool(stale)], np.int32))[0]:
+    export.export_hf(run.model_cfg, state.actor, hf_dir, run.tokenizer_dir, int(state.step))

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import NamedTuple
 
 from etils import epath
 from flax import traverse_util
 import jax
 import ml_collections
+import optax
 
 from explore_jax import paths
 from explore_jax.config import defaults
@@ -71,15 +73,23 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
       length_buckets=rl.length_buckets)
 
 
-def optimizers(config: ml_collections.ConfigDict):
-  """(optimizer steps per RL step, actor lr schedule, critic lr schedule, actor tx, critic tx)."""
+class Optimizers(NamedTuple):
+  updates_per_step: int  # optimizer steps per RL step
+  actor_lr: optax.Schedule
+  critic_lr: optax.Schedule
+  actor_tx: optax.GradientTransformation
+  critic_tx: optax.GradientTransformation
+
+
+def optimizers(config: ml_collections.ConfigDict) -> Optimizers:
   rows = config.data.prompts_per_step * config.rollout.n
   updates_per_step = config.rl.epochs * rows // config.rl.mini_batch_size
   schedule = lambda lr: train_state.lr_schedule(lr, config.optim,
                                                 updates_per_step * config.total_steps)
   actor_lr, critic_lr = schedule(config.optim.lr), schedule(config.optim.critic_lr)
-  return (updates_per_step, actor_lr, critic_lr, train_state.make_optimizer(actor_lr, config.optim),
-          train_state.make_optimizer(critic_lr, config.optim))
+  return Optimizers(updates_per_step, actor_lr, critic_lr,
+                    train_state.make_optimizer(actor_lr, config.optim),
+                    train_state.make_optimizer(critic_lr, config.optim))
 
 
 def resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
