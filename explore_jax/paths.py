@@ -1,13 +1,25 @@
-"""Where explore_jax finds shared data and writes its own caches, and how it writes a file whole.
+"""Where explore_jax finds data and writes its own caches, how it reads the paths a user gives,
+and how it writes a file whole.
 
-`../shared` is read-only: prepared datasets (TFDS array_record files), built tokenizers and other
-derived files go to the project's cache directory instead.
+Every path a user gives (CLI flag or config key) goes through one of two functions where it
+enters, once:
+- `absolute(path)`: a place to write or read (workdir, data dir, output): a local path is made
+  absolute (so a later chdir, a subprocess or orbax sees the same place); a URL (gs://) is kept.
+- `locate(path)`: where a model or tokenizer comes from, by one rule: an existing local path is a
+  path (made absolute); `scheme://...` is a bucket; otherwise `ORG/NAME` or `ORG/NAME@REV` is a
+  Hugging Face hub id; anything else is a local path (that does not exist, which the reader
+  reports naming it).
+
+The data directory is read-only: prepared datasets (TFDS array_record files), built tokenizers and
+other derived files go to the project's cache directory instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
+import re
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -17,6 +29,37 @@ def default_data_dir() -> str:
   if os.environ.get("EXPLORE_JAX_DATA"):
     return os.environ["EXPLORE_JAX_DATA"]
   return str(REPO_ROOT.parent / "shared" / "data")
+
+
+# ORG/NAME[@REV] as the hub spells ids: letters, digits, '-', '_', '.'; a revision is a branch,
+# tag or commit (branches may hold '/').
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+  """Where a model or tokenizer comes from (`locate`)."""
+  kind: str  # "local" (an absolute path), "bucket" (a URL such as gs://...), "hub" (an id)
+  path: str  # the absolute path, the URL, or the hub repo id ORG/NAME
+  revision: str | None = None  # hub only: the @REV part (None: the default branch)
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute (`~` expanded); a URL (`gs://...`) or "" unchanged."""
+  if not path or "://" in path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def locate(path: str) -> Location:
+  """The one rule for model and tokenizer paths (module docstring)."""
+  if "://" in path:
+    return Location("bucket", path)
+  local = os.path.abspath(os.path.expanduser(path))
+  m = _HUB_ID.match(path)
+  if os.path.exists(local) or m is None or path.startswith((".", "~")):
+    return Location("local", local)
+  return Location("hub", m.group("repo"), m.group("rev"))
 
 
 def write_whole(path, text: str) -> None:
