@@ -10,7 +10,7 @@ the view read with its longest row at f (the view's best case: at RL's long-tail
 longest row in flight is usually near the cap, so the view reads more; the engine's own views
 are segment ends, these are any length) and the ragged read of every row filled to f. Figures per device from the compiled step's `cost_analysis()` ('bytes
 accessed', the compiler's cost model, not a timing) and `memory_analysis()` (temporaries); the
-step is `rollout_engine._decode_chunk` (a loop body is counted once: one step). The KV line
+step is `explore_jax.rollout.engine._decode_chunk` (a loop body is counted once: one step). The KV line
 is what the cache holds per device; the weights line what a step must read of them at least.
 """
 
