@@ -299,7 +299,6 @@ def test_evaluate_resumes_without_resampling(model_dir, tmp_path, monkeypatch):
   from explore_jax import rewards
   from explore_jax import rollout as rollout_lib
   from explore_jax.data import templates
-  from explore_jax.rollout import sampling
 
   class OddLengthGrader:
     """Varied outcomes (a random model is never right), to exercise pass@k."""
@@ -324,7 +323,7 @@ def test_evaluate_resumes_without_resampling(model_dir, tmp_path, monkeypatch):
       prompts_seen.append(bytes(row[m.astype(bool)].tolist()))
     return real_generate(config, params, prompt_tokens, prompt_mask, rng, **kw)
 
-  monkeypatch.setattr(sampling, "generate", counting_generate)
+  monkeypatch.setattr(rollout_lib, "generate", counting_generate)
   workdir = str(tmp_path / "eval")
   label = os.path.basename(model_dir)
   evaluate.run(_tiny_config(model_dir, max_problems=2), workdir)
