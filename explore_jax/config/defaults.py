@@ -114,7 +114,7 @@ def data_config() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.name = "dapo_math_17k"
   data.split = "train"
-  data.data_dir = ""  # empty: ../shared/data next to the checkout (explore_jax.paths)
+  data.data_dir = ""  # empty: $EXPLORE_JAX_DATA, else the package's data files (explore_jax.paths)
   data.template = "dapo"  # see explore_jax.data.templates
   data.prompts_per_step = 512
   data.max_prompt_len = 1024

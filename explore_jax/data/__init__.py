@@ -1,6 +1,6 @@
 """Datasets with checkable answers: `load(name, split)` -> records with `id`, `problem`, `answer`.
 
-Names and splits (counts of the copies in ../shared/data, see SOURCES.md there):
+Names and splits (the files ship in explore_jax/data/files; their provenance: README.md there):
   dapo_math_17k  train 17,917   DAPO-Math-17k (parquet; answer = reward_model.ground_truth)
   math500        test 500       MATH-500
   aime24         test 30        AIME 2024 (answers "025" stored as "25": compare numerically)
@@ -98,7 +98,7 @@ def load(name: str, split: str, data_dir: str | None = None, *,
   """Records of dataset `name` (see the module docstring) for `split`.
 
   `data_dir` is the folder holding the source files; default `paths.default_data_dir()`
-  ($EXPLORE_JAX_DATA, else ../shared/data next to the checkout). `synthetic_config` and
+  ($EXPLORE_JAX_DATA, else the files that ship in the package). `synthetic_config` and
   `countdown_config` set the generated tasks' difficulty (default: their configs' defaults).
   """
   if name == "synthetic_arithmetic":

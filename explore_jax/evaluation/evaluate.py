@@ -87,7 +87,7 @@ def base_config():
   c.models = ()  # more directories: each gets its own line in passk.png
   c.tokenizer = ""  # empty: the model directory
   c.dtype = ""  # parameter and compute dtype ("bfloat16"); empty: float32 (HF), as saved (orbax)
-  c.data_dir = ""  # empty: ../shared/data next to the checkout
+  c.data_dir = ""  # empty: $EXPLORE_JAX_DATA, else the package's data files
   c.seed = 0
   c.batch_size = 256  # sequences (prompts x samples) per generate call
   # "continuous": each call decodes through `slots` decode slots, refilled as rows end
