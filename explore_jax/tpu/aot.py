@@ -308,7 +308,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, with_flops: b
     raise ValueError(f"config.rollout.engine={config.rollout.engine!r}: explore_jax.aot compiles "
                      "the continuous engine's programs (the trainer's default)")
   devices, chip = topology_devices(topology)
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  mesh = sharding.make_mesh(config.mesh.shape, devices, what="--config.mesh.shape")
   rules = sharding.with_default_rules(config.mesh.rules)
   model_cfg = setup.model_config(config)
   hbm = memory.HBM_BYTES[chip]
