@@ -190,3 +190,68 @@ def test_convert_check_passes_a_good_checkpoint_and_fails_a_misread_one(tiny_mod
     assert not export.check(str(tiny_model_dir), ["1+1=2, 2+2=4, 3+3=6, 4+4=8"], None,
                             "float32", 1e-2, 0.99)
   assert capsys.readouterr().out.strip().splitlines()[-1].endswith("MISMATCH")
+
+
+@pytest.mark.slow
+def test_training_a_bf16_hub_model_exports_bf16_with_its_generation_config(offline_hub,
+                                                                          tiny_model_dir,
+                                                                          tmp_path):
+  # float32 master weights (model.param_dtype) trained from a bf16 checkpoint named by hub id:
+  # the trainer's export and run-to-hf write bf16 again unless told otherwise.
+  from conftest import fill_hub_cache
+  from safetensors.numpy import load_file
+  fill_hub_cache(offline_hub, "org/tiny", tiny_model_dir)
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "explore_jax.train", "--config", "configs/tiny_cpu.py:size=test",
+       "--workdir", str(workdir), "--config.model.path=org/tiny", "--config.total_steps=1",
+       "--config.model.param_dtype=float32"], capture_output=True, text=True, cwd=REPO, env=env,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "\nI1" not in "\n" + proc.stderr and "CheckpointManager" not in proc.stderr
+  assert json.loads((workdir / "model" / "config.json").read_text())["torch_dtype"] == "float32"
+  assert json.loads((workdir / "model" / export.SOURCE_RECORD).read_text()) == {
+      "model": "org/tiny", "torch_dtype": "bfloat16"}
+  source_generation = (tiny_model_dir / "generation_config.json").read_bytes()
+  for sub in ("hf", "again"):
+    if sub == "again":
+      assert export.run_to_hf(str(workdir), str(tmp_path / "again")) == 1
+    out = workdir / sub if sub == "hf" else tmp_path / sub
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (out / "generation_config.json").read_bytes() == source_generation
+  a = load_file(str(workdir / "hf" / "model.safetensors"))
+  b = load_file(str(tmp_path / "again" / "model.safetensors"))
+  assert all(a[k].dtype.name == "bfloat16" and np.array_equal(a[k], b[k]) for k in a)
+  export.run_to_hf(str(workdir), str(tmp_path / "f32"), dtype="float32")
+  assert checkpoint.saved_dtype(str(tmp_path / "f32")) == "float32"
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_adds_the_checkpoint_copy_when_a_save_precedes_a_step():
+  from explore_jax.tpu import aot
+  from explore_jax.train import state as train_state
+  c = _config("configs/tiny_cpu.py").get_config("size=test")
+  c.rollout.engine = "static"  # the scoring pass and the update only: two compiles
+  model_cfg = qwen2.Qwen2Config(vocab_size=384, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2)
+  mesh = sharding.make_mesh((1, -1, 1))
+  cfg = setup.step_config(c, model_cfg, tuple(mesh.shape.values()))
+  optim = setup.optimizers(c)
+  shapes, _ = train_state.abstract_state(model_cfg, optim.actor_tx, optim.critic_tx, False)
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  c.total_steps, c.checkpoint_every = 3, 1  # a save after step 1 is written while step 2 runs
+  got = aot.host_peak(c, model_cfg, cfg, mesh)
+  assert set(got["programs"]) == {"score", "update"}
+  assert got["checkpoint_copy_bytes"] == state_bytes
+  assert got["peak_bytes"] == (got["process_bytes"] + max(got["programs"].values())
+                               + state_bytes)
+  assert got["process_bytes"] > 100 * 2**20  # Python, JAX, transformers: not nothing
+  assert got["programs"]["update"] > state_bytes  # the state is the update's argument
+  c.total_steps = 1  # the only save comes after the last step
+  assert aot.checkpoint_copy_bytes(c, state_bytes) == 0
+  c.total_steps, c.checkpoint_every = 3, 5
+  assert aot.checkpoint_copy_bytes(c, state_bytes) == 0
+  c.checkpoint_every_minutes = 10.0
+  assert aot.checkpoint_copy_bytes(c, state_bytes) == state_bytes

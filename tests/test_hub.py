@@ -154,3 +154,8 @@ def test_dataset_by_hub_id(offline_hub, tmp_path):
     data.load("hf:org/sums", "validation", problem_field="question", answer_field="meta.final")
   with pytest.raises(hub.Unavailable, match="dataset=org/absent: not in the hub cache"):
     data.load("hf:org/absent", "test")
+
+
+def test_a_missing_local_path_is_named(tmp_path):
+  with pytest.raises(files.NotFound, match=r"--model=\./nowhere: no such file or directory"):
+    files.local_dir("./nowhere", "--model")

@@ -65,8 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
 def model_config() -> ml_collections.ConfigDict:
   """The model: where its files are, its dtypes and memory layout, and a random model's shape."""
   model = ml_collections.ConfigDict()
-  model.path = ""  # HF or orbax directory, local or gs://; empty = random init (+ pretrain SFT)
-  model.tokenizer = ""  # tokenizer directory; empty = model.path (or the tiny tokenizer)
+  # HF or orbax directory (local or gs://), or a Hugging Face hub id ORG/NAME[@REV] (fetched
+  # into the hub cache: explore_jax.models.hub); empty = random init (+ pretrain SFT)
+  model.path = ""
+  # A Hugging Face tokenizer: directory, gs:// or hub id; empty = model.path's (or the tiny one)
+  model.tokenizer = ""
   # Where each host copies a gs:// model.path / model.tokenizer before loading it (once: a
   # complete copy is reused); empty = models/ in the cache dir (explore_jax/paths.py).
   model.stage_dir = ""

@@ -21,10 +21,15 @@ import tempfile
 import time
 
 from explore_jax import paths
+from explore_jax.config.cli import UserError
 
 STAGED_RECORD = ".explore_jax_staged.json"  # hidden: outside the fingerprint and the model
 # The first of these that the store reports is a file's version (gcsfs: the object's generation).
 _VERSION_KEYS = ("generation", "md5Hash", "crc32c", "ETag", "mtime", "updated", "created")
+
+
+class NotFound(UserError, FileNotFoundError):
+  """A local model or tokenizer path that does not exist."""
 
 
 def local_dir(path: str, what: str, stage_dir: str = "", kind: str = "model") -> str:
@@ -39,6 +44,9 @@ def local_dir(path: str, what: str, stage_dir: str = "", kind: str = "model") ->
     return stage_model(location.path, stage_dir or paths.cache_dir("models"), what)
   if location.kind == "hub":
     return hub.fetch(location, what, kind)
+  if not os.path.exists(location.path):
+    raise NotFound(f"{what}={path}: no such file or directory (nor a hub id ORG/NAME[@REV], nor "
+                   "gs://...)")
   return location.path
 
 

@@ -92,9 +92,15 @@ def restore_actor(workdir: str, step: int | None = None
   model_cfg = qwen2.Qwen2Config.from_hf_dict(hf, source=os.fspath(hf_path),
                                              param_dtype=hf["torch_dtype"])
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  with ocp.CheckpointManager(ckpt_dir if "://" in ckpt_dir else os.path.abspath(ckpt_dir),
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    steps = manager.all_steps()
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)  # orbax warns that a read_only manager's directory is read only
+  try:
+    with ocp.CheckpointManager(ckpt_dir if "://" in ckpt_dir else os.path.abspath(ckpt_dir),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+      steps = manager.all_steps()
+  finally:
+    absl_log.setLevel(level)
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint of step "
                             f"{'any' if step is None else step}; saved: {sorted(steps)}")

@@ -147,7 +147,11 @@ def dry_run(run: Run) -> None:
   """--config.dry_run: the resolved config and the memory report; exit 1 if it does not fit."""
   if jax.process_index() == 0:
     setup.write_config(run.workdir, run.config)
-  if not setup.report_memory(run.config, run.model_cfg, run.shapes, run.shardings, run.mesh):
+  fits = setup.report_memory(run.config, run.model_cfg, run.shapes, run.shardings, run.mesh)
+  if jax.devices()[0].platform == "cpu" and not run.config.dry_run_chip:
+    from explore_jax.tpu import aot  # the devices are this host's memory: the host's peak
+    fits = aot.print_host_peak(aot.host_peak(run.config, run.model_cfg, run.cfg, run.mesh))
+  if not fits:
     raise SystemExit(1)
 
 
