@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 
+import ml_dtypes  # noqa: F401  (numpy reads bf16 safetensors once it is imported)
 import numpy as np
 import pytest
 
@@ -75,6 +76,7 @@ def qwen05_model(out: str, layers: int = 2) -> int:
       x = (np.ones(p.shape, np.float32) if "norm" in name else
            rng.standard_normal(p.shape, dtype=np.float32) * 0.02)
       p.copy_(torch.from_numpy(x))
+  model.tie_weights()  # lm_head is embed_tokens again (filled apart above), as released
   model.save_pretrained(out)
   tokenizer_lib.build_tiny_tokenizer(out, num_examples=200)
   with open(os.path.join(out, "generation_config.json"), "w") as f:
@@ -85,7 +87,7 @@ def qwen05_model(out: str, layers: int = 2) -> int:
 def _run(argv, tmp_path, env):
   argv = [sys.executable if a == "python" else a.replace("runs/quickstart",
                                                          str(tmp_path / "runs")) for a in argv]
-  module = argv[2] if argv[1] == "-m" else ""
+  module = argv[2] if argv[1] == "-m" else "python"
   argv += SHRINK.get(module, [])
   proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
   assert proc.returncode == 0, (argv, proc.stdout[-2000:], proc.stderr[-4000:])
