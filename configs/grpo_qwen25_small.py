@@ -1,7 +1,8 @@
 r"""GRPO with the entropy advantage on a small Qwen2.5 from the hub, on one host: a first real run.
 
     python -m explore_jax.train --config configs/grpo_qwen25_small.py:model=0.5b --workdir DIR
-    python -m explore_jax.train --config configs/grpo_qwen25_small.py:model=math-1.5b,variant=baseline \
+    python -m explore_jax.train \
+        --config configs/grpo_qwen25_small.py:model=math-1.5b,variant=baseline \
         --workdir DIR --config.total_steps=50
     # what it needs per device, before anything is downloaded or allocated:
     python -m explore_jax.train --config configs/grpo_qwen25_small.py:model=1.5b --workdir DIR \

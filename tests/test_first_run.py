@@ -140,19 +140,29 @@ def test_chat_prompts_use_the_tokenizer_template(tiny_model_dir):
     generate_cli.chat_prompts(tok, ["1+1="])
 
 
-def test_quiet_logs_drop_third_party_info_and_verbose_brings_it_back(caplog):
-  caplog.set_level(logging.INFO)
-  for verbose in (False, True):
-    caplog.clear()
-    cli_lib.quiet_logs(verbose)
-    logging.getLogger("absl").info("orbax-style bookkeeping")
-    logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu'")
-    logging.getLogger("absl").warning("a real warning")
-    logging.info("the run's own line")
-    got = [r.getMessage() for r in caplog.records]
-    third_party = ["orbax-style bookkeeping", "Unable to initialize backend 'tpu'"]
-    assert got == (third_party if verbose else []) + ["a real warning", "the run's own line"]
-  cli_lib.quiet_logs(False)
+QUIET_SCRIPT = """
+import logging, sys
+from absl import app, flags
+from explore_jax.config import cli
+verbose = flags.DEFINE_bool("verbose", False, "")
+def main(argv):
+  cli.quiet_logs(verbose.value)
+  logging.getLogger("absl").info("orbax-style bookkeeping")
+  logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu'")
+  logging.getLogger("absl").warning("a real warning")
+  logging.info("the run's own line")
+app.run(main)
+"""
+
+
+def test_quiet_logs_drop_third_party_info_and_verbose_brings_it_back():
+  # Under absl.app, as the trainer, the evaluator and aot run: its handler is the root's.
+  for verbose, third_party in ((False, []), (True, ["orbax-style bookkeeping",
+                                                    "Unable to initialize backend 'tpu'"])):
+    proc = subprocess.run([sys.executable, "-c", QUIET_SCRIPT, f"--verbose={verbose}"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    got = [line.split("] ", 1)[-1] for line in proc.stderr.strip().splitlines()]
+    assert got == third_party + ["a real warning", "the run's own line"], proc.stderr
 
 
 def test_log_lines_are_written_whole_above_the_progress_bar(monkeypatch):
@@ -209,7 +219,9 @@ def test_training_a_bf16_hub_model_exports_bf16_with_its_generation_config(offli
        "--config.model.param_dtype=float32"], capture_output=True, text=True, cwd=REPO, env=env,
       timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "\nI1" not in "\n" + proc.stderr and "CheckpointManager" not in proc.stderr
+  from test_quickstart import third_party_info
+  assert not third_party_info(proc.stderr), third_party_info(proc.stderr)
+  assert "restored" not in proc.stderr and "no complete checkpoint" in proc.stderr  # own lines
   assert json.loads((workdir / "model" / "config.json").read_text())["torch_dtype"] == "float32"
   assert json.loads((workdir / "model" / export.SOURCE_RECORD).read_text()) == {
       "model": "org/tiny", "torch_dtype": "bfloat16"}

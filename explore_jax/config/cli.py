@@ -2,7 +2,8 @@
 
 A run's own lines (explore_jax's logging at INFO, its prints) are what a researcher reads; by
 default the libraries underneath (absl, TFDS, orbax, JAX's backend probing, huggingface_hub,
-transformers) speak only at WARNING and above. `--verbose` (every CLI has it) brings their INFO back.
+transformers) speak only at WARNING and above. `--verbose` (every CLI has it) brings their INFO
+back.
 While the trainer's progress bar is drawn, log lines go through `tqdm.write` (`progress_bar`), so
 that a line never lands in the middle of the bar.
 
@@ -40,13 +41,9 @@ def quiet_logs(verbose: bool = False) -> None:
   for name in _THIRD_PARTY:
     logging.getLogger(name).setLevel(level)
   # C++ logs of XLA and TensorFlow's loaders ("Unable to initialize backend", plugin notices).
+  # (Not absl.logging.set_verbosity: under absl.app it sets the root logger's level, which would
+  # silence explore_jax's own lines too; orbax and TFDS log through the "absl" logger above.)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
-  if not verbose:
-    try:  # absl's own verbosity gates what absl-logging modules (orbax) emit before Python's
-      from absl import logging as absl_logging
-      absl_logging.set_verbosity(absl_logging.WARNING)
-    except ImportError:
-      pass
 
 
 def run_main(fn: Callable[[], object]) -> object:

@@ -62,7 +62,8 @@ def download(location: paths.Location, what: str, patterns=MODEL_PATTERNS,
                       "and set HF_TOKEN (or run `hf auth login`)") from None
   except errors.RepositoryNotFoundError:
     raise Unavailable(f"{what}={spec}: no such {repo_type} repository on the hub (a private one "
-                      "needs HF_TOKEN); a local directory must exist to be read as a path") from None
+                      "needs HF_TOKEN); a local directory must exist to be read as a path"
+                      ) from None
   except errors.RevisionNotFoundError:
     raise Unavailable(f"{what}={spec}: the repository has no revision "
                       f"{location.revision!r}") from None

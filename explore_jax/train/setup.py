@@ -160,8 +160,8 @@ def check_context(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Confi
 # not what it computes. (With optim.schedule="cosine", total_steps is the schedule's horizon:
 # extending it changes the learning rate from the resumed step on; a warning says so.)
 RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "progress_bar", "export_hf", "export_dtype", "dry_run", "on_nonfinite", "reward.workers",
-                     "reward.timeout_s", "distributed.", "mesh.", "model.remat",
+                     "progress_bar", "export_hf", "export_dtype", "dry_run", "on_nonfinite",
+                     "reward.workers", "reward.timeout_s", "distributed.", "mesh.", "model.remat",
                      "model.attention", "model.remat_policy", "model.path", "model.tokenizer",
                      "model.stage_dir", "data.data_dir", "rl.micro_batch_size",
                      "rl.micro_batch_per_shard", "rl.logit_chunk", "rl.length_buckets",
