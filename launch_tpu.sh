@@ -76,9 +76,9 @@ flags (environment variable in brackets):
                          configs/eval_paper.py
   --repo URL --ref REF   setup: clone URL at REF (default main) on the workers instead of
                          shipping this checkout at REF (default HEAD) [TPU_REPO, TPU_REF]
-  --data DIR             setup copies DIR to ~/shared/data on every worker, where the package
-                         looks for the benchmark data [TPU_DATA] (default \$EXPLORE_JAX_DATA, else
-                         ../shared/data next to this checkout)
+  --data DIR             setup copies DIR to ~/explore_jax_data on every worker, and jobs there
+                         read their data from it (\$EXPLORE_JAX_DATA) [TPU_DATA] (default
+                         \$EXPLORE_JAX_DATA; neither: the data files inside the package)
   --jax SPEC             setup: pip-install SPEC over the lock (e.g. a newer 'jax[tpu]==X')
                          [TPU_JAX_SPEC]; default: the locked versions only
   --python EXE           Python on the workers [TPU_PYTHON] (default python3.11, apt-installed)
@@ -509,18 +509,19 @@ cmd_setup() {
     scp_workers "$tarball" explore_jax.tar.gz
     do_cmd rm -f "$tarball"
   fi
-  # The benchmark data goes where the package looks by default: ../shared/data next to the code.
-  local data_dir="${data:-${EXPLORE_JAX_DATA:-$root/../shared/data}}"
-  if [[ -d "$data_dir" ]]; then
+  # The benchmark data ships inside the package; a data folder of one's own (--data, or the
+  # EXPLORE_JAX_DATA of this machine) goes to ~/explore_jax_data, which jobs there then read.
+  local data_dir="${data:-${EXPLORE_JAX_DATA:-}}"
+  if [[ -n "$data_dir" && -d "$data_dir" ]]; then
     data_dir="$(cd "$data_dir" && pwd)"
     local data_tar="${TMPDIR:-/tmp}/explore_jax_${name}_data.tar.gz"
     do_cmd tar -czf "$data_tar" -C "$data_dir" .
     scp_workers "$data_tar" explore_jax_data.tar.gz
     do_cmd rm -f "$data_tar"
     data_flag=1
-  else
-    note "warning: no data directory '$data_dir' (--data DIR): the workers get none, so runs" \
-      "there need --config.data.data_dir"
+  elif [[ -n "$data_dir" ]]; then
+    note "warning: no data directory '$data_dir' (--data DIR): the workers read the data files" \
+      "inside the package"
   fi
   ssh_workers all "setup" \
     "$(worker_call ej_setup "$python" "$commit" "$jax_spec" "$repo" "$ref" "$data_flag")"

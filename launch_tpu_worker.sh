@@ -4,6 +4,7 @@
 # beforehand. Paths live under the worker's $HOME:
 #   ~/explore_jax        the code (its .launch_commit: the commit it was shipped from)
 #   ~/explore_jax_venv   the venv with the locked versions of requirements/tpu.txt
+#   ~/explore_jax_data   the data folder `setup --data DIR` shipped (jobs get EXPLORE_JAX_DATA)
 #   ~/explore_jax_logs   job-RUN-ATTEMPT.log per start, job.log -> the newest, and the job's state:
 #                        job.pid (the Python process), job.pgid (its process group), job.exit (its
 #                        exit status), job.term (the system sent SIGTERM: preemption/maintenance),
@@ -118,6 +119,10 @@ ej_start() {  # ej_start LOGNAME NENV KEY=VALUE... ARG...  (python ARG... under 
   rm -f "$logs/job.pid" "$logs/job.pgid" "$logs/job.exit" "$logs/job.term" "$logs/job.stopped"
   local envs=("${@:1:$nenv}")
   shift "$nenv"
+  # The data folder setup shipped (if any) first, so that a job's own --env can still override it.
+  if [ -d "$HOME/explore_jax_data" ]; then
+    envs=("EXPLORE_JAX_DATA=$HOME/explore_jax_data" ${envs[@]+"${envs[@]}"})
+  fi
   # Two starts within a second: the later log gets a suffix rather than replacing the first.
   for i in 2 3 4 5 6 7 8 9; do
     [ -e "$logs/$log" ] || break
@@ -221,9 +226,11 @@ ej_setup() {  # ej_setup PYTHON COMMIT JAX_SPEC REPO REF DATA(0/1)
       || return 1
   fi
   rm -rf "$code" && mv "$new" "$code" || return 1
+  # A data folder of one's own, or none (the package's own files): never an older setup's.
+  rm -rf "$HOME/explore_jax_data" || return 1
   if [ "$data" = 1 ]; then
-    rm -rf "$HOME/shared/data" && mkdir -p "$HOME/shared/data" \
-      && tar -xzf "$HOME/explore_jax_data.tar.gz" -C "$HOME/shared/data" || return 1
+    mkdir -p "$HOME/explore_jax_data" \
+      && tar -xzf "$HOME/explore_jax_data.tar.gz" -C "$HOME/explore_jax_data" || return 1
   fi
   # Qwen2 code needs Python >= 3.11; Ubuntu 22.04 TPU images ship 3.10, so apt brings 3.11.
   if ! command -v "$py" > /dev/null; then

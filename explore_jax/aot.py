@@ -11,6 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from explore_jax.config import cli as cli_lib
 from explore_jax.tpu import aot
 
 
@@ -26,12 +27,14 @@ def cli():
   with_flops = flags.DEFINE_bool("flops", True, "Also count FLOPs per call (2 more small "
                                  "compiles per program)")
   programs = flags.DEFINE_list("programs", list(aot.PROGRAMS), "Only these programs")
+  verbose = flags.DEFINE_bool("verbose", False, "Third-party INFO logs too (absl, jax, ...).")
   flags.mark_flags_as_required(["config", "topology"])
 
   def main(argv):
     del argv
-    report = aot.compile_step(config.value, topology.value, with_flops=with_flops.value,
-                              only=tuple(programs.value))
+    cli_lib.quiet_logs(verbose.value)
+    report = cli_lib.run_main(lambda: aot.compile_step(
+        config.value, topology.value, with_flops=with_flops.value, only=tuple(programs.value)))
     aot.print_report(report)
     print(json.dumps(report))
     sys.exit(0 if all(p["fits"] for p in report["programs"].values()) else 1)

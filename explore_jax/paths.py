@@ -10,7 +10,8 @@ enters, once:
   Hugging Face hub id; anything else is a local path (that does not exist, which the reader
   reports naming it).
 
-The data directory is read-only: prepared datasets (TFDS array_record files), built tokenizers and
+The data directory is read-only: the benchmark files ship inside the package
+(`explore_jax/data/files`, so a clone and a pip install both hold them); prepared datasets (TFDS array_record files), built tokenizers and
 other derived files go to the project's cache directory instead.
 """
 
@@ -22,13 +23,15 @@ import pathlib
 import re
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The benchmark files that ship with the package (their provenance: README.md there).
+PACKAGE_DATA_DIR = pathlib.Path(__file__).resolve().parent / "data" / "files"
 
 
 def default_data_dir() -> str:
-  """$EXPLORE_JAX_DATA, else `../shared/data` next to this checkout."""
+  """$EXPLORE_JAX_DATA, else the package's own data files (`PACKAGE_DATA_DIR`)."""
   if os.environ.get("EXPLORE_JAX_DATA"):
     return os.environ["EXPLORE_JAX_DATA"]
-  return str(REPO_ROOT.parent / "shared" / "data")
+  return str(PACKAGE_DATA_DIR)
 
 
 # ORG/NAME[@REV] as the hub spells ids: letters, digits, '-', '_', '.'; a revision is a branch,

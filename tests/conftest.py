@@ -101,3 +101,51 @@ def fake_bucket():
       if cls is not None:
         _registry[name] = cls
     backend._FileSystemSpecBackend._get_filesystem.cache_clear()
+
+
+def fill_hub_cache(hf_home, repo_id: str, source_dir, *, repo_type: str = "model",
+                   revision: str = "main", commit: str | None = None) -> str:
+  """Lay out the files under `source_dir` as huggingface_hub writes a download:
+  HF_HOME/hub/{models|datasets}--ORG--NAME/blobs/SHA, snapshots/COMMIT/PATH -> ../../blobs/SHA
+  (symlinks), refs/REVISION = COMMIT. Returns the snapshot directory. Nothing is downloaded."""
+  import hashlib
+  import os
+
+  kind = {"model": "models", "dataset": "datasets"}[repo_type]
+  repo = os.path.join(str(hf_home), "hub", f"{kind}--{repo_id.replace('/', '--')}")
+  commit = commit or hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+  snapshot = os.path.join(repo, "snapshots", commit)
+  for dirpath, _, names in os.walk(str(source_dir)):
+    for name in names:
+      rel = os.path.relpath(os.path.join(dirpath, name), str(source_dir))
+      with open(os.path.join(dirpath, name), "rb") as f:
+        raw = f.read()
+      blob = os.path.join(repo, "blobs", hashlib.sha256(raw).hexdigest())
+      os.makedirs(os.path.dirname(blob), exist_ok=True)
+      with open(blob, "wb") as f:
+        f.write(raw)
+      link = os.path.join(snapshot, rel)
+      os.makedirs(os.path.dirname(link), exist_ok=True)
+      os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+  os.makedirs(os.path.join(repo, "refs", os.path.dirname(revision)), exist_ok=True)
+  with open(os.path.join(repo, "refs", revision), "w") as f:
+    f.write(commit)
+  return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+  """An empty hub cache at tmp_path/hf (HF_HOME), with HF_HUB_OFFLINE=1 in the environment (for
+  subprocesses) and in huggingface_hub's constants (read at import, so patched for this
+  process). Yields HF_HOME; fill it with `fill_hub_cache`."""
+  from huggingface_hub import constants
+
+  home = tmp_path / "hf"
+  home.mkdir()
+  monkeypatch.setenv("HF_HOME", str(home))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  monkeypatch.setattr(constants, "HF_HOME", str(home))
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  yield home

@@ -180,10 +180,38 @@ def test_setup_checks_for_a_job_then_ships_the_commit_and_installs_the_lock(tmp_
   assert {"pyproject.toml", "explore_jax/tpu/memory.py", "launch_tpu.sh", "requirements/tpu.txt",
           "launch_tpu_worker.sh"} <= names
   assert not any(n.startswith((".venv", ".git/", "runs/", ".cache/")) for n in names)
-  # Without a data directory: a warning, and only the code is shipped.
+  # A data directory that is not there: a warning, and only the code is shipped.
   proc = launch(["setup", "--dry-run"] + BASE, env={"TPU_DATA": str(tmp_path / "none")})
   assert proc.returncode == 0 and "no data directory" in proc.stderr
   assert len(gcloud_tpu(split_lines(proc.stdout), "scp")) == 1
+  # None asked for: the package's own data files; nothing to say, nothing but the code shipped.
+  proc = launch(["setup", "--dry-run"] + BASE, env={"EXPLORE_JAX_DATA": ""})
+  assert proc.returncode == 0 and "data" not in proc.stderr
+  cmds = split_lines(proc.stdout)
+  assert len(gcloud_tpu(cmds, "scp")) == 1
+  assert flags(gcloud_tpu(cmds, "ssh")[1])["command"].endswith(" HEAD 0")
+
+
+def test_jobs_read_the_data_folder_that_setup_shipped(tmp_path):
+  home = tmp_path / "home"
+  (home / "explore_jax").mkdir(parents=True)
+  (home / "explore_jax_venv" / "bin").mkdir(parents=True)
+  python = home / "explore_jax_venv" / "bin" / "python"
+  python.write_text('#!/bin/bash\necho "${EXPLORE_JAX_DATA-unset} $*" > "$HOME/seen"\n')
+  python.chmod(0o755)
+
+  def start(*envs):
+    (home / "seen").unlink(missing_ok=True)
+    subprocess.run(["bash", "-c", f'source {WORKER_SCRIPT}; ej_start job-1.log {len(envs)} "$@"',
+                    "ej", *envs, "-m", "explore_jax.train"], check=True, capture_output=True,
+                   env=dict(os.environ, HOME=str(home)), timeout=30)
+    wait_for(lambda: (home / "seen").exists() and (home / "seen").read_text(), "the job")
+    return (home / "seen").read_text().strip()
+
+  assert start() == "unset -m explore_jax.train"  # no folder shipped: the package's own files
+  (home / "explore_jax_data").mkdir()
+  assert start() == f"{home}/explore_jax_data -m explore_jax.train"
+  assert start("EXPLORE_JAX_DATA=/mine") == "/mine -m explore_jax.train"  # --env still wins
 
 
 def test_setup_from_a_git_url_clones_at_the_ref(tmp_path):

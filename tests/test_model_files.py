@@ -15,6 +15,7 @@ from explore_jax.train import setup
 
 FILES = {"config.json": b'{"model_type": "qwen2"}', "model-00001-of-00002.safetensors": b"a" * 3000,
          "model-00002-of-00002.safetensors": b"b" * 1000, "sub/extra.txt": b"extra",
+         "tokenizer.json": b"{}",  # resolve_model checks that a tokenizer is there
          ".cache/huggingface/download.lock": b"hidden: not copied"}
 
 

@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dry_run_chip = ""
   c.progress_bar = True
   c.export_hf = True  # at the end, write the actor to WORKDIR/hf (local or gs://) in HF format
+  # The export's weight dtype ("float32", "bfloat16", "float16"); empty: the dtype model.path's
+  # weights are stored in (its config.json's torch_dtype), so a bf16 model is exported in bf16.
+  c.export_dtype = ""
   c.model = model_config()
   c.pretrain = pretrain_config()
   c.data = data_config()
@@ -62,8 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
 def model_config() -> ml_collections.ConfigDict:
   """The model: where its files are, its dtypes and memory layout, and a random model's shape."""
   model = ml_collections.ConfigDict()
-  model.path = ""  # HF or orbax directory, local or gs://; empty = random init (+ pretrain SFT)
-  model.tokenizer = ""  # tokenizer directory; empty = model.path (or the tiny tokenizer)
+  # HF or orbax directory (local or gs://), or a Hugging Face hub id ORG/NAME[@REV] (fetched
+  # into the hub cache: explore_jax.models.hub); empty = random init (+ pretrain SFT)
+  model.path = ""
+  # A Hugging Face tokenizer: directory, gs:// or hub id; empty = model.path's (or the tiny one)
+  model.tokenizer = ""
   # Where each host copies a gs:// model.path / model.tokenizer before loading it (once: a
   # complete copy is reused); empty = models/ in the cache dir (explore_jax/paths.py).
   model.stage_dir = ""
@@ -112,9 +118,16 @@ def pretrain_config() -> ml_collections.ConfigDict:
 def data_config() -> ml_collections.ConfigDict:
   """The prompts: dataset, template, how many per step and how long."""
   data = ml_collections.ConfigDict()
+  # A name of explore_jax.data.NAMES, a JSONL / JSON / parquet file, or a hub dataset
+  # "hf:ORG/NAME[@REV][:PATH]" (its file for `split`; explore_jax.data.load)
   data.name = "dapo_math_17k"
   data.split = "train"
-  data.data_dir = ""  # empty: ../shared/data next to the checkout (explore_jax.paths)
+  # A file's or hub dataset's fields (dotted paths into a record; a problem field holding a chat
+  # list reads its last user message); id_field empty: ids from the line numbers.
+  data.problem_field = "problem"
+  data.answer_field = "answer"
+  data.id_field = ""
+  data.data_dir = ""  # empty: $EXPLORE_JAX_DATA, else the package's data files (explore_jax.paths)
   data.template = "dapo"  # see explore_jax.data.templates
   data.prompts_per_step = 512
   data.max_prompt_len = 1024

@@ -1,6 +1,6 @@
 """Datasets with checkable answers: `load(name, split)` -> records with `id`, `problem`, `answer`.
 
-Names and splits (counts of the copies in ../shared/data, see SOURCES.md there):
+Names and splits (the files ship in explore_jax/data/files; their provenance: README.md there):
   dapo_math_17k  train 17,917   DAPO-Math-17k (parquet; answer = reward_model.ground_truth)
   math500        test 500       MATH-500
   aime24         test 30        AIME 2024 (answers "025" stored as "25": compare numerically)
@@ -9,7 +9,11 @@ Names and splits (counts of the copies in ../shared/data, see SOURCES.md there):
   gsm8k          train 7,473 / test 1,319   (answer = the text after "####")
   synthetic_arithmetic  train / test        generated in memory, see `synthetic`
   countdown      train / test               generated in memory, see `countdown`
-A user's own JSONL / JSON / parquet file: `load_file(path, problem_field=..., answer_field=...)`.
+A user's own JSONL / JSON / parquet file: `load_file(path, problem_field=..., answer_field=...)`,
+or `load(PATH, ...)` with the same field names. A dataset on the Hugging Face hub:
+`load("hf:ORG/NAME", split, problem_field=..., answer_field=...)` (also `hf:ORG/NAME@REV` and
+`hf:ORG/NAME:PATH/IN/REPO.parquet`): its data file for the split is fetched into the hub cache
+(`explore_jax.models.hub.dataset_file`) and read as a user's file.
 
 Files are prepared once into TFDS array_record files under the project cache (see `builders`);
 records come back as a lazy `Records` sequence that decodes one record per index, which is what
@@ -91,16 +95,26 @@ def _warn_skipped(what: str, skipped: Sequence[readers.Skipped], limit: int = 20
     _log.warning("%s: %d malformed rows skipped in all", what, len(skipped))
 
 
+HUB_PREFIX = "hf:"
+
+
 def load(name: str, split: str, data_dir: str | None = None, *,
          synthetic_config: synthetic.ArithmeticConfig | None = None,
-         countdown_config: countdown.CountdownConfig | None = None
+         countdown_config: countdown.CountdownConfig | None = None,
+         problem_field: str = "problem", answer_field: str = "answer", id_field: str = ""
          ) -> Sequence[dict[str, Any]]:
   """Records of dataset `name` (see the module docstring) for `split`.
 
   `data_dir` is the folder holding the source files; default `paths.default_data_dir()`
-  ($EXPLORE_JAX_DATA, else ../shared/data next to the checkout). `synthetic_config` and
+  ($EXPLORE_JAX_DATA, else the files that ship in the package). `synthetic_config` and
   `countdown_config` set the generated tasks' difficulty (default: their configs' defaults).
+  The field names (dotted paths) are those of a user's file or hub dataset.
   """
+  fields = dict(problem_field=problem_field, answer_field=answer_field, id_field=id_field or None)
+  if name.startswith(HUB_PREFIX):
+    return load_file(hub_file(name, split), **fields)
+  if name.lower().endswith((".jsonl", ".ndjson", ".json", ".parquet")):
+    return load_file(name, **fields)
   if name == "synthetic_arithmetic":
     return synthetic.load_split(split, synthetic_config or synthetic.ArithmeticConfig())
   if name == "countdown":
@@ -113,6 +127,24 @@ def load(name: str, split: str, data_dir: str | None = None, *,
   builder = builders.prepare(cls, data_dir or paths.default_data_dir())
   _warn_skipped(name, builder.skipped)
   return Records(builder.as_data_source(split), builder.skipped)
+
+
+def hub_file(name: str, split: str) -> str:
+  """The local copy of the data file that "hf:ORG/NAME[@REV][:PATH]" names for `split`."""
+  from explore_jax.config.cli import BadValue
+  from explore_jax.models import hub
+  spec, _, file = name[len(HUB_PREFIX):].partition(":")
+  location = paths.locate(spec)
+  if location.kind != "hub":
+    raise BadValue(f"dataset {name!r}: expected hf:ORG/NAME[@REV][:PATH]")
+  return hub.dataset_file(location, split, "dataset", file)
+
+
+def file_fields(section) -> dict:
+  """`load`'s field-name arguments from a config section with problem_field, answer_field and
+  id_field (the trainer's `data`, an evaluator benchmark)."""
+  return {"problem_field": section.problem_field, "answer_field": section.answer_field,
+          "id_field": section.id_field}
 
 
 def generated_task_configs(synthetic_fields, countdown_fields) -> dict:

@@ -324,8 +324,9 @@ def _read_jsonl(path: str, limit: int) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--responses", required=True, help="responses.jsonl of explore_jax.evaluate")
-  p.add_argument("--model", required=True, help="HF or orbax directory whose entropies to use")
-  p.add_argument("--tokenizer", default="", help="tokenizer directory (default: --model)")
+  p.add_argument("--model", required=True,
+                 help="HF or orbax directory (or hub id ORG/NAME) whose entropies to use")
+  p.add_argument("--tokenizer", default="", help="tokenizer directory or hub id (default: --model)")
   p.add_argument("--base_responses", default="", help="base model responses, for rare behaviours")
   p.add_argument("--out", required=True)
   p.add_argument("--max_responses", type=int, default=256, help="first N records; <= 0: all")
@@ -335,16 +336,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--rare_frac", type=float, default=0.1)
   p.add_argument("--knn", type=int, default=5)
   p.add_argument("--batch_size", type=int, default=4)
+  p.add_argument("--verbose", action="store_true", help="third-party INFO logs too")
   args = p.parse_args(argv)
+  from explore_jax.config import cli
+  cli.quiet_logs(args.verbose)
+  return cli.run_main(lambda: _analyze(args))
 
+
+def _analyze(args) -> dict:
   from transformers import AutoTokenizer
 
   from explore_jax.evaluation import plots
   from explore_jax.models import checkpoint
+  from explore_jax.models import files as model_files
 
+  model_dir = model_files.local_dir(args.model, "--model")
+  tokenizer_dir = (model_files.local_dir(args.tokenizer, "--tokenizer", kind="tokenizer")
+                   if args.tokenizer else model_dir)
   os.makedirs(args.out, exist_ok=True)
-  config, params = checkpoint.load_model(args.model)
-  tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+  config, params = checkpoint.load_model(model_dir)
+  tok = AutoTokenizer.from_pretrained(tokenizer_dir)
   rows = _read_jsonl(args.responses, args.max_responses)
   prompts = [tok.encode(r["prompt"], add_special_tokens=False) for r in rows]
   responses = [list(r["tokens"]) if r.get("tokens")

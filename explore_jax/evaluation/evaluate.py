@@ -64,17 +64,28 @@ from explore_jax.paths import write_whole
 
 
 def benchmark(dataset: str, n: int, *, split: str = "test", template: str = "qwen_math",
-              reward_method: str = "math_verify", max_problems: int = -1):
+              reward_method: str = "math_verify", max_problems: int = -1,
+              problem_field: str = "problem", answer_field: str = "answer", id_field: str = ""):
   """One entry of `config.benchmarks`: which data, how many samples, how prompts and grades work."""
   import ml_collections
   return ml_collections.ConfigDict(dict(
-      dataset=dataset,  # explore_jax.data.load name
+      # explore_jax.data.load name, JSONL / JSON / parquet file, or hub dataset hf:ORG/NAME
+      dataset=dataset,
       split=split,
+      # a file's or hub dataset's fields (dotted paths); id_field empty: ids from line numbers
+      problem_field=problem_field,
+      answer_field=answer_field,
+      id_field=id_field,
       n=n,  # responses per problem; pass@k is reported for k = 1, 2, 4, ..., n
       template=template,  # explore_jax.data.templates.apply_template name
       reward_method=reward_method,  # explore_jax.rewards.score method
       max_problems=max_problems,  # > 0: only the first max_problems problems
   ))
+
+
+# A benchmark's field names at their defaults are left out of responses' sampled_with.json, so
+# that records written before the keys existed still resume.
+FILE_FIELDS = {"problem_field": "problem", "answer_field": "answer", "id_field": ""}
 
 
 def base_config():
@@ -83,11 +94,14 @@ def base_config():
 
   from explore_jax.config import defaults
   c = ml_collections.ConfigDict()
-  c.model = ""  # HF or orbax directory
-  c.models = ()  # more directories: each gets its own line in passk.png
-  c.tokenizer = ""  # empty: the model directory
+  # HF or orbax directory (local or gs://), or a hub id ORG/NAME[@REV] (explore_jax.models.hub)
+  c.model = ""
+  c.models = ()  # more of them: each gets its own line in passk.png
+  c.tokenizer = ""  # directory or hub id; empty: the model's own
+  # Comma-separated names of config.benchmarks to run ("math500,aime24"); empty: all of them.
+  c.only = ""
   c.dtype = ""  # parameter and compute dtype ("bfloat16"); empty: float32 (HF), as saved (orbax)
-  c.data_dir = ""  # empty: ../shared/data next to the checkout
+  c.data_dir = ""  # empty: $EXPLORE_JAX_DATA, else the package's data files
   c.seed = 0
   c.batch_size = 256  # sequences (prompts x samples) per generate call
   # "continuous": each call decodes through `slots` decode slots, refilled as rows end
@@ -363,7 +377,8 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
 
   path = os.path.join(out_dir, "responses.jsonl")
   problems = list(data.load(bench.dataset, bench.split, data_dir=config.data_dir or None,
-                            **data.generated_task_configs(config.synthetic, config.countdown)))
+                            **data.generated_task_configs(config.synthetic, config.countdown),
+                            **data.file_fields(bench)))
   if bench.max_problems > 0:
     problems = problems[:bench.max_problems]
   ids = [str(p["id"]) for p in problems]
@@ -423,13 +438,31 @@ def evaluate_benchmark(model_config, params, tokenizer, name: str, bench, config
 
 
 def model_paths(config) -> list[str]:
+  """config.model and config.models as given: local or gs:// directories, or hub ids."""
+  from explore_jax import paths as paths_lib
   paths = ([config.model] if config.model else []) + list(config.models)
   if not paths:
     raise ValueError("no model to evaluate: set --config.model=DIR or --config.models=(DIR, ...)")
   for p in paths:
-    if not os.path.isdir(p):
-      raise FileNotFoundError(f"config.model(s): {p!r} is not a directory")
+    location = paths_lib.locate(p)
+    if location.kind == "local" and not os.path.isdir(location.path):
+      raise FileNotFoundError(f"config.model(s): {p!r} is not a directory (nor a hub id "
+                              "ORG/NAME[@REV])")
   return paths
+
+
+def selected_benchmarks(config) -> list[str]:
+  """The names of config.benchmarks to run: all, or those `config.only` lists, in its order."""
+  from explore_jax.config.cli import BadValue
+  names = list(config.benchmarks)
+  if not names:
+    raise ValueError("config.benchmarks is empty: add evaluate.benchmark(...) entries")
+  wanted = [n.strip() for n in config.only.split(",") if n.strip()]
+  unknown = [n for n in wanted if n not in names]
+  if unknown:
+    raise BadValue(f"config.only={config.only!r}: {unknown} not in config.benchmarks "
+                   f"({', '.join(names)})")
+  return wanted or names
 
 
 def _labels(paths: list[str]) -> list[str]:
@@ -456,16 +489,17 @@ def run(config, workdir: str) -> dict | None:
   import jax
   from transformers import AutoTokenizer
 
+  from explore_jax import paths as paths_lib
   from explore_jax import provenance, rewards
   from explore_jax.evaluation import plots
   from explore_jax.models import checkpoint
+  from explore_jax.models import files as model_files
   from explore_jax.tpu import sharding
 
   sharding.initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   paths = model_paths(config)
-  if not config.benchmarks:
-    raise ValueError("config.benchmarks is empty: add evaluate.benchmark(...) entries")
+  names = selected_benchmarks(config)
 
   def write_config():
     os.makedirs(workdir, exist_ok=True)
@@ -474,31 +508,39 @@ def run(config, workdir: str) -> dict | None:
     provenance.note_start(workdir)  # the commit and versions this evaluation ran with
 
   sharding.on_main(write_config, f"evaluate: writing {workdir}")
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.make_mesh(config.mesh.shape, what="--config.mesh.shape")
   rules = sharding.with_default_rules(config.mesh.rules)
   results: dict[str, Any] = {"models": {}}
   csv_rows = []
   # One grading pool for the whole run: its workers import math-verify once.
   pool = rewards.RewardPool(max_workers=config.reward_workers or None,
                             timeout_s=config.reward_timeout_s) if is_main else None
+  # Each host fetches (a hub id) or stages (gs://) its own copy; the check below compares them.
+  tokenizer_dir = (model_files.local_dir(config.tokenizer, "config.tokenizer", kind="tokenizer")
+                   if config.tokenizer else "")
   for label, path in zip(_labels(paths), paths):
+    local = model_files.local_dir(path, "config.model")
+    checkpoint.check_tokenizer_dir(tokenizer_dir or local,
+                                   "config.tokenizer" if tokenizer_dir else "config.model")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      model_config, params = checkpoint.load_model(path, dtype=config.dtype or None,
+      model_config, params = checkpoint.load_model(local, dtype=config.dtype or None,
                                                    shardings=_param_shardings(mesh, rules))
-      tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
+      tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or local)
       eos_id = tokenizer.eos_token_id
       if eos_id is None:
         eos_id = model_config.eos_token_id
-      entry = results["models"][label] = {"path": os.path.abspath(path), "benchmarks": {}}
-      fingerprint = model_fingerprint(path)
+      source = local if paths_lib.locate(path).kind == "local" else path
+      entry = results["models"][label] = {"path": source, "benchmarks": {}}
+      fingerprint = model_fingerprint(local)
       sharding.check_same_on_every_host(f"evaluate: the model files of {path}", fingerprint)
       if config.tokenizer:
         sharding.check_same_on_every_host(f"evaluate: the tokenizer files of {config.tokenizer}",
-                                          model_fingerprint(config.tokenizer))
-      for name in config.benchmarks:
+                                          model_fingerprint(tokenizer_dir))
+      for name in names:
         bench = config.benchmarks[name]
         how = {"model_files": fingerprint,
-               "benchmark": {k: v for k, v in bench.to_dict().items() if k != "max_problems"},
+               "benchmark": {k: v for k, v in bench.to_dict().items() if k != "max_problems"
+                             and (k not in FILE_FIELDS or v != FILE_FIELDS[k])},
                "sampling": config.sampling.to_dict(), "seed": config.seed, "dtype": config.dtype,
                "tokenizer": config.tokenizer, "synthetic": config.synthetic.to_dict()}
         if bench.dataset == "countdown":  # (a key of its own: older records stay valid)

@@ -35,6 +35,7 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from explore_jax.config.cli import UserError
 from explore_jax.models import qwen2
 from explore_jax.models.qwen2 import Qwen2Config
 from explore_jax.tpu import sharding
@@ -122,6 +123,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+class NoTokenizer(UserError, FileNotFoundError):
+  """A directory given as a tokenizer holds none."""
+
+
+def check_tokenizer_dir(path: str, what: str) -> None:
+  """Raise NoTokenizer unless `path` holds a Hugging Face tokenizer (what
+  `transformers.AutoTokenizer.from_pretrained` reads: tokenizer.json, or vocab.json + merges.txt
+  / tokenizer.model, beside tokenizer_config.json); `what` names the config key or flag."""
+  present = {fn for fn in TOKENIZER_FILES if os.path.exists(os.path.join(path, fn))}
+  if present & {"tokenizer.json", "vocab.json", "tokenizer.model"}:
+    return
+  raise NoTokenizer(f"{what}: {path} holds no Hugging Face tokenizer (tokenizer.json, or "
+                    "vocab.json + merges.txt, beside tokenizer_config.json); give the tokenizer's "
+                    "directory or hub id separately (the trainer's config.model.tokenizer, the "
+                    "CLIs' --tokenizer)")
 # Tensors some exporters write that carry no information for us: the rotary frequency buffer
 # (recomputed from rope_theta) and a duplicated lm_head of a tied model.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -269,15 +287,19 @@ def _copy_tokenizer(src: str, dst: str | os.PathLike) -> list[str]:
 
 def save_hf(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
             tokenizer_dir: str | os.PathLike | None = None,
-            max_shard_bytes: int = 5 * 10**9) -> None:
+            max_shard_bytes: int = 5 * 10**9, *, dtype: str | None = None,
+            source_dir: str | os.PathLike | None = None) -> None:
   """Write an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-  Tensors keep the params' dtype (bfloat16 stays bfloat16). Shards are filled greedily in layout
-  order up to `max_shard_bytes`; one shard is written as a single `model.safetensors`. `path` may
-  be a bucket (gs://). With several processes every one must call this (the tensors are gathered
+  Tensors are written in `dtype` (each cast on the host after its gather, so the devices hold no
+  copy), by default the params' own (bfloat16 stays bfloat16). Shards are filled greedily in
+  layout order up to `max_shard_bytes`; one shard is written as a single `model.safetensors`.
+  `source_dir`'s generation_config.json is carried over (`write_hf_config`). `path` may be a
+  bucket (gs://). With several processes every one must call this (the tensors are gathered
   collectively); process 0 alone writes.
   """
-  _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, collective=True)
+  _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, collective=True, dtype=dtype,
+           source_dir=source_dir)
 
 
 def save_hf_local(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLike,
@@ -292,21 +314,23 @@ def save_hf_local(config: Qwen2Config, params: qwen2.Params, path: str | os.Path
   _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, collective=False)
 
 
-def _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, *, collective: bool) -> None:
+def _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, *, collective: bool,
+             dtype: str | None = None, source_dir=None) -> None:
   writer = jax.process_index() == 0 if collective else True
   out = epath.Path(os.fspath(path))
   params = qwen2.unstack_layers(params)  # HF names one tensor per layer (a slice, taken lazily)
   layout = _hf_layout(config)
   leaves = {name: _get_path(params, entry[0]) for name, entry in layout.items()}
   dtypes = {str(x.dtype) for x in leaves.values()}
-  if len(dtypes) != 1:
+  if dtype is None and len(dtypes) != 1:
     raise ValueError(f"save_hf: parameters have mixed dtypes {sorted(dtypes)}")
-  (dtype,) = dtypes
+  dtype = _dtype_name(dtype or next(iter(dtypes)))
+  itemsize = jnp.dtype(dtype).itemsize
 
   shards: list[list[str]] = [[]]
   shard_bytes = 0
   for name, x in leaves.items():
-    nbytes = x.size * x.dtype.itemsize
+    nbytes = x.size * itemsize
     if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
       shards.append([])
       shard_bytes = 0
@@ -331,7 +355,9 @@ def _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, *, collective
   for fn, names in zip(file_names, shards):
     # Only this shard's tensors are on the host at once (gathered from devices if sharded). Every
     # process takes part in every gather, so a failed write is raised after the last one.
-    tensors = {name: layout[name][3](sharding.to_host(leaves[name])) for name in names}
+    tensors = {name: layout[name][3](sharding.to_host(leaves[name]).astype(jnp.dtype(dtype),
+                                                                           copy=False))
+               for name in names}
     if writer and failed is None:
       try:
         (out / fn).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
@@ -345,25 +371,39 @@ def _save_hf(config, params, path, tokenizer_dir, max_shard_bytes, *, collective
   if not writer:
     return
   if n > 1:
-    total = sum(x.size * x.dtype.itemsize for x in leaves.values())
+    total = sum(x.size * itemsize for x in leaves.values())
     index = {"metadata": {"total_size": int(total)},
              "weight_map": {name: fn for fn, names in zip(file_names, shards) for name in names}}
     _write_json(out / INDEX_FILE, index)
 
-  write_hf_config(config, out, dtype, tokenizer_dir)
+  write_hf_config(config, out, dtype, tokenizer_dir, source_dir)
+
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 def write_hf_config(config: Qwen2Config, path: str | os.PathLike, dtype: str,
-                    tokenizer_dir: str | os.PathLike | None = None) -> None:
+                    tokenizer_dir: str | os.PathLike | None = None,
+                    source_dir: str | os.PathLike | None = None) -> None:
   """The files of an HF directory besides its weights: config.json (weights in `dtype`),
-  generation_config.json and the tokenizer's files. `path` may be a bucket."""
+  generation_config.json and the tokenizer's files. `path` may be a bucket.
+
+  generation_config.json is `source_dir`'s (then `tokenizer_dir`'s) when it has one: the
+  released model's sampling defaults and its list of EOS tokens travel with it; else one naming
+  the config's BOS and EOS tokens."""
   out = epath.Path(os.fspath(path))
   out.mkdir(parents=True, exist_ok=True)
   hf_config = config.to_hf_dict()
   hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype)
   _write_json(out / "config.json", hf_config)
-  _write_json(out / "generation_config.json",
-              {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
+  sources = [epath.Path(os.fspath(d), GENERATION_CONFIG) for d in (source_dir, tokenizer_dir)
+             if d is not None]
+  found = next((src for src in sources if src.exists()), None)
+  if found is not None:
+    (out / GENERATION_CONFIG).write_bytes(found.read_bytes())
+  else:
+    _write_json(out / GENERATION_CONFIG,
+                {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
   if tokenizer_dir is not None:
     if not _copy_tokenizer(os.fspath(tokenizer_dir), out):
       raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
@@ -396,6 +436,10 @@ def save_orbax(config: Qwen2Config, params: qwen2.Params, path: str | os.PathLik
   _write_json(os.path.join(path, ORBAX_META), meta)
   if tokenizer_dir is not None:
     _copy_tokenizer(os.fspath(tokenizer_dir), path)
+    # The generation config rides along, so that orbax-to-hf writes the source's again.
+    generation = epath.Path(os.fspath(tokenizer_dir), GENERATION_CONFIG)
+    if generation.exists():
+      (epath.Path(path) / GENERATION_CONFIG).write_bytes(generation.read_bytes())
 
 
 def load_orbax(path: str | os.PathLike, shardings=None, *, dtype=None
@@ -447,6 +491,22 @@ def load_model_config(path: str | os.PathLike) -> Qwen2Config:
     return Qwen2Config.from_hf_json(path)
   raise FileNotFoundError(f"{path}: neither {ORBAX_META} (orbax) nor config.json (HF) found; "
                           "not a model directory")
+
+
+def saved_dtype(path: str | os.PathLike) -> str:
+  """The dtype a model directory's weights are stored in: an HF config.json's `torch_dtype`
+  (transformers >= 5: `dtype`), an orbax directory's param_dtype; float32 when it names none.
+  The default of every conversion and export, so that a bf16 checkpoint stays bf16."""
+  path = os.fspath(path)
+  if os.path.exists(os.path.join(path, ORBAX_META)):
+    return load_model_config(path).param_dtype
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      d = json.load(f)
+  except (OSError, ValueError):
+    return "float32"
+  dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
+  return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
 def load_model(path: str | os.PathLike, dtype=None, shardings=None, scan_layers: bool | None = None

@@ -1,5 +1,6 @@
-"""A model's files on each host: a fingerprint that hosts compare, and a gs:// model staged to
-local disk.
+"""A model's files on each host: the directory a model path names (`local_dir`: a local path, a
+gs:// model staged to local disk, a hub id fetched into the hub cache), and a fingerprint that
+hosts compare.
 
 `stage_model("gs://BUCKET/Qwen2.5-7B", root)` copies the bucket directory to
 `root/BUCKET/Qwen2.5-7B` once per host: into a temp dir beside it, renamed into place when every
@@ -19,9 +20,34 @@ import shutil
 import tempfile
 import time
 
+from explore_jax import paths
+from explore_jax.config.cli import UserError
+
 STAGED_RECORD = ".explore_jax_staged.json"  # hidden: outside the fingerprint and the model
 # The first of these that the store reports is a file's version (gcsfs: the object's generation).
 _VERSION_KEYS = ("generation", "md5Hash", "crc32c", "ETag", "mtime", "updated", "created")
+
+
+class NotFound(UserError, FileNotFoundError):
+  """A local model or tokenizer path that does not exist."""
+
+
+def local_dir(path: str, what: str, stage_dir: str = "", kind: str = "model") -> str:
+  """The directory on this host's disk that a model or tokenizer `path` names (`paths.locate`):
+  a local path made absolute, a bucket directory staged under `stage_dir` (default: models/ in
+  the cache dir), a hub id fetched into the hub cache (`hub.fetch`: `kind` "model",
+  "tokenizer" or "config" says which files). `what` names the config key or flag in errors."""
+  from explore_jax.models import hub
+
+  location = paths.locate(path)
+  if location.kind == "bucket":
+    return stage_model(location.path, stage_dir or paths.cache_dir("models"), what)
+  if location.kind == "hub":
+    return hub.fetch(location, what, kind)
+  if not os.path.exists(location.path):
+    raise NotFound(f"{what}={path}: no such file or directory (nor a hub id ORG/NAME[@REV], nor "
+                   "gs://...)")
+  return location.path
 
 
 def model_fingerprint(path: str, probe_bytes: int = 1 << 20) -> str:

@@ -213,6 +213,7 @@ PRESETS: dict[str, Qwen2Config] = {
     "qwen2.5-1.5b": _preset(28, 1536, 8960, 12, 2, 151936, 1e6, True),
     "qwen2.5-3b": _preset(36, 2048, 11008, 16, 2, 151936, 1e6, True),
     "qwen2.5-7b": _preset(28, 3584, 18944, 28, 4, 152064, 1e6, False, 131072),
+    "qwen2.5-math-1.5b": _preset(28, 1536, 8960, 12, 2, 151936, 1e4, True, 4096),
     "qwen2.5-math-7b": _preset(28, 3584, 18944, 28, 4, 152064, 1e4, False, 4096),
 }
 

@@ -308,7 +308,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, with_flops: b
     raise ValueError(f"config.rollout.engine={config.rollout.engine!r}: explore_jax.aot compiles "
                      "the continuous engine's programs (the trainer's default)")
   devices, chip = topology_devices(topology)
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  mesh = sharding.make_mesh(config.mesh.shape, devices, what="--config.mesh.shape")
   rules = sharding.with_default_rules(config.mesh.rules)
   model_cfg = setup.model_config(config)
   hbm = memory.HBM_BYTES[chip]
@@ -325,6 +325,61 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, with_flops: b
     for name, flops in flops_per_call(config, model_cfg, cfg, mesh, only).items():
       report["programs"][name]["flops"] = flops  # dense attention, unrolled: compiles at any size
   return report
+
+
+def host_peak(config: ml_collections.ConfigDict, model_cfg, cfg: train_step.StepConfig,
+              mesh) -> dict:
+  """What a training process on CPU peaks at, for the dry run: there the devices are this host's
+  memory, so the figure to check is the process's resident size. The analytic plan
+  (`explore_jax.tpu.memory`) models what the TPU compiler keeps; XLA:CPU keeps more temporaries
+  (for a 2-layer Qwen2.5-0.5B-width update, 2.05 GiB against the plan's 1.29), so the step's
+  programs are compiled here for the CPU mesh and their own memory figures used, as
+  `compile_step` does for a TPU slice. Added to the largest program: the process itself before any
+  array (this process's resident size now: Python, JAX and the libraries), and, when a checkpoint
+  is saved before a later step, the host copy of the whole train state that orbax's asynchronous
+  save holds while that step runs (the live state is in the program's own figure)."""
+  import resource
+
+  import transformers  # noqa: F401  (the run loads its tokenizer with it: part of its process)
+  rules = sharding.with_default_rules(config.mesh.rules)
+  with open("/proc/self/statm") as f:
+    process = int(f.read().split()[1]) * resource.getpagesize()
+  only = PROGRAMS if config.rollout.engine == "continuous" else ("score", "update")
+  programs = {}
+  for prog in step_programs(config, model_cfg, cfg, mesh, only=only):
+    entries = [_memory(v, mesh, rules, 2**62) for v in _read_variants(prog, config)]
+    programs[prog.name] = max(e["bytes_per_device"] for e in entries)
+  _, _, _, actor_tx, critic_tx = setup.optimizers(config)
+  shapes, specs = train_state.abstract_state(model_cfg, actor_tx, critic_tx,
+                                             cfg.algorithm == "ppo")
+  state = _bytes(_abstract(shapes, train_state.state_shardings(shapes, specs, mesh, rules)))
+  copy = checkpoint_copy_bytes(config, state * jax.local_device_count())
+  program = max(programs.values()) * jax.local_device_count()
+  return {"programs": programs, "process_bytes": process, "checkpoint_copy_bytes": copy,
+          "peak_bytes": process + program + copy}
+
+
+def checkpoint_copy_bytes(config: ml_collections.ConfigDict, state_bytes: int) -> int:
+  """The host copy of the train state (`state_bytes` on this host) that an asynchronous save
+  holds while the next step runs: none when no save comes before a later step."""
+  saves_mid_run = config.total_steps > 1 and (config.checkpoint_every < config.total_steps
+                                               or config.checkpoint_every_minutes > 0)
+  return state_bytes if saves_mid_run else 0
+
+
+def print_host_peak(report: dict) -> bool:
+  """The host_peak report against this machine's memory; whether it fits."""
+  total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  print("host memory on CPU (the CPU compiler's figures for the step's programs, per device):")
+  for name, b in report["programs"].items():
+    print(f"  {name:<16s} {gib(b)}")
+  print(f"  process before any array {gib(report['process_bytes'])}; checkpoint host copy "
+        f"during the next step {gib(report['checkpoint_copy_bytes'])}")
+  fits = report["peak_bytes"] <= total
+  print(f"{'fits' if fits else 'does not fit'}: peak resident size about "
+        f"{gib(report['peak_bytes'])} against this host's {gib(total)}")
+  return fits
 
 
 def _read_variants(prog: Program, config) -> list[Program]:

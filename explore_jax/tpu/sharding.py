@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from explore_jax.config.cli import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Parameters are split over `fsdp` (their `embed` dimension) and `tensor`
@@ -138,21 +140,31 @@ def check_same_on_every_host(what: str, value: str) -> None:
                      "process 0; give every host the same files")
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices."""
+class MeshError(UserError, ValueError):
+  """A mesh shape that the devices present cannot take."""
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
+              what: str = "mesh shape") -> Mesh:
+  """A (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices. `what`
+  names where the shape comes from in errors (the CLIs' `--config.mesh.shape`)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
+  given = f"{what}={tuple(shape)}"
+  fix = (f"; set {what} to a (data, fsdp, tensor) shape for {len(devices)} devices, e.g. "
+         f"'(1,-1,1)' (every device on fsdp)")
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
-  if shape.count(-1) > 1:
-    raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+    raise MeshError(f"{given} must have {len(MESH_AXES)} entries {MESH_AXES}{fix}")
+  if shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
+    raise MeshError(f"{given}: entries are >= 1, at most one of them -1{fix}")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+      raise MeshError(f"{given} does not divide the {len(devices)} devices here "
+                      f"({devices[0].platform}){fix}")
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    raise MeshError(f"{given} needs {int(np.prod(shape))} devices, there are {len(devices)}{fix}")
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 

@@ -1,13 +1,13 @@
 """python -m explore_jax.train --config configs/tiny_cpu.py --workdir /tmp/run [--config.key=value]
 
 Runs `explore_jax.train.loop.train`; the same command on the same workdir resumes the run.
+Third-party libraries log warnings only; `--verbose` brings back their INFO lines.
 """
-
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from explore_jax.config import cli as cli_lib
 from explore_jax.train import loop
 
 
@@ -17,12 +17,13 @@ def cli():
   config = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
                                            lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Checkpoints and metrics (local or gs://).")
+  verbose = flags.DEFINE_bool("verbose", False, "Third-party INFO logs too (absl, orbax, ...).")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(argv):
     del argv
-    logging.getLogger().setLevel(logging.INFO)
-    loop.train(config.value, workdir.value)
+    cli_lib.quiet_logs(verbose.value)
+    cli_lib.run_main(lambda: loop.train(config.value, workdir.value))
 
   app.run(main)
 

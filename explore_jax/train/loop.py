@@ -121,8 +121,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Distributed start-up, the mesh, the model's files and architecture (shapes only in the dry
   run: no weights, no tokenizer), the step's static config, the optimizers, the state's shapes."""
   sharding.initialize_distributed(config.distributed)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.make_mesh(config.mesh.shape, what="--config.mesh.shape")
   rules = sharding.with_default_rules(config.mesh.rules)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
   if config.dry_run:
@@ -131,8 +130,11 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
   else:
     model_dir, tokenizer_dir = setup.resolve_model(config)
     model_cfg = setup.model_config(config, model_dir)
+  setup.check_context(config, model_cfg)
   cfg = setup.step_config(config, model_cfg, tuple(mesh.shape.values()))
   optim = setup.optimizers(config)
+  # Only now, with the model found and the config checked: a failed start leaves no workdir.
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   shapes, specs = train_state.abstract_state(model_cfg, optim.actor_tx, optim.critic_tx,
                                              cfg.algorithm == "ppo")
   return Run(config=config, workdir=workdir, mesh=mesh, rules=rules, model_cfg=model_cfg, cfg=cfg,
@@ -145,7 +147,11 @@ def dry_run(run: Run) -> None:
   """--config.dry_run: the resolved config and the memory report; exit 1 if it does not fit."""
   if jax.process_index() == 0:
     setup.write_config(run.workdir, run.config)
-  if not setup.report_memory(run.config, run.model_cfg, run.shapes, run.shardings, run.mesh):
+  fits = setup.report_memory(run.config, run.model_cfg, run.shapes, run.shardings, run.mesh)
+  if jax.devices()[0].platform == "cpu" and not run.config.dry_run_chip:
+    from explore_jax.tpu import aot  # the devices are this host's memory: the host's peak
+    fits = aot.print_host_peak(aot.host_peak(run.config, run.model_cfg, run.cfg, run.mesh))
+  if not fits:
     raise SystemExit(1)
 
 
@@ -165,8 +171,8 @@ def write_run_files(run: Run) -> None:
   the workdir can be read. Process 0 writes."""
   setup.write_config(run.workdir, run.config)
   provenance.note_start(run.workdir)  # the commit and versions; a warning if a resume changed them
-  checkpoint.write_hf_config(run.model_cfg, os.path.join(run.workdir, export.MODEL_DIR),
-                             run.model_cfg.param_dtype, run.tokenizer_dir)
+  export.write_model_dir(run.workdir, run.model_cfg, run.config.model.path or run.model_dir,
+                         run.model_dir, run.tokenizer_dir)
 
 
 def restore(run: Run, ckpt: train_state.Checkpointer):
@@ -195,7 +201,8 @@ def prompt_stream(config: ml_collections.ConfigDict, data_state):
   own slice of each batch, so a run's batches do not depend on how many processes share it."""
   records = data_lib.load(config.data.name, config.data.split, config.data.data_dir or None,
                           **data_lib.generated_task_configs(config.data.synthetic,
-                                                            config.data.countdown))
+                                                            config.data.countdown),
+                          **data_lib.file_fields(config.data))
   prompts = pipeline.prompt_batches(records, batch_size=config.data.prompts_per_step,
                                     seed=config.seed)
   if data_state is not None:
@@ -303,8 +310,9 @@ def close_after_sigterm(ckpt, log, bar, step: int) -> None:
 def progress_bar(config: ml_collections.ConfigDict, start: int):
   if jax.process_index() != 0 or not config.progress_bar:
     return None
-  import tqdm
-  return tqdm.tqdm(total=config.total_steps, initial=start, desc="train", dynamic_ncols=True)
+  from explore_jax.config import cli  # log lines above the bar, never inside it
+  return cli.progress_bar(total=config.total_steps, initial=start, desc="train",
+                          dynamic_ncols=True)
 
 
 def show_progress(bar, metrics: dict) -> None:
@@ -323,4 +331,8 @@ def export_final(run: Run, state) -> None:
   hf_dir = os.path.join(run.workdir, "hf")
   stale = sharding.on_main(lambda: export.exported_step(hf_dir) != int(state.step), "train: export")
   if run.config.export_hf and sharding.from_main(np.array([bool(stale)], np.int32))[0]:
-    export.export_hf(run.model_cfg, state.actor, hf_dir, run.tokenizer_dir, int(state.step))
+    # In the dtype of the model the run started from unless export_dtype says otherwise: a bf16
+    # checkpoint trained with float32 master weights is exported in bf16 again.
+    dtype = run.config.export_dtype or checkpoint.saved_dtype(run.model_dir)
+    export.export_hf(run.model_cfg, state.actor, hf_dir, run.tokenizer_dir, int(state.step),
+                     dtype=dtype, source_dir=run.model_dir)

@@ -17,6 +17,7 @@ import optax
 
 from explore_jax import paths
 from explore_jax.config import defaults
+from explore_jax.config.cli import BadValue
 from explore_jax.models import checkpoint, qwen2
 from explore_jax.models import files as model_files
 from explore_jax.rl import actor_loss
@@ -94,17 +95,21 @@ def optimizers(config: ml_collections.ConfigDict) -> Optimizers:
 
 def resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
   """(model dir, tokenizer dir) on this host's disk; an empty model.path means the cached tiny
-  pre-trained base. A gs:// model.path or model.tokenizer is staged under model.stage_dir first,
-  once per host (`model_files.stage_model`). As in the evaluator, the hosts then check that they
-  read the same files (every process calls this)."""
+  pre-trained base. model.path and model.tokenizer are local directories, gs:// directories
+  (staged under model.stage_dir once per host) or hub ids ORG/NAME[@REV] (fetched into the hub
+  cache by each host): `model_files.local_dir`. As in the evaluator, the hosts then check that
+  they read the same files (every process calls this). The tokenizer directory must hold a
+  Hugging Face tokenizer (checked here, before the workdir is touched)."""
   m = config.model
   if m.path:
-    model_dir = _on_local_disk(m.path, m.stage_dir, "config.model.path")
+    model_dir = model_files.local_dir(m.path, "config.model.path", m.stage_dir)
   else:
     from explore_jax.demo import pretrain  # the CPU default only
     model_dir = pretrain.base_model(config)
-  tokenizer_dir = (_on_local_disk(m.tokenizer, m.stage_dir, "config.model.tokenizer")
-                   if m.tokenizer else model_dir)
+  tokenizer_dir = (model_files.local_dir(m.tokenizer, "config.model.tokenizer", m.stage_dir,
+                                         kind="tokenizer") if m.tokenizer else model_dir)
+  checkpoint.check_tokenizer_dir(tokenizer_dir, "config.model.tokenizer" if m.tokenizer
+                                 else "config.model.path")
   sharding.check_same_on_every_host(f"train: the model files of {m.path or model_dir}",
                                     model_files.model_fingerprint(model_dir))
   if m.tokenizer:
@@ -113,35 +118,50 @@ def resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
   return model_dir, tokenizer_dir
 
 
-def _on_local_disk(path: str, stage_dir: str, field: str) -> str:
-  if "://" not in path:
-    return path
-  return model_files.stage_model(path, stage_dir or paths.cache_dir("models"), field)
-
-
 def model_config(config: ml_collections.ConfigDict, model_dir: str | None = None
                  ) -> qwen2.Qwen2Config:
   """The model's architecture from shapes alone (for the dry run and `explore_jax.aot`):
-  `model_dir`/config.json, else (a bare `model.path` such as the 7B configs' "Qwen2.5-7B") the
-  preset of that name; the config's dtypes and remat applied. Needs no weights, no tokenizer."""
-  path = model_dir or config.model.path or resolve_model(config)[0]
+  `model_dir`/config.json; else model.path's config.json (a hub id fetches that file alone, a
+  gs:// directory is read in place); else, for a bare name that is no directory (the 7B configs'
+  "Qwen2.5-7B"), the preset of that name (`qwen2.PRESETS`); the config's dtypes and remat
+  applied. Needs no weights, no tokenizer."""
+  if model_dir is None and not config.model.path:
+    model_dir = resolve_model(config)[0]
+  path = model_dir or config.model.path
+  location = paths.locate(path)
   name = os.path.basename(os.path.normpath(path)).lower()
-  if os.path.isdir(path) or name not in qwen2.PRESETS:
-    cfg = checkpoint.load_model_config(path)  # names the directory if it holds no model
-  else:
+  if location.kind == "local" and not os.path.exists(location.path) and name in qwen2.PRESETS:
     cfg = qwen2.PRESETS[name]
+  elif location.kind == "bucket":
+    cfg = qwen2.Qwen2Config.from_hf_dict(
+        json.loads((epath.Path(path) / "config.json").read_text()), source=f"{path}/config.json")
+  else:  # names the directory if it holds no model
+    cfg = checkpoint.load_model_config(
+        model_files.local_dir(path, "config.model.path", kind="config"))
   m = config.model
   return cfg.replace(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
                      attention=m.attention, scan_layers=m.scan_layers,
                      remat_policy=m.remat_policy)
 
 
+def check_context(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config) -> None:
+  """A prompt + response budget beyond the positions the model was trained to (its
+  max_position_embeddings: 4096 for Qwen2.5-Math) is refused before anything runs."""
+  total = config.data.max_prompt_len + config.rollout.max_new_tokens
+  if total > model_cfg.max_position_embeddings:
+    raise BadValue(
+        f"config.data.max_prompt_len + config.rollout.max_new_tokens = "
+        f"{config.data.max_prompt_len} + {config.rollout.max_new_tokens} = {total} positions; "
+        f"the model ({config.model.path or 'model.path'}) is trained to "
+        f"{model_cfg.max_position_embeddings} (its max_position_embeddings): lower them")
+
+
 # What a resumed run may change: how long and where it runs, its memory layout and bookkeeping,
 # not what it computes. (With optim.schedule="cosine", total_steps is the schedule's horizon:
 # extending it changes the learning rate from the resumed step on; a warning says so.)
 RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "progress_bar", "export_hf", "dry_run", "on_nonfinite", "reward.workers",
-                     "reward.timeout_s", "distributed.", "mesh.", "model.remat",
+                     "progress_bar", "export_hf", "export_dtype", "dry_run", "on_nonfinite",
+                     "reward.workers", "reward.timeout_s", "distributed.", "mesh.", "model.remat",
                      "model.attention", "model.remat_policy", "model.path", "model.tokenizer",
                      "model.stage_dir", "data.data_dir", "rl.micro_batch_size",
                      "rl.micro_batch_per_shard", "rl.logit_chunk", "rl.length_buckets",
