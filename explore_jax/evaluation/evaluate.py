@@ -56,7 +56,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from explore_jax.models.files import model_fingerprint
-from explore_jax.paths import write_whole
+from explore_jax.paths import absolute, write_whole
 
 # --------------------------------------------------------------------------------------------------
 # Config schema (configs/eval_*.py start from these and override)
@@ -457,10 +457,15 @@ def run(config, workdir: str) -> dict | None:
   from transformers import AutoTokenizer
 
   from explore_jax import provenance, rewards
+  from explore_jax.config import check
   from explore_jax.evaluation import plots
   from explore_jax.models import checkpoint
   from explore_jax.tpu import sharding
 
+  check.check_eval_config(config)  # before anything is written or loaded
+  workdir = absolute(workdir)
+  config = config.copy_and_resolve_references()
+  config.data_dir = absolute(config.data_dir)
   sharding.initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   paths = model_paths(config)

@@ -32,6 +32,7 @@ import sys
 from etils import epath
 import jax
 
+from explore_jax import paths
 from explore_jax.models import checkpoint, qwen2
 from explore_jax.tpu import sharding
 from explore_jax.train import state as train_state
@@ -47,6 +48,7 @@ def restore_actor(workdir: str, step: int | None = None
   None: only the actor is read, on this host, from a local or gs:// workdir."""
   import orbax.checkpoint as ocp
 
+  workdir = paths.absolute(workdir)  # orbax reads absolute paths only
   hf_path = epath.Path(workdir) / MODEL_DIR / "config.json"
   if not hf_path.exists():
     raise FileNotFoundError(f"{hf_path}: missing; a run started before the trainer kept it "
@@ -55,7 +57,7 @@ def restore_actor(workdir: str, step: int | None = None
   model_cfg = qwen2.Qwen2Config.from_hf_dict(hf, source=os.fspath(hf_path),
                                              param_dtype=hf["torch_dtype"])
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  with ocp.CheckpointManager(ckpt_dir if "://" in ckpt_dir else os.path.abspath(ckpt_dir),
+  with ocp.CheckpointManager(ckpt_dir,
                              options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
     steps = manager.all_steps()
   if not steps or (step is not None and step not in steps):
@@ -109,6 +111,7 @@ def orbax_to_hf(ckpt: str, out: str, tokenizer_dir: str | None = None,
 
 def run_to_hf(workdir: str, out: str, step: int | None = None) -> int:
   """The actor of a training run's checkpoint as an HF directory; returns the step exported."""
+  workdir, out = paths.absolute(workdir), paths.absolute(out)
   config, params, step = restore_actor(workdir, step)
   checkpoint.save_hf(config, params, out, tokenizer_dir=os.path.join(workdir, MODEL_DIR))
   return step

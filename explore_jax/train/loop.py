@@ -11,7 +11,8 @@ checkpoint. SIGTERM on any process saves at the next step boundary on every proc
 
 `train` reads top to bottom as named steps: `set_up` (distributed, mesh, model, the step's static
 config, optimizers, the state's shapes), `restore` (the newest checkpoint, else the model's
-weights), `prompt_stream` (the data), then per step `run_step` (rollout -> grade -> score ->
+weights), `prompt_stream` (the data, whose prompt lengths are checked first against
+`data.max_prompt_len`), then per step `run_step` (rollout -> grade -> score ->
 updates -> metrics) and `save_if_due`, and at the end `export_final`.
 """
 
@@ -32,8 +33,9 @@ import ml_collections
 import numpy as np
 
 from explore_jax import data as data_lib
-from explore_jax import provenance
+from explore_jax import paths, provenance
 from explore_jax import rewards as rewards_lib
+from explore_jax.config import check as config_check
 from explore_jax.data import pipeline
 from explore_jax.models import checkpoint
 from explore_jax.rl import actor_loss
@@ -70,18 +72,29 @@ class Run:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Train (or resume) the run of `config` in `workdir`; exports the actor at the end."""
+  """Train (or resume) the run of `config` in `workdir`; exports the actor at the end. The
+  workdir and the config's local paths are made absolute here, once: orbax, a subprocess or a
+  later chdir then see the same places (a relative workdir once lost its checkpoints). A bad
+  setting is refused first, before anything is written or loaded."""
+  config_check.check_train_config(config)
+  workdir = paths.absolute(workdir)
+  config = setup.with_absolute_paths(config)
   run = set_up(config, workdir)
   if config.dry_run:
     dry_run(run)
     return
   tokenizer, eos_id, pad_id = load_tokenizer(run)
+  records = load_records(config)
+  # Needs the data and the tokenizer, so here: before the model's weights load or a rollout.
+  config_check.check_prompt_lengths(
+      config_check.prompt_lengths(records, config.data.template, tokenizer),
+      config.data.max_prompt_len)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     ckpt = train_state.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     setup.check_resume_config(workdir, config, has_checkpoint=bool(ckpt.manager.all_steps()))
     sharding.on_main(lambda: write_run_files(run), f"train: writing {workdir}")
     state, data_state, ref_params = restore(run, ckpt)
-    prompts = prompt_stream(config, data_state)
+    prompts = prompt_stream(config, records, data_state)
     start = int(state.step)
     log = metrics_io.MetricsLog(workdir, start, enabled=jax.process_index() == 0)
     bar = progress_bar(config, start)
@@ -190,12 +203,16 @@ def restore(run: Run, ckpt: train_state.Checkpointer):
   return state, data_state, ref_params
 
 
-def prompt_stream(config: ml_collections.ConfigDict, data_state):
+def load_records(config: ml_collections.ConfigDict):
+  """The training problems (`data.name`'s `data.split`)."""
+  return data_lib.load(config.data.name, config.data.split, config.data.data_dir or None,
+                       **data_lib.generated_task_configs(config.data.synthetic,
+                                                         config.data.countdown))
+
+
+def prompt_stream(config: ml_collections.ConfigDict, records, data_state):
   """The global batches of prompts. Every process walks the same shuffled stream and keeps its
   own slice of each batch, so a run's batches do not depend on how many processes share it."""
-  records = data_lib.load(config.data.name, config.data.split, config.data.data_dir or None,
-                          **data_lib.generated_task_configs(config.data.synthetic,
-                                                            config.data.countdown))
   prompts = pipeline.prompt_batches(records, batch_size=config.data.prompts_per_step,
                                     seed=config.seed)
   if data_state is not None:
