@@ -244,7 +244,7 @@ def run_step(run: Run, state, ref_params, batch: list, tokenizer, pool, step: in
   t2 = time.perf_counter()
   metrics.update(step_metrics(run, step, metrics, prompt_trunc, timing,
                               update_s=t2 - t1, step_s=t2 - t0))
-  check_finite(step, metrics, config.on_nonfinite)
+  check_finite(run, step, metrics)
   return state, metrics
 
 
@@ -274,15 +274,31 @@ def step_metrics(run: Run, step: int, metrics: dict, prompt_trunc: float, timing
   return out
 
 
-def check_finite(step: int, metrics: dict, mode: str) -> None:
-  bad = [k for k, v in metrics.items() if not np.isfinite(v) or (k.endswith("update_finite")
-                                                                   and v < 1)]
-  if bad and mode == "raise":
+def check_finite(run: Run, step: int, metrics: dict) -> None:
+  """Every mini-batch update whose loss, gradient, new parameters or new optimizer state held a
+  non-finite value was dropped inside the update (`train_step._apply`); here the step's metrics
+  say so. `on_nonfinite="raise"` stops the run before the step is saved (a rerun resumes from
+  the newest checkpoint), naming what was found where; "skip" warns and goes on."""
+  found = []
+  for part in ("actor", "critic"):
+    at = metrics.get(f"{part}/nonfinite_at", -1.0)
+    if at >= 0:
+      params, opt = getattr(run.shapes, part), getattr(run.shapes, f"{part}_opt")
+      found.append(f"{part}: {int(metrics[f'{part}/updates_dropped'])} of "
+                   f"{run.optim.updates_per_step} mini-batch updates dropped, the first for a "
+                   f"non-finite {train_step.nonfinite_names(params, opt)[int(at)]}")
+  metric_names = [k for k, v in metrics.items() if not np.isfinite(v)]
+  if metric_names:
+    found.append(f"non-finite metrics {', '.join(metric_names)}")
+  if not found:
+    return
+  if run.config.on_nonfinite == "raise":
     raise FloatingPointError(
-        f"step {step}: non-finite {', '.join(bad)} (the update was not applied). Set "
-        "--config.on_nonfinite=skip to drop such updates and go on.")
-  if bad:
-    logging.warning("step %d: non-finite %s; update skipped", step, bad)
+        f"step {step}: {'; '.join(found)}. No dropped update was applied and nothing of step "
+        f"{step} was saved: a rerun resumes from the newest checkpoint. If the cause is the "
+        "data or a setting (optim.lr, ...), --config.on_nonfinite=skip drops such updates and "
+        "goes on.")
+  logging.warning("step %d: %s; going on (on_nonfinite=skip)", step, "; ".join(found))
 
 
 def watch_sigterm() -> dict:
