@@ -35,6 +35,7 @@ import jax
 from explore_jax import paths
 from explore_jax.models import checkpoint, qwen2
 from explore_jax.tpu import sharding
+from explore_jax.train import digest
 from explore_jax.train import state as train_state
 
 
@@ -72,7 +73,23 @@ def restore_actor(workdir: str, step: int | None = None
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target))
   with ocp.PyTreeCheckpointer() as reader:
     restored = reader.restore(os.path.join(ckpt_dir, str(step), "state"), args=args)
+  check_actor(ckpt_dir, step, restored["actor"])
   return model_cfg, restored["actor"], step
+
+
+def check_actor(ckpt_dir: str, step: int, actor) -> None:
+  """Refuse an actor that is not what the trainer saved (its digests, `train.digest`) or holds a
+  non-finite value, naming the step and the array."""
+  record = epath.Path(ckpt_dir) / str(step) / train_state.DIGEST_ITEM / "metadata"
+  saved = json.loads(record.read_text())["arrays"] if record.exists() else None
+  read, nonfinite = digest.compute({"actor": actor})
+  differ = digest.differences(saved, read) if saved is not None else []
+  if differ or nonfinite:
+    raise ValueError(f"{ckpt_dir}: checkpoint step {step} is corrupt: "
+                     + "; ".join(filter(None, [
+                         differ and f"{', '.join(differ[:3])} differ from the digest at save",
+                         nonfinite and f"non-finite values in {', '.join(nonfinite[:3])}"]))
+                     + ". Export another step (--step)")
 
 
 def exported_step(path: str) -> int | None:

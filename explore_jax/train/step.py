@@ -38,6 +38,7 @@ from explore_jax.models import qwen2
 from explore_jax.rl import actor_loss as actor_lib
 from explore_jax.rl import advantages as adv_lib
 from explore_jax.rl import losses
+from explore_jax.train import digest
 from explore_jax.train.state import TrainState
 
 Array = jax.Array
@@ -294,8 +295,7 @@ def _all_finite(x: Array) -> Array:
 def nonfinite_names(params, opt_state) -> list[str]:
   """What `_apply`'s `nonfinite_at` index names: the loss, the gradient, each leaf of the new
   optimizer state, each leaf of the new parameters (pytrees or their shapes)."""
-  leaves = lambda what, tree: [f"{what} {jax.tree_util.keystr(path)}" for path, _ in
-                               jax.tree_util.tree_flatten_with_path(tree)[0]]
+  leaves = lambda what, tree: [f"{what} {name}" for name in digest.names(tree)]
   return (["loss", "gradient norm"] + leaves("optimizer state", opt_state)
           + leaves("parameter", params))
 

@@ -1,0 +1,109 @@
+"""A digest of every array of a checkpoint, so that a restore knows it read what was saved.
+
+Orbax reads back whatever bytes a checkpoint's data files hold: bytes flipped on a disk or in a
+bucket restore without an error, as NaN in an AdamW moment or as quietly wrong weights. So each
+save records, beside the state, a 64-bit digest of each array, and each restore recomputes the
+digests of what it read (and checks that every float array is finite); a difference sets the step
+aside (`train.state.Checkpointer`).
+
+The digest is computed on the devices, where the arrays are, and does not depend on how they are
+laid out: a restore may run on another mesh, another sharding, another number of processes. Each
+element contributes h(bits, i), a hash of its bit pattern and of its global (row-major) index, and
+the digest is the sum of those terms modulo 2^32, in two lanes with different hash keys. A sum of
+integers modulo 2^32 is exact in any order, so every split of the array gives the same value. For
+a fixed index, h is a bijection of the bits (murmur3's 32-bit finaliser after adding a key made
+from the index), so changing any one element always changes its term, and so the sum: a flipped
+byte cannot go unseen. Several changed elements could cancel with probability about 2^-64 (two
+independent lanes); moving an element to another index changes its term through the index.
+
+Cost: one read of every array (a few integer operations per element, fused into the reduction);
+`benchmarks/checkpoint_digest.py` compares it with the save itself (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+_KEYS = (0x9E3779B9, 0x85EBCA77)  # one per lane
+
+
+def _fmix32(h: Array) -> Array:
+  """murmur3's finaliser: a bijection of uint32 that mixes every input bit into every output bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _bits(x: Array) -> Array:
+  """The elements' bit patterns as uint32, [*shape] (8-byte types: [*shape, 2])."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+  unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _global_index(shape: tuple[int, ...]) -> Array:
+  """Each element's row-major index (mod 2^32) over the whole array, whatever its sharding."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
+    stride *= shape[dim]
+  return index
+
+
+def _leaf(x: Array) -> tuple[Array, Array]:
+  """(uint32[2] digest, finite) of one array."""
+  bits = _bits(x)
+  index = _global_index(bits.shape)
+  lanes = [jnp.sum(_fmix32(bits + _fmix32(index ^ jnp.uint32(key))), dtype=jnp.uint32)
+           for key in _KEYS]
+  finite = (jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+            else jnp.bool_(True))
+  return jnp.stack(lanes), finite
+
+
+@jax.jit
+def _all(leaves: list[Array]) -> tuple[Array, Array]:
+  out = [_leaf(x) for x in leaves]
+  return jnp.stack([d for d, _ in out]), jnp.stack([f for _, f in out])
+
+
+def _key(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def names(tree) -> list[str]:
+  """Each array's path in `tree`, in leaf order, as "actor/model/embed_tokens": the same for a
+  TrainState's field and a dict's key of that name (the export reads the actor alone)."""
+  return ["/".join(_key(k) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def compute(tree) -> tuple[dict[str, str], list[str]]:
+  """({path (`names`): 16 hex digits} for every array of `tree`, [paths of float arrays holding a
+  non-finite value]). Every process of a job calls it (a collective over sharded arrays)."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return {}, []
+  digests, finite = jax.device_get(_all(leaves))
+  paths = names(tree)
+  hexes = {p: f"{int(d[0]):08x}{int(d[1]):08x}" for p, d in zip(paths, np.asarray(digests))}
+  return hexes, [p for p, ok in zip(paths, np.asarray(finite)) if not ok]
+
+
+def differences(saved: dict[str, str], read: dict[str, str]) -> list[str]:
+  """Paths whose digest differs between a save's record and what a restore read (an array
+  the record lacks counts as differing)."""
+  return [p for p in read if saved.get(p) != read[p]]
