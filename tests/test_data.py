@@ -253,3 +253,12 @@ def test_invalid_utf8_is_kept_with_a_warning_and_duplicate_ids_are_refused(tmp_p
   with caplog.at_level(logging.WARNING):
     assert len(data.load_file(str(path), problem_field="q", answer_field="a", id_field="k")) == 2
   assert f"kept a changed row {path}:2" in caplog.text
+
+
+def test_a_garbled_tokenizer_names_its_directory(tmp_path):
+  tokenizer_lib.build_tiny_tokenizer(str(tmp_path / "tok"), num_examples=200)
+  assert tokenizer_lib.load(str(tmp_path / "tok"))("1 + 2")["input_ids"]
+  (tmp_path / "tok" / "tokenizer.json").write_text('{"garbled')
+  with pytest.raises(ValueError, match=f"{tmp_path / 'tok'}: the tokenizer files could not be "
+                                       "read"):
+    tokenizer_lib.load(str(tmp_path / "tok"))

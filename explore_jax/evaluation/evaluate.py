@@ -454,10 +454,9 @@ def run(config, workdir: str) -> dict | None:
   With several processes, process 0 writes and returns the results, the others return None."""
   import flax.linen as nn
   import jax
-  from transformers import AutoTokenizer
-
   from explore_jax import provenance, rewards
   from explore_jax.config import check
+  from explore_jax.data import tokenizer as tokenizer_lib
   from explore_jax.evaluation import plots
   from explore_jax.models import checkpoint
   from explore_jax.tpu import sharding
@@ -490,7 +489,7 @@ def run(config, workdir: str) -> dict | None:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       model_config, params = checkpoint.load_model(path, dtype=config.dtype or None,
                                                    shardings=_param_shardings(mesh, rules))
-      tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
+      tokenizer = tokenizer_lib.load(config.tokenizer or path)
       eos_id = tokenizer.eos_token_id
       if eos_id is None:
         eos_id = model_config.eos_token_id

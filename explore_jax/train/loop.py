@@ -164,8 +164,8 @@ def dry_run(run: Run) -> None:
 
 def load_tokenizer(run: Run):
   """(tokenizer, eos id, pad id): the model's own EOS when the tokenizer names none."""
-  import transformers
-  tokenizer = transformers.AutoTokenizer.from_pretrained(run.tokenizer_dir)
+  from explore_jax.data import tokenizer as tokenizer_lib
+  tokenizer = tokenizer_lib.load(run.tokenizer_dir)
   eos_id = (tokenizer.eos_token_id if tokenizer.eos_token_id is not None
             else run.model_cfg.eos_token_id)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
