@@ -216,11 +216,12 @@ def _gold_is_tractable(gold: str, timeout_s: float) -> bool:
   """Whether math-verify parses the reference and compares it with a plain number within the
   timeout (9^{9^{9^9}} parses at once, then any comparison evaluates it). Its own timeouts
   return [] / False, so the clock says whether one fired."""
+  soft = max(1, int(timeout_s))  # math-verify's own timeout (SIGALRM: whole seconds)
   start = time.monotonic()
-  if not _parse_gold(gold, max(1, int(timeout_s))):  # [] also on math-verify's timeout
+  if not _parse_gold(gold, soft):  # [] also on math-verify's timeout
     return False
   verify_extracted("0", gold, timeout_s)
-  return time.monotonic() - start < timeout_s
+  return time.monotonic() - start < soft
 
 
 def _quiet_math_verify() -> None:

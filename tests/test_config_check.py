@@ -49,6 +49,7 @@ BAD_TRAIN = [
     ("rl.clip_c", 0.5, "0 (off) or a finite number > 1"),
     ("reward.incorrect", 2.0, "must be above reward.incorrect"),
     ("mesh.shape", (1, -1, -1), "3 integers"),
+    ("data.name", "aime25", "with model.path='' (the tiny base model"),  # was: after set-up
 ]
 
 

@@ -216,7 +216,8 @@ def test_pipeline_over_loaded_records():
     (b'{"q": "no answer"}\n[1, 2]\n{"q": \n',
      ["no usable rows: 3 records read, 3 skipped", ":1: missing field 'a'",
       ":2: record is a list, not an object", ":3: not valid JSON"]),
-    ('{"q": "1+1?", "a": "2"}\n'.encode("utf-16"), ["encoded as UTF-16-LE", "save the file as UTF-8"]),
+    ('{"q": "1+1?", "a": "2"}\n'.encode("utf-16"),
+     ["encoded as UTF-16-LE", "save the file as UTF-8"]),
     ('{"q": "1+1?", "a": "2"}\n'.encode("utf-16-be"), ["encoded as UTF-16 or UTF-32 (NUL bytes"]),
 ])
 def test_a_file_without_usable_rows_says_why(tmp_path, monkeypatch, content, words):

@@ -190,7 +190,8 @@ def _two_updates(grpo_setup, tx, plant=None):
 
 
 def _where(metrics, state):
-  return train_step.nonfinite_names(state.actor, state.actor_opt)[int(metrics["actor/nonfinite_at"])]
+  names = train_step.nonfinite_names(state.actor, state.actor_opt)
+  return names[int(metrics["actor/nonfinite_at"])]
 
 
 def _assert_unchanged(new, before):

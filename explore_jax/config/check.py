@@ -289,6 +289,10 @@ TRAIN_RELATIONS: list[Relation] = [
      c.distributed.process_id < c.distributed.num_processes else
      f"distributed.process_id={c.distributed.process_id}: must be below "
      f"distributed.num_processes={c.distributed.num_processes}"),
+    (("model.path", "data.name"), lambda c: None if c.model.path or c.data.name in
+     ("synthetic_arithmetic", "countdown") else
+     f"data.name={c.data.name!r}: with model.path='' (the tiny base model, pre-trained here) "
+     "must be 'synthetic_arithmetic' or 'countdown'; set model.path for other data"),
     (("data.synthetic",), _generated("data.synthetic")),
     (("data.countdown",), _generated("data.countdown")),
 ]

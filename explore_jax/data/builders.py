@@ -211,8 +211,9 @@ def prepare(builder_cls: type[LocalFileBuilder], source_dir: str,
         tfds.display_progress_bar(False)
         builder.download_and_prepare()
         # Written last: its presence marks a complete build.
-        paths.write_whole(skipped_path, json.dumps(
-            {k: [dataclasses.asdict(s) for s in getattr(builder, k)] for k in ("skipped", "notes")}))
+        paths.write_whole(skipped_path, json.dumps({k: [dataclasses.asdict(s) for s in
+                                                        getattr(builder, k)]
+                                                    for k in ("skipped", "notes")}))
       builder = builder_cls(source_dir=source_dir, config=config, data_dir=data_dir)
   with open(skipped_path) as f:
     recorded = json.load(f)

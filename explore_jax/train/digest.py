@@ -7,19 +7,19 @@ digests of what it read (and checks that every float array is finite); a differe
 aside (`train.state.Checkpointer`).
 
 The digest is computed on the devices, where the arrays are, and does not depend on how they are
-laid out: a restore may run on another mesh, another sharding, another number of processes. Element i (its
-global row-major index) with bit pattern b contributes h_i = fmix32(b + i * 0x9E3779B9), and the
-digest is two sums modulo 2^32: sum_i h_i and sum_i h_i * (2i + 1). A sum of integers modulo 2^32
-is exact in any order, so every split of the array gives the same value. For a fixed index, h_i
-is a bijection of the bits (an addition, then murmur3's 32-bit finaliser), so changing any one
-element always changes its term, and so the first sum: a flipped byte cannot go unseen. Moving an
-element to another index changes its term through the index. Several changed elements cancel in
-both sums only by chance, about one time in 2^63 (the second sum weighs each term by an odd
-multiplier of its own).
+laid out: a restore may run on another mesh, another sharding, another number of processes.
+Element i (its global row-major index) with bit pattern b contributes
+h_i = fmix32(b + i * 0x9E3779B9), and the digest is two sums modulo 2^32: sum_i h_i and
+sum_i h_i * (2i + 1). A sum of integers modulo 2^32 is exact in any order, so every split of the
+array gives the same value. For a fixed index, h_i is a bijection of the bits (an addition, then
+murmur3's 32-bit finaliser), so changing any one element always changes its term, and so the
+first sum: a flipped byte cannot go unseen. Moving an element to another index changes its term
+through the index. Several changed elements cancel in both sums only by chance, about one time
+in 2^63 (the second sum weighs each term by an odd multiplier of its own).
 
 Cost: one read of every array (about 15 integer operations per element, fused into the two
-reductions);
-`benchmarks/checkpoint_digest.py` compares it with the save itself (docs/reliability.md).
+reductions), one small program per distinct array shape; `benchmarks/checkpoint_digest.py`
+compares it with the save itself (docs/reliability.md has the figures).
 """
 
 from __future__ import annotations
