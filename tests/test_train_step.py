@@ -249,6 +249,24 @@ def test_only_the_overflowing_mini_batch_is_dropped(grpo_setup):
   assert np.all(np.isfinite(np.concatenate([np.ravel(x) for x in jax.tree.leaves(new.actor)])))
 
 
+def test_the_critic_update_is_guarded_too():
+  """PPO's critic (here in its warm-up, the actor untouched) under an overflowing learning rate:
+  both critic updates are dropped, its parameters and AdamW state stay as they were."""
+  state, _, rollout, scores = _setup("ppo")
+  optim = defaults.base_config().optim
+  inf_tx = train_state.make_optimizer(train_state.lr_schedule(1e39, optim, 100), optim)
+  state = state.replace(critic_opt=inf_tx.init(state.critic))
+  batch, _ = train_step.score_rollout(state, None, rollout, scores, cfg=_cfg("ppo"))
+  before = jax.tree.map(np.asarray, (state.critic, state.critic_opt))
+  new, metrics = train_step.update(jax.tree.map(jnp.copy, state), batch, cfg=_cfg("ppo"),
+                                   actor_tx=inf_tx, critic_tx=inf_tx, train_actor=False)
+  assert float(metrics["critic/updates_dropped"]) == 2.0
+  names = train_step.nonfinite_names(new.critic, new.critic_opt)
+  assert names[int(metrics["critic/nonfinite_at"])].startswith("parameter ")
+  for a, b in zip(jax.tree.leaves((new.critic, new.critic_opt)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_the_trainer_names_what_was_dropped_and_where():
   """The loop's check: in raise mode the message names the update, the quantity and the array,
   and says that nothing of the step was saved; in skip mode it warns and goes on."""

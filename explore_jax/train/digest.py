@@ -96,7 +96,10 @@ def names(tree) -> list[str]:
 def compute(tree) -> tuple[dict[str, str], list[str]]:
   """({path (`names`): 16 hex digits} for every array of `tree`, [paths of float arrays holding a
   non-finite value]). Every process of a job calls it (a collective over sharded arrays)."""
-  out = jax.device_get([_leaf_jit(x) for x in jax.tree.leaves(tree)])  # dispatched, then read
+  # One array at a time, each read back before the next is dispatched: on several processes
+  # each program is a collective, and independent programs in flight at once may run in a
+  # different order on each process (CPU collectives deadlocked so).
+  out = [jax.device_get(_leaf_jit(x)) for x in jax.tree.leaves(tree)]
   paths = names(tree)
   hexes = {p: f"{int(d[0]):08x}{int(d[1]):08x}" for p, (d, _) in zip(paths, out)}
   return hexes, [p for p, (_, ok) in zip(paths, out) if not ok]
