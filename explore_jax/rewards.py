@@ -22,7 +22,15 @@ about ceil(n / workers) * timeout_s.
 
 Workers are fresh interpreters (never forks of the trainer, whose JAX threads must not be
 copied, nor multiprocessing children, which re-run the caller's `__main__`); a pool keeps them
-across calls, and a replacement costs one import of math-verify (about a second).
+across calls, and a replacement costs one import of math-verify (about a second). Their standard
+output and math-verify's own log are discarded: math-verify logs the whole text it timed out on
+(a 100k-character answer once landed in the trainer's log).
+
+Reference answers: before a reference goes to math-verify with responses, a worker parses it
+alone and compares it with a plain number, once per pool (a run); one that does not parse (or
+compare) within the timeout is remembered, its responses score as incorrect without another
+try, and a warning names it once.
+So a hostile reference costs its timeout once per run, not once per response drawn against it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import fractions
 import functools
+import logging
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -203,10 +212,32 @@ def grade(response: str | bytes, gold: str, method: str = "math_verify",
     return False
 
 
+def _gold_is_tractable(gold: str, timeout_s: float) -> bool:
+  """Whether math-verify parses the reference and compares it with a plain number within the
+  timeout (9^{9^{9^9}} parses at once, then any comparison evaluates it). Its own timeouts
+  return [] / False, so the clock says whether one fired."""
+  soft = max(1, int(timeout_s))  # math-verify's own timeout (SIGALRM: whole seconds)
+  start = time.monotonic()
+  if not _parse_gold(gold, soft):  # [] also on math-verify's timeout
+    return False
+  verify_extracted("0", gold, timeout_s)
+  return time.monotonic() - start < soft
+
+
+def _quiet_math_verify() -> None:
+  """math-verify's log (a timeout logs the whole text it was parsing) goes nowhere: the pool
+  reports what matters (a reference that does not parse) itself."""
+  log = logging.getLogger("math_verify")
+  log.addHandler(logging.NullHandler())
+  log.propagate = False
+
+
 def _worker_main(fd: int) -> None:
-  """Worker loop: (task id, extracted, gold, timeout) in, (task id, correct) out."""
+  """Worker loop: (task id, extracted, gold, timeout) in, (task id, correct) out. With extracted
+  None, the task parses the reference alone: "correct" says whether it parsed in time."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
   conn = multiprocessing.connection.Connection(fd)
+  _quiet_math_verify()
   import math_verify  # pylint: disable=g-import-not-at-top,unused-import
   conn.send("ready")  # deadlines start after the import, not during it
   while True:
@@ -218,7 +249,10 @@ def _worker_main(fd: int) -> None:
       return
     task_id, extracted, gold, timeout_s = msg
     try:
-      ok = verify_extracted(extracted, gold, timeout_s)
+      if extracted is None:
+        ok = _gold_is_tractable(gold, timeout_s)
+      else:
+        ok = verify_extracted(extracted, gold, timeout_s)
     except BaseException:  # pylint: disable=broad-except
       ok = False  # parse errors, RecursionError, math-verify's TimeoutException
     conn.send((task_id, ok))
@@ -245,9 +279,11 @@ class _Worker:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO_ROOT, env.get("PYTHONPATH")]))
     code = ("import sys; from explore_jax.rewards import _worker_main; "
             "_worker_main(int(sys.argv[1]))")
+    # stdout: nothing of the worker's is the caller's (tasks and results go over the socket);
+    # stderr stays, for a crash's traceback.
     self.process = subprocess.Popen(
         [sys.executable, "-c", code, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-        stdin=subprocess.DEVNULL, env=env)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
     theirs.close()
     self.conn = multiprocessing.connection.Connection(ours.detach())
     self.ready = False  # set by the worker's first message, once math-verify is imported
@@ -275,6 +311,8 @@ class RewardPool:
     self.max_workers = max_workers or len(os.sched_getaffinity(0))
     self.timeout_s = timeout_s
     self.killed = 0  # workers killed past their deadline or found dead, over the pool's life
+    self.bad_golds: set[str] = set()  # references math-verify could not parse in time
+    self._good_golds: set[str] = set()
     self._failed_starts = 0
     self._workers: list[_Worker] = []
 
@@ -312,9 +350,10 @@ class RewardPool:
     w.kill()
     self._workers[i] = _Worker()
 
-  def _run(self, tasks: list[tuple[int, str, str]]) -> dict[int, bool]:
-    """math-verify over (index, extracted, gold); a timed-out or crashed task is False."""
-    results: dict[int, bool] = {}
+  def _run(self, tasks: list[tuple[int, str | None, str]]) -> dict[int, bool | None]:
+    """math-verify over (index, extracted, gold); a timed-out task is False, one whose worker
+    died before its deadline None (not the task's doing, as far as anyone knows)."""
+    results: dict[int, bool | None] = {}
     while len(self._workers) < min(self.max_workers, len(tasks)):
       self._workers.append(_Worker())
     # Tasks queue at the worker their reference answer hashes to, so each worker parses (and
@@ -357,7 +396,7 @@ class RewardPool:
         elif now < w.deadline:
           continue
         if w.task is not None:
-          results[w.task] = False
+          results[w.task] = False if now >= w.deadline else None
         self._replace(i)
     return results
 
@@ -382,9 +421,28 @@ class RewardPool:
         tasks.append((i, extracted, str(gold)))
       else:
         correct[i] = decided
-    for i, ok in self._run(tasks).items():
-      correct[i] = ok
+    self._parse_golds({gold for _, _, gold in tasks})
+    for i, ok in self._run([t for t in tasks if t[2] not in self.bad_golds]).items():
+      correct[i] = bool(ok)
     return correct
+
+  def _parse_golds(self, golds: set[str]) -> None:
+    """Try each reference not seen before alone (`_gold_is_tractable`, once per pool);
+    remember those that fail."""
+    new = sorted(golds - self._good_golds - self.bad_golds)
+    if not new:
+      return
+    for i, ok in self._run([(i, None, gold) for i, gold in enumerate(new)]).items():
+      if ok is None:  # its worker died (killed from outside): tried again next time
+        continue
+      if ok:
+        self._good_golds.add(new[i])
+        continue
+      self.bad_golds.add(new[i])
+      shown = new[i] if len(new[i]) <= 80 else f"{new[i][:60]}... ({len(new[i]):,} characters)"
+      logging.warning("reward: math-verify could not parse and compare the reference answer %r "
+                      "within %g s; every response graded against it counts as incorrect from "
+                      "now on", shown, self.timeout_s)
 
   def score(self, responses: Sequence[str | bytes], answers: Sequence[str], *,
             method: str = "math_verify", correct_reward: float = 1.0,

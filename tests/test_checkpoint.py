@@ -234,6 +234,10 @@ def _break(case, path, tmp_path):
     cfg = json.loads(config_json.read_text())
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
     config_json.write_text(json.dumps(cfg))
+  elif case in ("truncated", "garbled_header"):
+    fn = pathlib.Path(path, checkpoint.SINGLE_FILE)
+    raw = fn.read_bytes()
+    fn.write_bytes(raw[:len(raw) // 2] if case == "truncated" else b"\xff" * 8 + raw[8:])
   elif case == "pickle_only":
     os.remove(os.path.join(path, checkpoint.SINGLE_FILE))
     with open(os.path.join(path, "pytorch_model.bin"), "wb") as f:
@@ -248,6 +252,10 @@ def _break(case, path, tmp_path):
                                     "(3,)", "(16,)"]),
     ("not_qwen2", ValueError, ["config.json", "llama"]),
     ("pickle_only", ValueError, ["pytorch_model.bin", "safetensors"]),
+    # safetensors' own errors name no file ("incomplete metadata, file not fully covered").
+    ("truncated", ValueError, ["ckpt/model.safetensors", "not a readable safetensors file",
+                               "incomplete metadata"]),
+    ("garbled_header", ValueError, ["ckpt/model.safetensors", "not a readable safetensors file"]),
 ])
 def test_bad_checkpoints_name_the_file_and_tensor(hf_dirs, tmp_path, case, error, words):
   _, single, sharded = hf_dirs

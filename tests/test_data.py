@@ -208,3 +208,58 @@ def test_pipeline_over_loaded_records():
   it = pipeline.prompt_batches(recs, batch_size=7, seed=0)
   batch = next(it)
   assert len(batch) == 7 and all(isinstance(r["problem"], str) for r in batch)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", ["no records (the file is empty or blank)"]),
+    (b"\n  \n", ["no records (the file is empty or blank)"]),
+    (b'{"q": "no answer"}\n[1, 2]\n{"q": \n',
+     ["no usable rows: 3 records read, 3 skipped", ":1: missing field 'a'",
+      ":2: record is a list, not an object", ":3: not valid JSON"]),
+    ('{"q": "1+1?", "a": "2"}\n'.encode("utf-16"),
+     ["encoded as UTF-16-LE", "save the file as UTF-8"]),
+    ('{"q": "1+1?", "a": "2"}\n'.encode("utf-16-be"), ["encoded as UTF-16 or UTF-32 (NUL bytes"]),
+])
+def test_a_file_without_usable_rows_says_why(tmp_path, monkeypatch, content, words):
+  """Once a TFDS AssertionError ("No examples were yielded") naming no file, the reasons for
+  each skipped row never printed."""
+  monkeypatch.setenv("EXPLORE_JAX_CACHE", str(tmp_path / "cache"))
+  path = tmp_path / "mine.jsonl"
+  path.write_bytes(content)
+  with pytest.raises(ValueError) as e:
+    data.load_file(str(path), problem_field="q", answer_field="a")
+  assert str(path) in str(e.value)
+  for w in words:
+    assert w in str(e.value), str(e.value)
+
+
+def test_invalid_utf8_is_kept_with_a_warning_and_duplicate_ids_are_refused(tmp_path, monkeypatch,
+                                                                           caplog):
+  monkeypatch.setenv("EXPLORE_JAX_CACHE", str(tmp_path / "cache"))
+  path = tmp_path / "mine.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + b'{"k": "a", "q": "1+1?", "a": "2"}\n'  # a UTF-8 BOM: fine
+                   b'{"k": "b", "q": "caf\xe9?", "a": "3"}\n'  # Latin-1 inside UTF-8
+                   b'{"k": "a", "q": "2+2?", "a": "4"}\n')
+  with caplog.at_level(logging.WARNING):
+    recs = data.load_file(str(path), problem_field="q", answer_field="a", id_field="k")
+  assert [(r["id"], r["problem"]) for r in recs] == [("a", "1+1?"), ("b", "caf\ufffd?")]
+  assert [(s.line, s.reason) for s in recs.notes] == [
+      (2, "invalid UTF-8 (byte 20 of the line, 0xe9) read as U+FFFD")]
+  assert f"kept a changed row {path}:2: invalid UTF-8" in caplog.text
+  assert [(s.line, s.reason.split(";")[0]) for s in recs.skipped] == [
+      (3, "duplicate id 'a' (first at line 1)")]
+  assert f"{path}:3: duplicate id 'a'" in caplog.text
+  # The notes are kept with the prepared files: a second load warns the same.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert len(data.load_file(str(path), problem_field="q", answer_field="a", id_field="k")) == 2
+  assert f"kept a changed row {path}:2" in caplog.text
+
+
+def test_a_garbled_tokenizer_names_its_directory(tmp_path):
+  tokenizer_lib.build_tiny_tokenizer(str(tmp_path / "tok"), num_examples=200)
+  assert tokenizer_lib.load(str(tmp_path / "tok"))("1 + 2")["input_ids"]
+  (tmp_path / "tok" / "tokenizer.json").write_text('{"garbled')
+  with pytest.raises(ValueError, match=f"{tmp_path / 'tok'}: the tokenizer files could not be "
+                                       "read"):
+    tokenizer_lib.load(str(tmp_path / "tok"))

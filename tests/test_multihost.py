@@ -2,7 +2,7 @@
 
 The same tiny GRPO run on 2 processes must log the losses of the same run on one device
 (test_train's reference run), a SIGTERM to one process must stop both at one step with one checkpoint,
-which both restore (the resumed steps matching the uninterrupted run), and
+which both restore from a relative workdir (the resumed steps matching the uninterrupted run), and
 the Hugging Face export (each tensor gathered from both processes, written by process 0) must hold
 the 1-process run's weights. The 2-process job starts on a cache with no base model (a cold start):
 both processes build it and one complete copy is published (an older release published process
@@ -90,9 +90,9 @@ def launch_two(commands, env, cwd, timeout=600, check=True, watch=None):
   return results
 
 
-def run_two_processes(env, workdir, overrides, watch=None):
+def run_two_processes(env, workdir, overrides, watch=None, cwd=REPO):
   cmd = _command(workdir, "entropy_reg", overrides)
-  return [err for _, err in launch_two([cmd, cmd], env, REPO, watch=watch)]
+  return [err for _, err in launch_two([cmd, cmd], env, str(cwd), watch=watch)]
 
 
 def sigterm_after(workdir, step, pid):
@@ -118,7 +118,8 @@ def test_two_processes_match_one_process_and_resume(train_env, reference_run, tm
   # processes stop at the same step boundary, save that step together and exit 0.
   watch, sent = sigterm_after(tmp_path / "two", 1, pid=1)
   cold = dict(train_env, EXPLORE_JAX_CACHE=str(tmp_path / "empty_cache"))
-  errs = run_two_processes(cold, tmp_path / "two", REFERENCE, watch=watch)
+  # The workdir as a relative path (`--workdir two`): both processes save and restore there.
+  errs = run_two_processes(cold, "two", REFERENCE, watch=watch, cwd=tmp_path)
   assert sent and time.monotonic() - sent[0] < 120
   # One base model published, complete (no temporary copy left behind either), and the same
   # bytes as the one the 1-process run read: the same config and seed build the same model.
@@ -136,7 +137,7 @@ def test_two_processes_match_one_process_and_resume(train_env, reference_run, tm
   two = read_metrics(tmp_path / "two")
   assert [r["step"] for r in two] == list(range(1, k + 1))
   # The same command resumes both from step k; every step matches the uninterrupted run's.
-  errs = run_two_processes(cold, tmp_path / "two", REFERENCE)
+  errs = run_two_processes(cold, "two", REFERENCE, cwd=tmp_path)
   assert all(f"restored checkpoint step {k}" in e for e in errs)
   two = read_metrics(tmp_path / "two")
   assert [r["step"] for r in two] == [1, 2, 3, 4]
@@ -162,15 +163,22 @@ def test_two_processes_match_one_process_and_resume(train_env, reference_run, tm
 
 def test_one_process_cannot_read_the_newest_checkpoint(tmp_path):
   """Process 1 alone fails to read step 2: with a persistent read error both stop naming it;
-  with a torn step both restore step 1 (not one process step 2 and the other step 1)."""
-  cmd = [sys.executable, os.path.join(REPO, "tests", "two_process_restore.py"),
-         f"--dir={tmp_path / 'ckpt'}"]
+  with a torn step both restore step 1 (not one process step 2 and the other step 1). Bytes
+  flipped in step 3's data files: both set it aside and restore step 1. The directory is
+  relative to the processes' working directory."""
+  cmd = [sys.executable, os.path.join(REPO, "tests", "two_process_restore.py"), "--dir=ckpt"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  outs = [out for out, _ in launch_two([cmd, cmd], env, REPO, timeout=300)]
+  results = launch_two([cmd, cmd], env, str(tmp_path), timeout=300)
+  outs = [out for out, _ in results]
   for out in outs:
     assert "A: stopped:" in out and "checkpoint step 2 could not be read after 2 tries" in out
-    assert "B: restored step 1 data 1 w 1.0" in out
+    assert "B: restored step 1 data 1 w 1.000" in out
+    assert "C: restored step 1 data 1" in out and "D: restored step 1 w 1.000" in out
+  for _, err in results:
+    assert "checkpoint step 3" in err and "does not hold what was saved" in err
+    assert "differs from its digest at save: actor/w" in err
   # Process 1 says what it saw; process 0 names it and points at its log.
   assert "(process 1: TimeoutError: read timed out)" in outs[1]
   assert "(process 1, see its log)" in outs[0]
-  assert sorted(p.name.split("_")[0] for p in (tmp_path / "ckpt").iterdir()) == ["1", "torn"]
+  assert sorted(p.name.split("_")[0] for p in (tmp_path / "ckpt").iterdir()) == [
+      "1", "corrupt", "torn"]

@@ -4,6 +4,7 @@ import os
 import random
 import signal
 import threading
+import time
 
 import math_verify
 import numpy as np
@@ -104,6 +105,33 @@ def test_hostile_outputs_score_incorrect_without_hanging(pool):
   np.testing.assert_array_equal(result, [-1.0] * len(HOSTILE))
   # The pool still grades normally afterwards (killed workers were replaced).
   np.testing.assert_array_equal(pool.score([r"\boxed{\frac{2}{4}}"], ["0.5"]), [1.0])
+
+
+def test_a_hostile_reference_costs_its_timeout_once_per_run(capfd, caplog):
+  """A reference that math-verify cannot parse in time (96k characters) or cannot compare in
+  time (9^{9^{9^9}}: parsed at once, evaluated by any comparison) is tried once per pool, then
+  its responses score incorrect at no cost; math-verify's log of the whole text is not printed;
+  a warning names each once. Ordinary references are not affected."""
+  long_gold = r"\frac{1}{2}+" * 8000 + "1"
+  golds = [long_gold, "9^{9^{9^9}}"]
+  # 2.5 s: math-verify's own timeout is 2 s (whole seconds), the pool's deadline 2.5 s.
+  with rewards.RewardPool(max_workers=2, timeout_s=2.5) as p:
+    p.score([r"\boxed{1}"], ["1"])  # the workers are up
+    start = time.monotonic()
+    first = p.score([r"\boxed{5}", r"\boxed{x+1}"] * 2, golds * 2)
+    first_s = time.monotonic() - start
+    start = time.monotonic()
+    for _ in range(3):
+      again = p.score([r"\boxed{6}", r"\boxed{7}"] * 4, golds * 4)
+    again_s = time.monotonic() - start
+    assert set(p.bad_golds) == set(golds)
+    assert p.score([r"\boxed{\frac{2}{4}}", r"\boxed{3}"], ["0.5", "2+1"]).tolist() == [1.0, 1.0]
+  assert first.tolist() == [-1.0] * 4 and again.tolist() == [-1.0] * 8
+  assert first_s < 3 * 2.5 and again_s < 1.0, (first_s, again_s)
+  out, err = capfd.readouterr()
+  assert "frac{1}{2}+" * 20 not in out + err and len(out + err) < 5000, (len(out), len(err))
+  warned = [r.getMessage() for r in caplog.records if "reference answer" in r.getMessage()]
+  assert len(warned) == 2 and any("(96,001 characters)" in w for w in warned), warned
 
 
 def test_crashed_worker_is_replaced(pool):

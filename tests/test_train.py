@@ -68,11 +68,11 @@ def _command(workdir, variant="entropy_adv", overrides=()):
           *overrides]
 
 
-def run_train(env, workdir, variant="entropy_adv", overrides=(), devices=1, check=True):
+def run_train(env, workdir, variant="entropy_adv", overrides=(), devices=1, check=True, cwd=REPO):
   env = dict(env)
   if devices > 1:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  proc = subprocess.run(_command(workdir, variant, overrides), env=env, cwd=REPO,
+  proc = subprocess.run(_command(workdir, variant, overrides), env=env, cwd=cwd,
                         capture_output=True, text=True, timeout=900)
   if check and proc.returncode:
     raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -294,21 +294,51 @@ def test_resume_is_exact_after_sigterm_and_sigkill(train_env, reference_run, tmp
   assert comparable(read_metrics(workdir)) == expected
 
 
-def test_torn_and_missing_checkpoints(train_env, tmp_path):
-  workdir = tmp_path / "run"
-  overrides = ["--config.total_steps=2", "--config.checkpoint_every=1", "--config.export_hf=False",
+def _flip_bytes(step_dir, count=400):
+  """`count` bytes flipped in the middle of the step's largest data file, its size unchanged (a
+  disk or a bucket that returns other bytes than were written)."""
+  files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+  target = max(files, key=lambda f: f.stat().st_size)
+  raw = bytearray(target.read_bytes())
+  middle = len(raw) // 2
+  raw[middle:middle + count] = bytes(b ^ 0xFF for b in raw[middle:middle + count])
+  target.write_bytes(bytes(raw))
+
+
+@pytest.mark.slow
+def test_relative_workdir_torn_and_corrupt_checkpoints(train_env, tmp_path):
+  """A run in a relative workdir resumes from it (it once set its complete checkpoint aside as
+  torn and started afresh); a torn step and a step whose bytes were flipped on disk are set
+  aside and the step before them restored; `run-to-hf` exports from the relative workdir."""
+  overrides = ["--config.checkpoint_every=1", "--config.export_hf=False",
                "--config.keep_checkpoints=3"]
-  proc = run_train(train_env, workdir, overrides=overrides)
+  run = lambda steps: run_train(train_env, "rel", overrides=[f"--config.total_steps={steps}"]
+                                + overrides, cwd=tmp_path)
+  proc = run(2)
   assert "no complete checkpoint" in proc.stderr  # a fresh workdir says it starts fresh
-  ckpts = workdir / "checkpoints"
+  ckpts = tmp_path / "rel" / "checkpoints"
   assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["1", "2"]
-  # Tear the newest checkpoint: its state item loses its files, as a crash mid-write would.
+  proc = run(3)
+  assert "restored checkpoint step 2" in proc.stderr and "moved it to" not in proc.stderr
+  # Step 3's bytes flipped (same size); step 2 torn, as a crash mid-write leaves it.
+  _flip_bytes(ckpts / "3")
   for f in (ckpts / "2" / "state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"")
-  proc = run_train(train_env, workdir, overrides=["--config.total_steps=3"] + overrides[1:])
-  assert "checkpoint step 2" in proc.stderr and "restored checkpoint step 1" in proc.stderr
-  assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
+  proc = run(4)
+  assert "checkpoint step 3" in proc.stderr and "does not hold what was saved" in proc.stderr
+  assert "from its digest at save: actor" in proc.stderr  # names the array (actor or actor_opt)
+  assert "checkpoint step 2" in proc.stderr and "is incomplete" in proc.stderr
+  assert "restored checkpoint step 1" in proc.stderr
+  assert [r["step"] for r in read_metrics(tmp_path / "rel")] == [1, 2, 3, 4]
+  aside = sorted(p.name.split("_")[0] for p in ckpts.iterdir() if not p.name.isdigit())
+  assert aside == ["corrupt", "torn"]
+  convert = [sys.executable, "-m", "explore_jax.convert", "run-to-hf", "--workdir=rel",
+             "--out=exported"]
+  proc = subprocess.run(convert, env=train_env, cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and "step 4" in proc.stdout, proc.stderr[-3000:]
+  assert (tmp_path / "exported" / "model.safetensors").exists()
 
 
 def test_dry_run_prints_the_memory_plan(train_env, tmp_path):

@@ -175,6 +175,124 @@ def test_nonfinite_update_is_not_applied(grpo_setup):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def _two_updates(grpo_setup, tx, plant=None):
+  """The update of the module's rollout (16 rows: two mini-batch updates of 8) under `tx`, from
+  the setup's state (with `plant(state)` applied): (state before, new state, metrics)."""
+  state, _, rollout, scores = grpo_setup
+  state = state.replace(actor_opt=tx.init(state.actor))
+  if plant is not None:
+    state = plant(state)
+  batch, _ = train_step.score_rollout(state, None, rollout, scores, cfg=_cfg())
+  before = jax.tree.map(np.asarray, state)
+  new, metrics = train_step.update(jax.tree.map(jnp.copy, state), batch, cfg=_cfg(),
+                                   actor_tx=tx, critic_tx=tx, train_actor=True)
+  return before, new, {k: float(v) for k, v in metrics.items()}
+
+
+def _where(metrics, state):
+  names = train_step.nonfinite_names(state.actor, state.actor_opt)
+  return names[int(metrics["actor/nonfinite_at"])]
+
+
+def _assert_unchanged(new, before):
+  for a, b in zip(jax.tree.leaves((new.actor, new.actor_opt)),
+                  jax.tree.leaves((before.actor, before.actor_opt))):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_an_overflowing_learning_rate_never_lands(grpo_setup):
+  """lr = 1e39 is inf in float32 (the config check refuses it; the step is called directly): the
+  loss and the gradient are finite, the new parameters are not. Both updates are dropped, the
+  parameters and AdamW's state (its count too) stay as they were."""
+  optim = defaults.base_config().optim
+  tx = train_state.make_optimizer(train_state.lr_schedule(1e39, optim, 100), optim)
+  before, new, metrics = _two_updates(grpo_setup, tx)
+  assert np.isfinite(metrics["actor/loss"]) and np.isfinite(metrics["actor/grad_norm"])
+  assert metrics["actor/update_finite"] == 0.0 and metrics["actor/updates_dropped"] == 2.0
+  assert _where(metrics, new).startswith("parameter model/")
+  _assert_unchanged(new, before)
+  assert int(new.step) == int(before.step) + 1  # the step itself is counted
+
+
+def test_a_nan_in_an_adamw_moment_never_spreads(grpo_setup):
+  """A NaN planted in one AdamW moment (as a corrupt checkpoint once restored) would make its
+  parameter NaN; the update is dropped and names the moment."""
+  optim = defaults.base_config().optim
+  tx = train_state.make_optimizer(train_state.lr_schedule(1e-3, optim, 100), optim)
+
+  def plant(state):
+    mu = state.actor_opt[1][0].mu
+    mlp = mu["model"]["layers_0"]["mlp"]
+    mlp["down_proj"] = mlp["down_proj"].at[3, 5].set(jnp.nan)
+    return state
+
+  before, new, metrics = _two_updates(grpo_setup, tx, plant)
+  assert metrics["actor/updates_dropped"] == 2.0
+  where = _where(metrics, new)
+  assert where == "optimizer state 1/0/mu/model/layers_0/mlp/down_proj", where
+  _assert_unchanged(new, before)
+  assert np.all(np.isfinite(np.concatenate([np.ravel(x) for x in jax.tree.leaves(new.actor)])))
+
+
+def test_only_the_overflowing_mini_batch_is_dropped(grpo_setup):
+  """A learning rate that is finite for the first optimizer step and inf for the second: the
+  first mini-batch update lands, the second is dropped, the state is the one after the first
+  (AdamW's count is 1)."""
+  optim = defaults.base_config().optim
+  tx = train_state.make_optimizer(lambda count: jnp.where(count == 0, 1e-3, jnp.inf), optim)
+  before, new, metrics = _two_updates(grpo_setup, tx)
+  assert metrics["actor/updates_dropped"] == 1.0 and metrics["actor/update_finite"] == 0.0
+  assert int(new.actor_opt[1][0].count) == 1
+  moved = max(float(np.max(np.abs(np.asarray(a) - b)))
+              for a, b in zip(jax.tree.leaves(new.actor), jax.tree.leaves(before.actor)))
+  assert 0 < moved < 1  # one step of lr 1e-3
+  assert np.all(np.isfinite(np.concatenate([np.ravel(x) for x in jax.tree.leaves(new.actor)])))
+
+
+def test_the_critic_update_is_guarded_too():
+  """PPO's critic (here in its warm-up, the actor untouched) under an overflowing learning rate:
+  both critic updates are dropped, its parameters and AdamW state stay as they were."""
+  state, _, rollout, scores = _setup("ppo")
+  optim = defaults.base_config().optim
+  inf_tx = train_state.make_optimizer(train_state.lr_schedule(1e39, optim, 100), optim)
+  state = state.replace(critic_opt=inf_tx.init(state.critic))
+  batch, _ = train_step.score_rollout(state, None, rollout, scores, cfg=_cfg("ppo"))
+  before = jax.tree.map(np.asarray, (state.critic, state.critic_opt))
+  new, metrics = train_step.update(jax.tree.map(jnp.copy, state), batch, cfg=_cfg("ppo"),
+                                   actor_tx=inf_tx, critic_tx=inf_tx, train_actor=False)
+  assert float(metrics["critic/updates_dropped"]) == 2.0
+  names = train_step.nonfinite_names(new.critic, new.critic_opt)
+  assert names[int(metrics["critic/nonfinite_at"])].startswith("parameter ")
+  for a, b in zip(jax.tree.leaves((new.critic, new.critic_opt)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_the_trainer_names_what_was_dropped_and_where():
+  """The loop's check: in raise mode the message names the update, the quantity and the array,
+  and says that nothing of the step was saved; in skip mode it warns and goes on."""
+  import types
+
+  from explore_jax.train import loop
+  optim = defaults.base_config().optim
+  tx = train_state.make_optimizer(train_state.lr_schedule(1e-3, optim, 100), optim)
+  shapes, _ = train_state.abstract_state(MODEL, tx, tx, False)
+  names = train_step.nonfinite_names(shapes.actor, shapes.actor_opt)
+  at = names.index("parameter model/layers_0/mlp/down_proj")
+  run = types.SimpleNamespace(shapes=shapes, optim=types.SimpleNamespace(updates_per_step=2),
+                              config=types.SimpleNamespace(on_nonfinite="raise"))
+  metrics = {"actor/loss": 0.5, "actor/nonfinite_at": float(at), "actor/updates_dropped": 1.0,
+             "actor/update_finite": 0.0}
+  with pytest.raises(FloatingPointError) as e:
+    loop.check_finite(run, 7, metrics)
+  assert ("step 7: actor: 1 of 2 mini-batch updates dropped, the first for a non-finite "
+          "parameter model/layers_0/mlp/down_proj") in str(e.value)
+  assert "nothing of step 7 was saved" in str(e.value)
+  run.config.on_nonfinite = "skip"
+  loop.check_finite(run, 7, metrics)  # a warning only
+  loop.check_finite(run, 7, {**metrics, "actor/nonfinite_at": -1.0, "actor/updates_dropped": 0.0,
+                             "actor/update_finite": 1.0})
+
+
 def test_bucket_lengths():
   assert train_step.bucket_lengths(16, 1) == (16,)
   assert train_step.bucket_lengths(72, 4) == (24, 40, 56, 72)

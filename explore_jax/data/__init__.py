@@ -57,12 +57,14 @@ def _decode(value: Any) -> Any:
 class Records(Sequence):
   """Read-only sequence of record dicts over a TFDS data source, decoded on access.
 
-  `skipped` lists the malformed source rows (file, line, reason) left out of the dataset.
+  `skipped` lists the malformed source rows (file, line, reason) left out of the dataset;
+  `notes` the rows kept with a change (invalid UTF-8 read as U+FFFD).
   """
 
-  def __init__(self, source: Sequence[dict[str, Any]], skipped=()):
+  def __init__(self, source: Sequence[dict[str, Any]], skipped=(), notes=()):
     self._source = source
     self.skipped: list[readers.Skipped] = list(skipped)
+    self.notes: list[readers.Skipped] = list(notes)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -86,13 +88,15 @@ class Records(Sequence):
       yield from self.__getitems__(range(start, min(start + 1024, len(self))))
 
 
-def _warn_skipped(what: str, skipped: Sequence[readers.Skipped], limit: int = 20) -> None:
-  for s in skipped[:limit]:
-    _log.warning("%s: skipped malformed row %s", what, s)
-  if len(skipped) > limit:
-    _log.warning("%s: ... and %d more malformed rows", what, len(skipped) - limit)
-  if skipped:
-    _log.warning("%s: %d malformed rows skipped in all", what, len(skipped))
+def _warn_skipped(what: str, builder: builders.LocalFileBuilder, limit: int = 20) -> None:
+  for kind, items in (("skipped malformed row", builder.skipped),
+                      ("kept a changed row", builder.notes)):
+    for s in items[:limit]:
+      _log.warning("%s: %s %s", what, kind, s)
+    if len(items) > limit:
+      _log.warning("%s: ... and %d more", what, len(items) - limit)
+  if builder.skipped:
+    _log.warning("%s: %d malformed rows skipped in all", what, len(builder.skipped))
 
 
 HUB_PREFIX = "hf:"
@@ -125,8 +129,8 @@ def load(name: str, split: str, data_dir: str | None = None, *,
   if split not in cls.SPLIT_FILES:
     raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(cls.SPLIT_FILES)}")
   builder = builders.prepare(cls, data_dir or paths.default_data_dir())
-  _warn_skipped(name, builder.skipped)
-  return Records(builder.as_data_source(split), builder.skipped)
+  _warn_skipped(name, builder)
+  return Records(builder.as_data_source(split), builder.skipped, builder.notes)
 
 
 def hub_file(name: str, split: str) -> str:
@@ -158,8 +162,10 @@ def load_file(path: str, *, problem_field: str = "problem", answer_field: str = 
               id_field: str | None = None) -> Records:
   """Records of a user's JSONL / JSON-array / parquet file (fields may be dotted paths).
 
-  Malformed rows (bad JSON, missing or empty problem/answer) are skipped, logged as warnings with
-  their line numbers, and listed in `.skipped`. Records also carry `line`, their source line.
+  Malformed rows (bad JSON, missing or empty problem/answer, a repeated id) are skipped, logged
+  as warnings with their line numbers, and listed in `.skipped`; rows kept with a change
+  (invalid UTF-8) likewise in `.notes`. A file with no usable row is a ValueError that lists why
+  each record was skipped. Records also carry `line`, their source line.
   """
   path = os.path.abspath(path)
   readers.file_format(path)  # fail early on an unknown extension
@@ -168,5 +174,5 @@ def load_file(path: str, *, problem_field: str = "problem", answer_field: str = 
   config = builders.UserFileConfig(name=f"f{key[:12]}", path=path, problem_field=problem_field,
                                    answer_field=answer_field, id_field=id_field)
   builder = builders.prepare(builders.UserFile, os.path.dirname(path), config)
-  _warn_skipped(path, builder.skipped)
-  return Records(builder.as_data_source(config.split), builder.skipped)
+  _warn_skipped(path, builder)
+  return Records(builder.as_data_source(config.split), builder.skipped, builder.notes)

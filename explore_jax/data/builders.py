@@ -49,6 +49,7 @@ class LocalFileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, source_dir: str, **kwargs):
     self.source_dir = source_dir
     self.skipped: list[readers.Skipped] = []
+    self.notes: list[readers.Skipped] = []  # rows kept with a change (invalid UTF-8)
     super().__init__(file_format="array_record", **kwargs)
 
   def source_files(self) -> dict[str, str]:
@@ -71,7 +72,8 @@ class LocalFileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             for split, path in self.source_files().items()}
 
   def _generate_examples(self, split: str, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    rows, skipped = readers.read_rows(path, lambda rec, line: self.convert(rec, line, split))
+    rows, skipped = readers.read_rows(path, lambda rec, line: self.convert(rec, line, split),
+                                      self.notes)
     self.skipped.extend(skipped)
     for i, row in enumerate(rows):
       yield i, {"id": row.id, "problem": row.problem, "answer": row.answer, **row.extra}
@@ -209,9 +211,14 @@ def prepare(builder_cls: type[LocalFileBuilder], source_dir: str,
         tfds.display_progress_bar(False)
         builder.download_and_prepare()
         # Written last: its presence marks a complete build.
-        paths.write_whole(skipped_path,
-                          json.dumps([dataclasses.asdict(s) for s in builder.skipped]))
+        paths.write_whole(skipped_path, json.dumps({k: [dataclasses.asdict(s) for s in
+                                                        getattr(builder, k)]
+                                                    for k in ("skipped", "notes")}))
       builder = builder_cls(source_dir=source_dir, config=config, data_dir=data_dir)
   with open(skipped_path) as f:
-    builder.skipped = [readers.Skipped(**s) for s in json.load(f)]
+    recorded = json.load(f)
+  if isinstance(recorded, list):  # a build from before notes were kept
+    recorded = {"skipped": recorded}
+  builder.skipped = [readers.Skipped(**s) for s in recorded["skipped"]]
+  builder.notes = [readers.Skipped(**s) for s in recorded.get("notes", [])]
   return builder

@@ -54,3 +54,16 @@ def build_tiny_tokenizer(path: str, vocab_size: int = 384, num_examples: int = 2
   os.makedirs(path, exist_ok=True)
   fast.save_pretrained(path)
   return fast
+
+
+def load(path: str):
+  """`transformers.AutoTokenizer.from_pretrained(path)`, with errors that name the directory: a
+  garbled tokenizer.json otherwise raises a bare JSONDecodeError. (transformers' own OSError for
+  a missing tokenizer names it already.)"""
+  try:
+    return transformers.AutoTokenizer.from_pretrained(path)
+  except OSError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path}: the tokenizer files could not be read ({type(e).__name__}: "
+                     f"{str(e)[:300]})") from e

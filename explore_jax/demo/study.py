@@ -36,7 +36,7 @@ from scipy import stats
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from explore_jax import provenance
+from explore_jax import paths, provenance
 from explore_jax.config import defaults
 from explore_jax.data import countdown, templates
 from explore_jax.demo import pretrain
@@ -267,6 +267,7 @@ def write_report(workdir: str, lines: list[str]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  workdir = paths.absolute(workdir)  # one place, whatever later changes the current directory
   os.makedirs(workdir, exist_ok=True)
   provenance.note_start(workdir)
   t0 = time.perf_counter()

@@ -56,7 +56,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from explore_jax.models.files import model_fingerprint
-from explore_jax.paths import write_whole
+from explore_jax.paths import absolute, write_whole
 
 # --------------------------------------------------------------------------------------------------
 # Config schema (configs/eval_*.py start from these and override)
@@ -487,15 +487,19 @@ def run(config, workdir: str) -> dict | None:
   With several processes, process 0 writes and returns the results, the others return None."""
   import flax.linen as nn
   import jax
-  from transformers import AutoTokenizer
-
   from explore_jax import paths as paths_lib
   from explore_jax import provenance, rewards
+  from explore_jax.config import check
+  from explore_jax.data import tokenizer as tokenizer_lib
   from explore_jax.evaluation import plots
   from explore_jax.models import checkpoint
   from explore_jax.models import files as model_files
   from explore_jax.tpu import sharding
 
+  check.check_eval_config(config)  # before anything is written or loaded
+  workdir = absolute(workdir)
+  config = config.copy_and_resolve_references()
+  config.data_dir = absolute(config.data_dir)
   sharding.initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   paths = model_paths(config)
@@ -525,7 +529,7 @@ def run(config, workdir: str) -> dict | None:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       model_config, params = checkpoint.load_model(local, dtype=config.dtype or None,
                                                    shardings=_param_shardings(mesh, rules))
-      tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or local)
+      tokenizer = tokenizer_lib.load(tokenizer_dir or local)
       eos_id = tokenizer.eos_token_id
       if eos_id is None:
         eos_id = model_config.eos_token_id

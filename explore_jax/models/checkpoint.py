@@ -22,6 +22,7 @@ Directory formats:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from explore_jax.config.cli import UserError
@@ -145,6 +146,19 @@ def check_tokenizer_dir(path: str, what: str) -> None:
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+@contextlib.contextmanager
+def _open_weights(full: str):
+  """safe_open(full), whose errors (a truncated or garbled file) name the file: safetensors'
+  own ("incomplete metadata, file not fully covered") do not."""
+  try:
+    with safe_open(full, "np") as f:
+      yield f
+  except SafetensorError as e:
+    size = os.path.getsize(full) if os.path.exists(full) else 0
+    raise ValueError(f"{full}: not a readable safetensors file ({size:,} bytes; {e}); it may be "
+                     "truncated or corrupt: copy or download it again") from None
+
+
 def _weight_files(path: str) -> dict[str, str]:
   """HF tensor name -> safetensors file, from the index or the single file's header."""
   index = os.path.join(path, INDEX_FILE)
@@ -164,7 +178,7 @@ def _weight_files(path: str) -> dict[str, str]:
     return dict(weight_map)
   single = os.path.join(path, SINGLE_FILE)
   if os.path.exists(single):
-    with safe_open(single, "np") as f:
+    with _open_weights(single) as f:
       return {name: SINGLE_FILE for name in f.keys()}
   pickles = [os.path.basename(p) for pat in _PICKLE_PATTERNS
              for p in glob.glob(os.path.join(path, pat))]
@@ -183,7 +197,7 @@ def _check_headers(path: str, files: dict[str, str], layout: dict, tied: bool) -
   to_read = {}
   for fn, names in sorted(by_file.items()):
     full = os.path.join(path, fn)
-    with safe_open(full, "np") as f:
+    with _open_weights(full) as f:
       present = set(f.keys())
       for name in names:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -259,7 +273,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, shardings=None, *,
       del x
     to_read = {n: f for n, f in to_read.items() if not in_layer(n)}
   for fn in sorted(set(to_read.values())):
-    with safe_open(os.path.join(path, fn), "np") as f:
+    with _open_weights(os.path.join(path, fn)) as f:
       for name in [n for n, file in to_read.items() if file == fn]:
         tree_path, _, to_jax, _ = layout[name]
         x = to_jax(f.get_tensor(name)).astype(jnp.dtype(dtype))
@@ -269,7 +283,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, shardings=None, *,
 
 
 def _read_tensor(path: str, fn: str, name: str) -> np.ndarray:
-  with safe_open(os.path.join(path, fn), "np") as f:
+  with _open_weights(os.path.join(path, fn)) as f:
     return f.get_tensor(name)
 
 

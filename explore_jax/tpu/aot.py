@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from explore_jax import paths
+from explore_jax.config import check as config_check
 from explore_jax.rl import actor_loss
 from explore_jax.rollout import engine as rollout_engine
 from explore_jax.rollout import sampling
@@ -98,8 +100,7 @@ def topology_name(name: str) -> str:
 
 def topology_devices(name: str) -> tuple[list, str]:
   """(TPU devices of the topology, one per chip, to build a mesh on; the chip's name)."""
-  beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv",
-                        "tpu-compiler")  # where `make tpu-compiler` puts it
+  beside = os.path.join(paths.REPO_ROOT, ".venv", "tpu-compiler")  # `make tpu-compiler` puts it
   if importlib.util.find_spec("libtpu") is None and os.path.isdir(beside):
     sys.path.append(beside)
   if importlib.util.find_spec("libtpu") is None:
@@ -301,6 +302,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, with_flops: b
                  only: tuple[str, ...] = PROGRAMS) -> dict:
   """Compile the programs of one step (those in `only`) for `topology`; the report (module
   docstring)."""
+  config_check.check_train_config(config)
   unknown = sorted(set(only) - set(PROGRAMS))
   if unknown or not only:
     raise ValueError(f"--programs {','.join(only)}: unknown {unknown}; known: {PROGRAMS}")

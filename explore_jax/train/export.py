@@ -42,10 +42,12 @@ import sys
 from etils import epath
 import jax
 
+from explore_jax import paths
 from explore_jax.config import cli as cli_lib
 from explore_jax.models import checkpoint, qwen2
 from explore_jax.models import files as model_files
 from explore_jax.tpu import sharding
+from explore_jax.train import digest
 from explore_jax.train import state as train_state
 
 
@@ -84,6 +86,7 @@ def restore_actor(workdir: str, step: int | None = None
   None: only the actor is read, on this host, from a local or gs:// workdir."""
   import orbax.checkpoint as ocp
 
+  workdir = paths.absolute(workdir)  # orbax reads absolute paths only
   hf_path = epath.Path(workdir) / MODEL_DIR / "config.json"
   if not hf_path.exists():
     raise FileNotFoundError(f"{hf_path}: missing; a run started before the trainer kept it "
@@ -113,7 +116,23 @@ def restore_actor(workdir: str, step: int | None = None
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target))
   with ocp.PyTreeCheckpointer() as reader:
     restored = reader.restore(os.path.join(ckpt_dir, str(step), "state"), args=args)
+  check_actor(ckpt_dir, step, restored["actor"])
   return model_cfg, restored["actor"], step
+
+
+def check_actor(ckpt_dir: str, step: int, actor) -> None:
+  """Refuse an actor that is not what the trainer saved (its digests, `train.digest`) or holds a
+  non-finite value, naming the step and the array."""
+  record = epath.Path(ckpt_dir) / str(step) / train_state.DIGEST_ITEM / "metadata"
+  saved = json.loads(record.read_text())["arrays"] if record.exists() else None
+  read, nonfinite = digest.compute({"actor": actor})
+  differ = digest.differences(saved, read) if saved is not None else []
+  if differ or nonfinite:
+    raise ValueError(f"{ckpt_dir}: checkpoint step {step} is corrupt: "
+                     + "; ".join(filter(None, [
+                         differ and f"{', '.join(differ[:3])} differ from the digest at save",
+                         nonfinite and f"non-finite values in {', '.join(nonfinite[:3])}"]))
+                     + ". Export another step (--step)")
 
 
 def exported_step(path: str) -> int | None:
@@ -159,6 +178,7 @@ def orbax_to_hf(ckpt: str, out: str, tokenizer_dir: str | None = None,
 def run_to_hf(workdir: str, out: str, step: int | None = None, dtype: str | None = None) -> int:
   """The actor of a training run's checkpoint as an HF directory, in `dtype` (default: the dtype
   of the model the run started from); returns the step exported."""
+  workdir, out = paths.absolute(workdir), paths.absolute(out)
   config, params, step = restore_actor(workdir, step)
   model = os.path.join(workdir, MODEL_DIR)
   checkpoint.save_hf(config, params, out, tokenizer_dir=model, dtype=dtype or source_dtype(workdir),

@@ -11,7 +11,8 @@ checkpoint. SIGTERM on any process saves at the next step boundary on every proc
 
 `train` reads top to bottom as named steps: `set_up` (distributed, mesh, model, the step's static
 config, optimizers, the state's shapes), `restore` (the newest checkpoint, else the model's
-weights), `prompt_stream` (the data), then per step `run_step` (rollout -> grade -> score ->
+weights), `prompt_stream` (the data, whose prompt lengths are checked first against
+`data.max_prompt_len`), then per step `run_step` (rollout -> grade -> score ->
 updates -> metrics) and `save_if_due`, and at the end `export_final`.
 """
 
@@ -32,8 +33,9 @@ import ml_collections
 import numpy as np
 
 from explore_jax import data as data_lib
-from explore_jax import provenance
+from explore_jax import paths, provenance
 from explore_jax import rewards as rewards_lib
+from explore_jax.config import check as config_check
 from explore_jax.data import pipeline
 from explore_jax.models import checkpoint
 from explore_jax.rl import actor_loss
@@ -70,18 +72,29 @@ class Run:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Train (or resume) the run of `config` in `workdir`; exports the actor at the end."""
+  """Train (or resume) the run of `config` in `workdir`; exports the actor at the end. The
+  workdir and the config's local paths are made absolute here, once: orbax, a subprocess or a
+  later chdir then see the same places (a relative workdir once lost its checkpoints). A bad
+  setting is refused first, before anything is written or loaded."""
+  config_check.check_train_config(config)
+  workdir = paths.absolute(workdir)
+  config = setup.with_absolute_paths(config)
   run = set_up(config, workdir)
   if config.dry_run:
     dry_run(run)
     return
   tokenizer, eos_id, pad_id = load_tokenizer(run)
+  records = load_records(config)
+  # Needs the data and the tokenizer, so here: before the model's weights load or a rollout.
+  config_check.check_prompt_lengths(
+      config_check.prompt_lengths(records, config.data.template, tokenizer),
+      config.data.max_prompt_len)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     ckpt = train_state.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     setup.check_resume_config(workdir, config, has_checkpoint=bool(ckpt.manager.all_steps()))
     sharding.on_main(lambda: write_run_files(run), f"train: writing {workdir}")
     state, data_state, ref_params = restore(run, ckpt)
-    prompts = prompt_stream(config, data_state)
+    prompts = prompt_stream(config, records, data_state)
     start = int(state.step)
     log = metrics_io.MetricsLog(workdir, start, enabled=jax.process_index() == 0)
     bar = progress_bar(config, start)
@@ -157,8 +170,8 @@ def dry_run(run: Run) -> None:
 
 def load_tokenizer(run: Run):
   """(tokenizer, eos id, pad id): the model's own EOS when the tokenizer names none."""
-  import transformers
-  tokenizer = transformers.AutoTokenizer.from_pretrained(run.tokenizer_dir)
+  from explore_jax.data import tokenizer as tokenizer_lib
+  tokenizer = tokenizer_lib.load(run.tokenizer_dir)
   eos_id = (tokenizer.eos_token_id if tokenizer.eos_token_id is not None
             else run.model_cfg.eos_token_id)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
@@ -196,13 +209,17 @@ def restore(run: Run, ckpt: train_state.Checkpointer):
   return state, data_state, ref_params
 
 
-def prompt_stream(config: ml_collections.ConfigDict, data_state):
+def load_records(config: ml_collections.ConfigDict):
+  """The training problems (`data.name`'s `data.split`)."""
+  return data_lib.load(config.data.name, config.data.split, config.data.data_dir or None,
+                       **data_lib.generated_task_configs(config.data.synthetic,
+                                                         config.data.countdown),
+                       **data_lib.file_fields(config.data))
+
+
+def prompt_stream(config: ml_collections.ConfigDict, records, data_state):
   """The global batches of prompts. Every process walks the same shuffled stream and keeps its
   own slice of each batch, so a run's batches do not depend on how many processes share it."""
-  records = data_lib.load(config.data.name, config.data.split, config.data.data_dir or None,
-                          **data_lib.generated_task_configs(config.data.synthetic,
-                                                            config.data.countdown),
-                          **data_lib.file_fields(config.data))
   prompts = pipeline.prompt_batches(records, batch_size=config.data.prompts_per_step,
                                     seed=config.seed)
   if data_state is not None:
@@ -234,7 +251,7 @@ def run_step(run: Run, state, ref_params, batch: list, tokenizer, pool, step: in
   t2 = time.perf_counter()
   metrics.update(step_metrics(run, step, metrics, prompt_trunc, timing,
                               update_s=t2 - t1, step_s=t2 - t0))
-  check_finite(step, metrics, config.on_nonfinite)
+  check_finite(run, step, metrics)
   return state, metrics
 
 
@@ -264,15 +281,31 @@ def step_metrics(run: Run, step: int, metrics: dict, prompt_trunc: float, timing
   return out
 
 
-def check_finite(step: int, metrics: dict, mode: str) -> None:
-  bad = [k for k, v in metrics.items() if not np.isfinite(v) or (k.endswith("update_finite")
-                                                                   and v < 1)]
-  if bad and mode == "raise":
+def check_finite(run: Run, step: int, metrics: dict) -> None:
+  """Every mini-batch update whose loss, gradient, new parameters or new optimizer state held a
+  non-finite value was dropped inside the update (`train_step._apply`); here the step's metrics
+  say so. `on_nonfinite="raise"` stops the run before the step is saved (a rerun resumes from
+  the newest checkpoint), naming what was found where; "skip" warns and goes on."""
+  found = []
+  for part in ("actor", "critic"):
+    at = metrics.get(f"{part}/nonfinite_at", -1.0)
+    if at >= 0:
+      params, opt = getattr(run.shapes, part), getattr(run.shapes, f"{part}_opt")
+      found.append(f"{part}: {int(metrics[f'{part}/updates_dropped'])} of "
+                   f"{run.optim.updates_per_step} mini-batch updates dropped, the first for a "
+                   f"non-finite {train_step.nonfinite_names(params, opt)[int(at)]}")
+  metric_names = [k for k, v in metrics.items() if not np.isfinite(v)]
+  if metric_names:
+    found.append(f"non-finite metrics {', '.join(metric_names)}")
+  if not found:
+    return
+  if run.config.on_nonfinite == "raise":
     raise FloatingPointError(
-        f"step {step}: non-finite {', '.join(bad)} (the update was not applied). Set "
-        "--config.on_nonfinite=skip to drop such updates and go on.")
-  if bad:
-    logging.warning("step %d: non-finite %s; update skipped", step, bad)
+        f"step {step}: {'; '.join(found)}. No dropped update was applied and nothing of step "
+        f"{step} was saved: a rerun resumes from the newest checkpoint. If the cause is the "
+        "data or a setting (optim.lr, ...), --config.on_nonfinite=skip drops such updates and "
+        "goes on.")
+  logging.warning("step %d: %s; going on (on_nonfinite=skip)", step, "; ".join(found))
 
 
 def watch_sigterm() -> dict:

@@ -26,10 +26,20 @@ from explore_jax.train import state as train_state
 from explore_jax.train import step as train_step
 
 
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose local directories (`data.data_dir`, `model.stage_dir`) are
+  absolute (`paths.absolute`); model and tokenizer paths follow `paths.locate` where they are
+  read."""
+  config = config.copy_and_resolve_references()
+  config.data.data_dir = paths.absolute(config.data.data_dir)
+  config.model.stage_dir = paths.absolute(config.model.stage_dir)
+  return config
+
+
 def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
                 mesh_shape: tuple[int, ...] = (1, 1, 1)) -> train_step.StepConfig:
   """The jitted step's static config; `mesh_shape` (data, fsdp, tensor) resolves the micro-batch
-  (`memory.micro_batch_rows`)."""
+  (`memory.micro_batch_rows`). Expects a config that passed `config.check.check_train_config`."""
   rl = config.rl
   micro = memory.micro_batch_rows(rl, mesh_shape)
   loss = actor_loss.LossConfig(
@@ -37,26 +47,14 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
       entropy_advantage=rl.entropy_advantage, alpha=rl.alpha, kappa=rl.kappa,
       entropy_clip=rl.entropy_clip, entropy_coef=rl.entropy_coef, kl_coef=rl.kl_coef,
       kl_kind=rl.kl_kind)
+  # The config's own ranges and relations are `config.check`'s (run first by the trainer and
+  # explore_jax.aot); what is left needs the mesh and the process count.
   rows = config.data.prompts_per_step * config.rollout.n
-  if rl.algorithm not in ("grpo", "ppo"):
-    raise ValueError(f"config.rl.algorithm={rl.algorithm!r}: use 'grpo' or 'ppo'")
   if rows % rl.mini_batch_size or rl.mini_batch_size % micro:
     raise ValueError(
         f"config: rollout rows ({config.data.prompts_per_step} prompts x {config.rollout.n} = "
         f"{rows}) must be a multiple of rl.mini_batch_size={rl.mini_batch_size}, itself a multiple "
         f"of the micro-batch ({memory.describe_micro_batch(rl, mesh_shape)})")
-  train_step.bucket_lengths(config.data.max_prompt_len + config.rollout.max_new_tokens,
-                            rl.length_buckets)  # checks rl.length_buckets before any tracing
-  if config.rollout.engine not in ("static", "continuous"):
-    raise ValueError(f"config.rollout.engine={config.rollout.engine!r}: use 'continuous' or "
-                     "'static'")
-  if config.rollout.slots < 0 or config.rollout.chunk < 1 or config.rollout.kv_block < 0:
-    raise ValueError(f"config.rollout.slots={config.rollout.slots} and config.rollout.kv_block="
-                     f"{config.rollout.kv_block} must be >= 0, config.rollout.chunk="
-                     f"{config.rollout.chunk} >= 1")
-  if not 0.0 < config.rollout.refill_share <= 1.0:
-    raise ValueError(f"config.rollout.refill_share={config.rollout.refill_share}: must be in "
-                     "(0, 1]")
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
   if config.rollout.engine == "continuous":  # one call per step (sample_and_grade)
     wave = config.data.prompts_per_step

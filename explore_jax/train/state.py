@@ -3,7 +3,9 @@
     TrainState(step, rng, actor, actor_opt, critic, critic_opt)
 
 `critic`/`critic_opt` are None for GRPO. The data-iterator state (a small JSON dict) is saved in the
-same orbax checkpoint step as a second item, so a checkpoint is complete by construction.
+same orbax checkpoint step as a second item, so a checkpoint is complete by construction. A third
+item, `digest`, records a digest of every array (`train.digest`): a restore that reads back
+anything else, or a non-finite value, sets the step aside and takes the one before.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from explore_jax import paths
 from explore_jax.models import qwen2
 from explore_jax.tpu import sharding
+from explore_jax.train import digest
 
 Array = jax.Array
 
@@ -135,7 +139,9 @@ def saved_layout(state_dir: str) -> str | None:
 
 
 # Outcomes of restoring one step on one process, in order of precedence when processes differ.
-OK, TORN, TRANSIENT, MISMATCH = 0, 1, 2, 3
+# CORRUPT: read completely, but not what was saved (digest) or not finite.
+OK, TORN, CORRUPT, TRANSIENT, MISMATCH = 0, 1, 2, 3, 4
+DIGEST_ITEM = "digest"
 
 
 def agree_outcome(outcome: int) -> tuple[int, int]:
@@ -167,19 +173,47 @@ def structure_mismatch(abstract, meta) -> str:
   return ""
 
 
+def _verify(state: TrainState, record: dict | None) -> str:
+  """'' when every array of a restored `state` has the digest `record` holds for it (when there
+  is a record) and every float array is finite; else what differs, naming the arrays."""
+  read, nonfinite = digest.compute(state)
+  differ = digest.differences(record["arrays"], read) if record is not None else []
+  problems = []
+  if differ:
+    problems.append(f"{len(differ)} array{'s differ' if len(differ) > 1 else ' differs'} from "
+                    f"its digest at save: {', '.join(differ[:3])}"
+                    f"{'...' if len(differ) > 3 else ''}")
+  if nonfinite:
+    problems.append(f"non-finite values in {', '.join(nonfinite[:3])}"
+                    f"{'...' if len(nonfinite) > 3 else ''}")
+  return "; ".join(problems)
+
+
 class Checkpointer:
   """Orbax CheckpointManager over (state pytree, data-iterator JSON), robust to torn directories."""
 
   def __init__(self, directory: str, keep: int):
-    self.directory = directory
+    if keep < 1:  # orbax's max_to_keep=0 deletes each checkpoint right after writing it
+      raise ValueError(f"keep_checkpoints={keep}: must be >= 1")
+    # Absolute: every read below (orbax's and ours) sees the same directory, so a step is set
+    # aside as torn only when it cannot be read there.
+    self.directory = paths.absolute(directory)
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory) if "://" not in directory else directory,
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              cleanup_tmp_directories=True))
 
   def save(self, step: int, state: TrainState, data_state: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)), force=True)
+    """Save `step` (asynchronously) with the digest of every array, computed first on the
+    devices. A state holding a non-finite value is refused: the update's guard keeps one from
+    ever being trained, so it would be a fault to report, not a checkpoint to keep."""
+    digests, nonfinite = digest.compute(state)
+    if nonfinite:
+      raise FloatingPointError(f"step {step}: the train state holds non-finite values in "
+                               f"{', '.join(nonfinite[:3])}; not saved to {self.directory}")
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        **{DIGEST_ITEM: ocp.args.JsonSave({"arrays": digests})}), force=True)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -189,8 +223,10 @@ class Checkpointer:
     """The newest step that every process restores completely; None (fresh start) when there is
     none. Every process tries the same step (process 0's list) and the outcomes are agreed:
     a transient read error (an OSError other than a missing file) is retried `retries` times by
-    all, a torn step (missing or unreadable files) is skipped by all, and a checkpoint whose tree
-    or shapes differ from `abstract` is an error on every process, never a silent fresh start."""
+    all, a torn step (missing or unreadable files) or a corrupt one (read back, but an array
+    differs from its digest at save or holds a non-finite value) is set aside and skipped by
+    all, and a checkpoint whose tree or shapes differ from `abstract` is an error on every
+    process, never a silent fresh start."""
     steps = sharding.steps_from_main(sorted(self.manager.all_steps(), reverse=True))
     for step in steps:
       for attempt in range(retries + 1):
@@ -217,16 +253,24 @@ class Checkpointer:
         raise error(f"{self.directory}: checkpoint step {step} {what} (process {who}"
                            f"{': ' + detail if detail else ', see its log'}); no process "
                            "restored it. Fix the workdir or the config, or use a fresh workdir.")
-      logging.warning("checkpoint step %d in %s is incomplete on process %d (%s); every process "
-                      "skips it", step, self.directory, who, detail or "see its log")
-      if jax.process_index() == 0 and "://" not in self.directory:
-        torn = os.path.join(self.directory, f"torn_{step}_{int(time.time())}")
-        os.rename(os.path.join(self.directory, str(step)), torn)
-        logging.warning("moved it to %s", torn)
-      sharding.barrier(f"checkpoint step {step} set aside")
-      self.manager.reload()
+      self._set_aside(step, worst, who, detail)
     logging.info("no complete checkpoint in %s: starting fresh", self.directory)
     return None
+
+  def _set_aside(self, step: int, outcome: int, who: int, detail: str) -> None:
+    """Every process skips `step`; process 0 moves a local one to torn_STEP_TIME (unreadable) or
+    corrupt_STEP_TIME (read, but not what was saved), where it can be looked at."""
+    what = "is incomplete" if outcome == TORN else "does not hold what was saved"
+    logging.warning("checkpoint step %d in %s %s on process %d (%s); every process skips it "
+                    "for an earlier step", step, self.directory, what, who,
+                    detail or "see its log")
+    if jax.process_index() == 0 and "://" not in self.directory:
+      kind = "torn" if outcome == TORN else "corrupt"
+      aside = os.path.join(self.directory, f"{kind}_{step}_{int(time.time())}")
+      os.rename(os.path.join(self.directory, str(step)), aside)
+      logging.warning("moved it to %s", aside)
+    sharding.barrier(f"checkpoint step {step} set aside")
+    self.manager.reload()
 
   def _probe(self, step: int, abstract: TrainState) -> tuple[int, str]:
     """(outcome, detail) of reading `step`'s tree metadata on this process alone."""
@@ -255,17 +299,23 @@ class Checkpointer:
     return (MISMATCH, problem) if problem else (OK, "")
 
   def _read(self, step: int, abstract: TrainState):
-    """(outcome, detail, restored or None) of orbax's (collective) restore of `step`."""
+    """(outcome, detail, restored or None) of orbax's (collective) restore of `step`, checked
+    against its digests (`_verify`)."""
+    from etils import epath
+    items = dict(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+    has_digest = (epath.Path(self.directory) / str(step) / DIGEST_ITEM).exists()
+    if has_digest:  # (checkpoints written before digests existed have none)
+      items[DIGEST_ITEM] = ocp.args.JsonRestore()
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except FileNotFoundError as e:
       return TORN, f"{type(e).__name__}: {str(e)[:200]}", None
     except OSError as e:  # a network or bucket error: may succeed on a retry
       return TRANSIENT, f"{type(e).__name__}: {str(e)[:200]}", None
     except Exception as e:  # corrupt or truncated files
       return TORN, f"{type(e).__name__}: {str(e)[:200]}", None
-    return OK, "", restored
+    problem = _verify(restored.state, getattr(restored, DIGEST_ITEM) if has_digest else None)
+    return (CORRUPT, problem, None) if problem else (OK, "", restored)
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -38,6 +38,7 @@ from explore_jax.models import qwen2
 from explore_jax.rl import actor_loss as actor_lib
 from explore_jax.rl import advantages as adv_lib
 from explore_jax.rl import losses
+from explore_jax.train import digest
 from explore_jax.train.state import TrainState
 
 Array = jax.Array
@@ -285,15 +286,59 @@ def _accumulate(loss_fn, params, batch: dict, micro: int, lengths: tuple[int, ..
   return loss, grads, metrics, jnp.mean(fracs)
 
 
+def _all_finite(x: Array) -> Array:
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.bool_(True)  # counters
+  return jnp.all(jnp.isfinite(x))
+
+
+def nonfinite_names(params, opt_state) -> list[str]:
+  """What `_apply`'s `nonfinite_at` index names: the loss, the gradient, each leaf of the new
+  optimizer state, each leaf of the new parameters (pytrees or their shapes)."""
+  leaves = lambda what, tree: [f"{what} {name}" for name in digest.names(tree)]
+  return (["loss", "gradient norm"] + leaves("optimizer state", opt_state)
+          + leaves("parameter", params))
+
+
 def _apply(tx, params, opt_state, grads, loss):
-  """One optimizer step; a non-finite loss or gradient leaves params and optimizer untouched."""
+  """One optimizer step that lands only if all it produces is finite: the loss, the gradient,
+  the new optimizer state and the new parameters (a finite loss and gradient still overflow
+  under a huge learning rate, and a non-finite moment spreads to its parameters). Otherwise
+  params and optimizer state stay as they were, counters included.
+
+  Returns (params, opt_state, grad_norm, nonfinite_at): -1 when the step landed, else the index
+  in `nonfinite_names` of the first non-finite quantity. The check is one reduction per leaf
+  of the new values; the select that follows reads them again rather than keeping a copy
+  (docs/reliability.md has the TPU compiler's memory figures)."""
   grad_norm = jax.tree.reduce(lambda a, g: a + jnp.sum(jnp.square(g.astype(jnp.float32))), grads,
                               jnp.zeros((), jnp.float32)) ** 0.5
   updates, new_opt = tx.update(grads, opt_state, params)
   new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  flags = jnp.stack([jnp.isfinite(loss), jnp.isfinite(grad_norm)]
+                    + [_all_finite(x) for x in jax.tree.leaves(new_opt)]
+                    + [_all_finite(x) for x in jax.tree.leaves(new_params)])
+  finite = jnp.all(flags)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  return keep(new_params, params), keep(new_opt, opt_state), grad_norm, finite
+  at = jnp.where(finite, -1, jnp.argmin(flags)).astype(jnp.int32)
+  return keep(new_params, params), keep(new_opt, opt_state), grad_norm, at
+
+
+def _landed(part: str, at: Array) -> dict:
+  """A mini-batch update's finiteness metrics (`_apply`'s `nonfinite_at`)."""
+  return {f"{part}/update_finite": (at < 0).astype(jnp.float32),
+          f"{part}/updates_dropped": (at >= 0).astype(jnp.float32),
+          f"{part}/nonfinite_at": at.astype(jnp.float32)}
+
+
+def _over_updates(key: str, v: Array) -> Array:
+  """A metric's value for the step from its value per mini-batch update [U]."""
+  if key.endswith("update_finite"):
+    return jnp.min(v)  # 1 only if every update landed
+  if key.endswith("updates_dropped"):
+    return jnp.sum(v)
+  if key.endswith("nonfinite_at"):
+    return v[jnp.argmax(v >= 0)]  # the first dropped update's (-1: none)
+  return jnp.mean(v)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "actor_tx", "critic_tx", "train_actor"),
@@ -342,26 +387,23 @@ def update(state: TrainState, batch: dict, *, cfg: StepConfig, actor_tx, critic_
     if train_actor:
       loss, grads, m, frac = _accumulate(unpack(actor_loss_fn), state.actor, mb,
                                          cfg.micro_batch_size, lengths)
-      actor, actor_opt, gnorm, finite = _apply(actor_tx, state.actor, state.actor_opt, grads, loss)
+      actor, actor_opt, gnorm, at = _apply(actor_tx, state.actor, state.actor_opt, grads, loss)
       state = state.replace(actor=actor, actor_opt=actor_opt)
       metrics.update(m)
       metrics.update({"actor/loss": loss, "actor/grad_norm": gnorm,
-                      "actor/update_finite": finite.astype(jnp.float32),
-                      "perf/update_length_frac": frac})
+                      **_landed("actor", at), "perf/update_length_frac": frac})
     if cfg.algorithm == "ppo":
       loss, grads, m, frac = _accumulate(unpack(critic_loss_fn), state.critic, mb,
                                          cfg.micro_batch_size, lengths)
-      critic, critic_opt, gnorm, finite = _apply(critic_tx, state.critic, state.critic_opt, grads,
-                                                 loss)
+      critic, critic_opt, gnorm, at = _apply(critic_tx, state.critic, state.critic_opt, grads,
+                                             loss)
       state = state.replace(critic=critic, critic_opt=critic_opt)
       metrics.update(m)
       metrics.update({"critic/vf_loss": loss, "critic/grad_norm": gnorm,
-                      "critic/update_finite": finite.astype(jnp.float32),
-                      "perf/update_length_frac": frac})
+                      **_landed("critic", at), "perf/update_length_frac": frac})
     return state, metrics
 
   state, metrics = jax.lax.scan(one_update, state, perms)
-  # Means over the updates, except the finiteness flags, which must hold for every update.
-  out = {k: (jnp.min(v) if k.endswith("update_finite") else jnp.mean(v)) for k, v in metrics.items()}
+  out = {k: _over_updates(k, v) for k, v in metrics.items()}
   out.pop("actor/num_tokens", None)
   return state.replace(step=state.step + 1), out
