@@ -118,6 +118,17 @@ def test_user_parquet_with_dotted_fields(tmp_path, monkeypatch):
     data.load_file(str(tmp_path / "mine.csv"))
 
 
+def test_the_same_file_at_another_path_loads(tmp_path, monkeypatch):
+  """Two copies of one file (same bytes, two paths) are two builds in the same cache: the second
+  once found the first's build and read a split it did not hold."""
+  monkeypatch.setenv("EXPLORE_JAX_CACHE", str(tmp_path / "cache"))
+  for folder in ("a", "b"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "p.jsonl").write_text('{"q": "1+1", "a": "2"}\n{"q": "2+2", "a": "4"}\n')
+    recs = data.load_file(str(tmp_path / folder / "p.jsonl"), problem_field="q", answer_field="a")
+    assert [r["answer"] for r in recs] == ["2", "4"]
+
+
 def test_synthetic_through_load():
   recs = data.load("synthetic_arithmetic", "test")
   assert len(recs) == synthetic.ArithmeticConfig().test_size

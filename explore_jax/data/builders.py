@@ -183,7 +183,11 @@ def _fingerprint(builder: LocalFileBuilder) -> str:
   h.update(f"{type(builder).__name__}|{builder.VERSION}".encode())
   cfg = builder.builder_config
   if isinstance(cfg, UserFileConfig):
-    h.update(repr((cfg.problem_field, cfg.answer_field, cfg.id_field, cfg.split)).encode())
+    # The config's name too: TFDS writes under it, and `load_file` names a config after its
+    # file's path, so the same bytes at another path are another build (not a build without
+    # this config's split).
+    h.update(repr((cfg.name, cfg.problem_field, cfg.answer_field, cfg.id_field,
+                   cfg.split)).encode())
   for split, path in sorted(builder.source_files().items()):
     if not os.path.exists(path):
       raise FileNotFoundError(
