@@ -330,3 +330,35 @@ def test_every_suite_variant_trains(train_env, tmp_path, variant):  # noqa: F811
   assert [r["step"] for r in rows] == [1, 2]
   for r in rows:
     assert VARIANT_CHECKS[variant](r), {k: v for k, v in r.items() if not k.startswith("perf")}
+
+
+def test_the_suite_study_plan_and_its_share_table(tmp_path):
+  """configs/demo.py:plan=suite has the seven arms, each resolving to a valid trainer config;
+  the report's share table reads the runs' metrics (mean over steps, then seeds)."""
+  import importlib.util
+  from explore_jax.demo import study
+  spec = importlib.util.spec_from_file_location("demo_cfg", os.path.join(REPO, "configs",
+                                                                         "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("plan=suite")
+  assert sorted(config.arms) == ["baseline", "clip_cov", "entropy_adv", "kl_cov", "passk",
+                                 "placebo", "top_entropy"]
+  assert config.seeds == 5 and config.eval.benchmarks.heldout.n == 128
+  c = study.arm_config(config, "clip_cov", 3, "/base")
+  assert c.rl.policy_loss == "clip_cov" and c.seed == 3 and not c.rl.entropy_advantage
+  assert study.arm_config(config, "passk", 0, "/base").rl.passk
+  for name, seeds in (("clip_cov", [[0.01, 0.03], [0.02, 0.02]]), ("baseline", [[0.0], [0.0]])):
+    for seed, values in enumerate(seeds):
+      run = tmp_path / "runs" / f"{name}_s{seed}"
+      run.mkdir(parents=True)
+      key = "actor/clip_cov_frac" if name == "clip_cov" else "actor/loss"
+      (run / "metrics.jsonl").write_text("".join(
+          f'{{"step": {i + 1}, "{key}": {v}}}\n' for i, v in enumerate(values)))
+  shares = study.selected_shares(str(tmp_path), {"clip_cov": ["clip_cov_s0", "clip_cov_s1"],
+                                                 "baseline": ["baseline_s0", "baseline_s1"]})
+  assert list(shares) == ["clip_cov"]
+  mean, lo, hi = shares["clip_cov"]["actor/clip_cov_frac"]
+  assert (mean, lo, hi) == pytest.approx((0.02, 0.02, 0.02))
+  assert "| clip_cov | Clip-Cov: tokens whose gradient is cut | 0.0200" in "\n".join(
+      study.share_lines(shares))
