@@ -98,8 +98,8 @@ def topology_name(name: str) -> str:
 
 def topology_devices(name: str) -> tuple[list, str]:
   """(TPU devices of the topology, one per chip, to build a mesh on; the chip's name)."""
-  beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv",
-                        "tpu-compiler")  # where `make tpu-compiler` puts it
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  beside = os.path.join(root, ".venv", "tpu-compiler")  # where `make tpu-compiler` puts it
   if importlib.util.find_spec("libtpu") is None and os.path.isdir(beside):
     sys.path.append(beside)
   if importlib.util.find_spec("libtpu") is None:
