@@ -13,7 +13,9 @@ once per configuration:
   * METHOD/current: the suite method with `rl.token_stats="current"` (the default): a forward
                     pass of the mini-batch before its accumulation, for the statistics;
   * METHOD/old:     the same with "old": the statistics from the scoring pass's log-probs, no
-                    extra pass (only the selection itself: covariance, sort, draw).
+                    extra pass (only the selection itself: covariance, sort, draw);
+  * plain/again:    the reference once more, last in each round: how far apart two timings of
+                    the same program are on this machine.
 It prints the median update time over the steps (configurations alternate within each step, so
 machine noise hits them alike), its ratio to plain, and the selected share of tokens. The ratio of
 "current" is what a run pays for statistics that are exactly the current policy's over the whole
@@ -46,11 +48,13 @@ SHARE_KEYS = {"clip_cov": "actor/clip_cov_frac", "kl_cov": "actor/kl_cov_frac",
 def step_configs(config, model_cfg, methods):
   """{name: StepConfig}: plain, then METHOD/current and METHOD/old for each method."""
   cfgs = {}
-  for name in ["plain"] + [f"{m}/{s}" for m in methods for s in ("current", "old")]:
+  for name in (["plain"] + [f"{m}/{s}" for m in methods for s in ("current", "old")]
+               + ["plain/again"]):
     c = defaults.countdown_testbed("demo")
     c.rl.micro_batch_size = config.rl.micro_batch_size
-    defaults.apply_variant(c, "baseline" if name == "plain" else name.split("/")[0])
-    if name != "plain":
+    plain = name.startswith("plain")
+    defaults.apply_variant(c, "baseline" if plain else name.split("/")[0])
+    if not plain:
       c.rl.token_stats = name.split("/")[1]
     cfgs[name] = setup.step_config(c, model_cfg)
   return cfgs

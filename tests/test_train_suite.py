@@ -124,22 +124,23 @@ def test_update_is_the_same_at_any_micro_batch(ragged_setup, method):
 
 
 # Clip-Cov (the paper's recipe, with a share and band that select several tokens of the test
-# model's ~100-token mini-batches) and the top-entropy mask in one run: both statistics at once.
+# model's ~100-token mini-batches) and the top-entropy mask in one run: both statistics at once;
+# with DAPO's dynamic sampling, whose decisions every process must take alike.
 SPLIT_RUN = ["--config.total_steps=2", "--config.checkpoint_every=2", "--config.export_hf=False",
              "--config.rl.clip_cov_ratio=0.05", "--config.rl.clip_cov_lb=0.05",
-             "--config.rl.top_entropy_fraction=0.3"]
+             "--config.rl.top_entropy_fraction=0.3", "--config.rl.filter_groups=True"]
 SPLIT_KEYS = ("actor/loss", "actor/grad_norm", "actor/clip_cov_frac",
               "actor/clip_cov_candidate_frac", "actor/top_entropy_frac", "reward/mean",
-              "rollout/entropy")
+              "rollout/entropy", "rollout/filter_rounds", "rollout/groups_kept_frac")
 
 
 @pytest.mark.slow
 def test_one_device_eight_devices_and_two_processes_select_alike(train_env, tmp_path):  # noqa: F811
-  """The trainer's command line, 2 steps of clip_cov + top-entropy: one device at micro-batch 1;
-  a (2, 2, 2) mesh of 8 fake devices (rows over 4 batch shards) at micro-batch 4 with length
-  buckets and the static engine; 2 processes x 2 devices at micro-batch 4. The same losses and
-  selected shares: the statistics are over the global mini-batch, not a micro-batch, a device or
-  a process."""
+  """The trainer's command line, 2 steps of clip_cov + top-entropy (+ dynamic sampling): one
+  device at micro-batch 1; a (2, 2, 2) mesh of 8 fake devices (rows over 4 batch shards) at
+  micro-batch 4 with length buckets and the static engine; 2 processes x 2 devices at
+  micro-batch 4. The same losses and selected shares: the statistics are over the global
+  mini-batch, not a micro-batch, a device or a process."""
   from test_multihost import launch_two
   from test_train import _command
   run_train(train_env, tmp_path / "one", variant="clip_cov",
@@ -152,6 +153,7 @@ def test_one_device_eight_devices_and_two_processes_select_alike(train_env, tmp_
   one = read_metrics(tmp_path / "one")
   assert all(r["actor/clip_cov_frac"] > 0.01 and r["actor/top_entropy_frac"] >= 0.3
              for r in one)
+  assert max(r["rollout/filter_rounds"] for r in one) > 1  # more prompts were sampled
   for other in ("eight", "two"):
     rows = read_metrics(tmp_path / other)
     assert len(rows) == len(one) == 2
