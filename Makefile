@@ -20,7 +20,7 @@ $(TPU_COMPILER)/.installed: $(VENV)/.installed $(TPU_LOCK)
 	$(PY) -m pip install -q --no-deps --target $(TPU_COMPILER) "$$(grep '^libtpu==' $(TPU_LOCK))"
 	touch $@
 
-.PHONY: venv test test-fast demo study demo-check lock tpu-compiler
+.PHONY: venv test test-fast demo study suite demo-check lock tpu-compiler
 venv: $(VENV)/.installed
 tpu-compiler: $(TPU_COMPILER)/.installed
 
@@ -33,6 +33,12 @@ demo: $(VENV)/.installed
 # about an hour on 2 cores; resumes stage by stage (runs/study).
 study: $(VENV)/.installed
 	$(PY) -m explore_jax.demo --config configs/demo.py:plan=study --workdir runs/study
+
+# The paper's method against the exploration suite (configs/demo.py's plan=suite: baseline,
+# entropy advantage, Clip-Cov, KL-Cov, high-entropy tokens, pass@k, placebo x 5 seeds; see
+# docs/exploration_suite.md for its running time); resumes stage by stage (runs/suite).
+suite: $(VENV)/.installed
+	$(PY) -m explore_jax.demo --config configs/demo.py:plan=suite --workdir runs/suite
 
 # Runs the demo twice from nothing (fresh cache and workdirs) and diffs the two results.json.
 demo-check: $(VENV)/.installed

@@ -5,8 +5,9 @@
 
 "Reach 21 with 3 5 7." The settings are `defaults.countdown_testbed`: the experiment of
 configs/demo.py (`make demo`, `make study`), one variant at a time. Variants as in
-configs/tiny_cpu.py, plus `placebo` (psi = alpha * sg(H) without its clip). `:size=test` is the
-trainer test's shortened run (tiny_config's test model on two-number problems).
+configs/tiny_cpu.py (the exploration suite's included), plus `placebo` (psi = alpha * sg(H)
+without its clip). `:size=test` is the trainer test's shortened run (tiny_config's test model
+on two-number problems).
 """
 
 from explore_jax.config import defaults as common

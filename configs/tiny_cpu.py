@@ -10,7 +10,8 @@ a share `pretrain.direct_answer_frac` of the problems the bare answer) and cache
 It is the experiment of `configs/demo.py` (`defaults.tiny_config`), one variant at a time.
 Variants: `entropy_adv` (default, the paper), `baseline` (plain GRPO), `entropy_reg` (the
 -beta * H regularizer of the paper's Table 3), `ppo` (PPO + entropy advantage, alpha 0.1),
-`ppo_baseline`. `:size=test` shrinks everything to a one-digit addition task and a 2-layer,
+`ppo_baseline`, and the exploration suite's (docs/exploration_suite.md): `clip_cov`, `kl_cov`,
+`top_entropy`, `passk`, `tis`, `dapo`. `:size=test` shrinks everything to a one-digit addition task and a 2-layer,
 32-wide model, for the trainer's own tests.
 """
 

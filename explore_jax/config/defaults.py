@@ -15,6 +15,9 @@ import ml_collections
 from explore_jax.data import countdown
 
 VARIANTS = ("entropy_adv", "baseline", "entropy_reg", "ppo", "ppo_baseline", "placebo")
+# The exploration suite (docs/exploration_suite.md): GRPO with one of the methods the paper is
+# compared with, in place of the entropy advantage.
+SUITE_VARIANTS = ("clip_cov", "kl_cov", "top_entropy", "passk", "tis", "dapo")
 
 
 def parse_arg(arg: str | None, **defaults) -> types.SimpleNamespace:
@@ -174,6 +177,10 @@ def reward_config() -> ml_collections.ConfigDict:
   reward.incorrect = -1.0
   reward.timeout_s = 5.0
   reward.workers = 8
+  # DAPO's overlong shaping (rewards.overlong_penalty): 0 up to max_new_tokens - overlong_buffer
+  # response tokens, then linear down to -overlong_penalty at max_new_tokens. 0 tokens: off.
+  reward.overlong_buffer = 0
+  reward.overlong_penalty = 1.0
   return reward
 
 
@@ -214,7 +221,39 @@ def rl_config() -> ml_collections.ConfigDict:
   # sorting rows by length: skips padding, same result. 1 = off; each length is one compiled
   # branch of the update (compile time grows with it).
   rl.length_buckets = 1
+  suite_config(rl)
   return rl
+
+
+def suite_config(rl: ml_collections.ConfigDict) -> None:
+  """The exploration suite's keys (docs/exploration_suite.md), all off by default; the variants
+  of `apply_variant` switch them on with their papers' coefficients."""
+  # "clip_cov" | "kl_cov" (Cui et al. 2025) replace the PPO surrogate; verl's defaults below.
+  rl.policy_loss = "ppo"
+  rl.clip_cov_ratio = 2e-4  # share of tokens whose gradient Clip-Cov cuts (random among cands)
+  rl.clip_cov_lb = 1.0  # candidates: lb < cov < ub
+  rl.clip_cov_ub = 5.0
+  rl.kl_cov_ratio = 2e-4  # share of tokens (top covariance) KL-Cov penalises
+  rl.kl_cov_coef = 1.0
+  # > 0: the policy gradient only through this share of the mini-batch's highest-entropy tokens
+  # (Wang et al. 2025: 0.2)
+  rl.top_entropy_fraction = 0.0
+  # The statistics of the three above, over the whole mini-batch: "current" = the policy being
+  # updated (one forward pass per mini-batch, as verl's per micro-batch), "old" = the scoring
+  # pass's (free; equal on a rollout's first mini-batch)
+  rl.token_stats = "current"
+  rl.passk = False  # GRPO's advantage replaced by the analytic pass@k one (Chen et al. 2025)
+  rl.passk_k = 4
+  # Rollout correction (truncated importance sampling, Yao et al. 2025): > 0 weights each token's
+  # policy-loss term by min(pi_old / pi_sampler, cap); tis_mode "token", "sequence" (one weight
+  # per row, the product) or "token_mask" (tokens outside [1/cap, cap] dropped)
+  rl.tis_cap = 0.0
+  rl.tis_mode = "token"
+  # DAPO's dynamic sampling: drop groups whose rewards are all equal and sample more prompts
+  # until the step has data.prompts_per_step groups with signal, at most filter_max_rounds
+  # rollouts (then groups without signal fill the step)
+  rl.filter_groups = False
+  rl.filter_max_rounds = 10
 
 
 def optim_config() -> ml_collections.ConfigDict:
@@ -412,9 +451,14 @@ def paper_7b(c: ml_collections.ConfigDict, model_path: str) -> None:
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
-  """The paper's comparisons: the same experiment with and without the entropy term."""
-  if variant not in VARIANTS:
-    raise ValueError(f"variant={variant!r}; known: {VARIANTS}")
+  """The paper's comparisons: the same experiment with and without the entropy term, and the
+  exploration suite's methods (`apply_suite_variant`)."""
+  if variant not in VARIANTS + SUITE_VARIANTS:
+    raise ValueError(f"variant={variant!r}; known: {VARIANTS + SUITE_VARIANTS}")
+  if variant in SUITE_VARIANTS:
+    c.rl.entropy_advantage = False
+    apply_suite_variant(c, variant)
+    return
   if variant.startswith("ppo"):
     c.rl.algorithm = "ppo"
     c.rl.alpha = 0.1
@@ -422,3 +466,24 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
   c.rl.entropy_clip = variant != "placebo"
   if variant == "entropy_reg":
     c.rl.entropy_coef = 0.001
+
+
+def apply_suite_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+  """GRPO with one method of the exploration suite, at its paper's coefficients
+  (docs/exploration_suite.md)."""
+  rl = c.rl
+  if variant == "clip_cov":  # the paper's 7B recipe in verl: PPO's ratio clip widened to 1
+    rl.update(policy_loss="clip_cov", clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
+              clip_low=1.0, clip_high=1.0)
+  elif variant == "kl_cov":  # the paper's 7B recipe
+    rl.update(policy_loss="kl_cov", kl_cov_ratio=0.002, kl_cov_coef=1.0)
+  elif variant == "top_entropy":
+    rl.top_entropy_fraction = 0.2
+  elif variant == "passk":
+    rl.update(passk=True, passk_k=4)
+  elif variant == "tis":  # verl's default threshold
+    rl.update(tis_cap=2.0, tis_mode="token")
+  elif variant == "dapo":  # DAPO's buffer: 4096 of 20480 tokens, a fifth of the response
+    rl.filter_groups = True
+    c.reward.overlong_buffer = max(1, c.rollout.max_new_tokens // 5)
+    c.reward.overlong_penalty = 1.0

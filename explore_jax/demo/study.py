@@ -1,7 +1,8 @@
 r"""The main job: the paper's experiment at CPU scale, end to end, in one command.
 
     python -m explore_jax.demo --config configs/demo.py --workdir runs/demo      # make demo
-    python -m explore_jax.demo --config configs/study.py --workdir runs/study    # make study
+    python -m explore_jax.demo --config configs/demo.py:plan=study --workdir runs/study  # make study
+    python -m explore_jax.demo --config configs/demo.py:plan=suite --workdir runs/suite  # make suite
 
 1. a tiny Qwen2 "base model" is pre-trained on the task's demonstrations (countdown: random
    attempts, a few of them checking and retrying; cached in the workdir);
@@ -43,6 +44,7 @@ from explore_jax.demo import pretrain
 from explore_jax.evaluation import analyze, compare, evaluate, plots
 from explore_jax.models import checkpoint
 from explore_jax.train import loop
+from explore_jax.train import metrics as metrics_io
 
 
 def _say(msg: str) -> None:
@@ -177,6 +179,41 @@ def paper_analyses(config, responses: dict[str, list], base_texts: list[str]) ->
   return out
 
 
+# The exploration suite's selections, as the trainer logs them: metric -> what the share counts.
+SELECTED_SHARES = {
+    "actor/clip_cov_frac": "Clip-Cov: tokens whose gradient is cut",
+    "actor/clip_cov_candidate_frac": "Clip-Cov: candidates (cov in (lb, ub), not clipped)",
+    "actor/kl_cov_frac": "KL-Cov: tokens with the log-ratio penalty",
+    "actor/top_entropy_frac": "top-entropy: tokens with a policy gradient",
+}
+
+
+def selected_shares(workdir: str, by_arm: dict[str, list[str]]) -> dict:
+  """{arm: {metric: (mean, lowest seed, highest seed)}}: the suite's selected shares of tokens,
+  each run's mean over its steps; arms that log none are left out."""
+  out = {}
+  for name, labels in by_arm.items():
+    runs = [metrics_io.read_metrics(os.path.join(workdir, "runs", label)) for label in labels]
+    per_seed = {m: [float(np.mean([r[m] for r in rows])) for rows in runs]
+                for m in SELECTED_SHARES if all(rows and m in rows[0] for rows in runs)}
+    if per_seed:
+      out[name] = {m: (float(np.mean(v)), min(v), max(v)) for m, v in per_seed.items()}
+  return out
+
+
+def share_lines(shares: dict) -> list[str]:
+  if not shares:
+    return []
+  lines = ["", "## Tokens the suite's arms select", "",
+           "Share of a mini-batch's response tokens, mean over the run's updates, then over seeds "
+           "(lowest and highest seed in brackets).", "",
+           "| arm | selection | share |", "|---|---|---|"]
+  for name, row in shares.items():
+    for metric, (mean, lo, hi) in row.items():
+      lines.append(f"| {name} | {SELECTED_SHARES[metric]} | {mean:.4f} [{lo:.4f}, {hi:.4f}] |")
+  return lines
+
+
 def format_cell(mean: float, ci: float, seeds: int) -> str:
   """One cell of the report's table: the mean, and over several seeds the 95% half-width."""
   return f"{mean:.3f} ± {ci:.3f}" if seeds > 1 else f"{mean:.3f}"
@@ -187,7 +224,7 @@ def _interval(iv) -> str:
 
 
 def report_lines(config, summary: dict, base_acc: float, floor, comparison: dict,
-                 analyses: dict) -> list[str]:
+                 analyses: dict, shares: dict | None = None) -> list[str]:
   n = config.eval.benchmarks.heldout.n
   ks = evaluate.k_values(n)
   behaviour = BEHAVIOURS[config.eval.benchmarks.heldout.dataset][0]
@@ -229,6 +266,7 @@ def report_lines(config, summary: dict, base_acc: float, floor, comparison: dict
     cov = row["coverage"]
     lines.append(f"| {name} | " + " | ".join(", ".join(map(str, map(int, cov[k]))) for k in (
         "arm_only", "baseline_only", "both", "neither")) + " |")
+  lines += share_lines(shares or {})
   lines += ["", "![pass@k](pass_at_k.png)", "", "## Training curves", "",
             "Mean over seeds, band from the lowest to the highest seed.", "",
             "![training curves](training_curves.png)", "",
@@ -332,10 +370,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         heat, titles, title="Token entropy of held-out responses",
         marks=[analyze.line_start_mask(toks) for toks, _ in heat] if forks else None,
         mark_label="fork tokens (line starts: the next move's first number, or a check)"))
+  shares = selected_shares(workdir, by_arm)
   report = write_report(workdir, report_lines(config, summary, base_acc, floor, comparison,
-                                              analyses))
+                                              analyses, shares))
   out = {"base_heldout_greedy_accuracy": base_acc, "summary": summary, "comparison": comparison,
-         "random_attempt_floor": floor, "analyses": analyses,
+         "random_attempt_floor": floor, "analyses": analyses, "selected_shares": shares,
          "seconds": time.perf_counter() - t0}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(out, f, indent=2)

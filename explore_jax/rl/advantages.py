@@ -11,12 +11,18 @@ The paper's contribution (Cheng et al., arXiv 2506.14758, eq. for psi) is `entro
 
 It is added to the advantage inside `explore_jax.rl.actor_loss`, where H_t comes from the same
 forward pass the loss differentiates.
+
+Two methods of the exploration suite that the paper is compared with live here too:
+`passk_advantages` (Chen et al. 2025, the analytic pass@k advantage that replaces GRPO's) and
+`top_entropy_mask` (Wang et al. 2025, the policy gradient through the highest-entropy tokens only).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from explore_jax.rl import selection
 
 Array = jax.Array
 
@@ -129,3 +135,57 @@ def entropy_offset(entropy: Array, *, alpha: float) -> Array:
 def clip_binds(advantages: Array, entropy: Array, *, alpha: float, kappa: float) -> Array:
   """Where psi's clip binds: alpha * H > |A| / kappa (bool, elementwise)."""
   return entropy_offset(entropy, alpha=alpha) > jnp.abs(advantages.astype(jnp.float32)) / kappa
+
+
+def _binomial_ratio(a: Array, b: int, k: int) -> Array:
+  """C(a, k) / C(b, k) for integer arrays a <= b and static b >= k >= 0: prod_i (a - i) / (b - i),
+  which is 0 when a < k (a factor a - i is 0 then; max(., 0) covers a < 0, where C(a, k) = 0 for
+  k >= 1)."""
+  out = jnp.ones(a.shape, jnp.float32)
+  for i in range(k):
+    out = out * jnp.maximum(a - i, 0).astype(jnp.float32) / (b - i)
+  return out
+
+
+def passk_advantages(correct: Array, group_size: int, *, k: int) -> Array:
+  """The analytic pass@k advantage (Chen et al. 2025, arXiv 2508.10751) [R] from correct [R] (0/1).
+
+  Rows [g*G, (g+1)*G) answer the same prompt. Per group with N_neg incorrect responses, the group's
+  pass@k reward is R = 1 - C(N_neg, k) / C(G, k) and sigma = sqrt(R (1 - R)); a correct response
+  gets (1 - R) / sigma, an incorrect one (1 - R - C(N_neg - 1, k - 1) / C(G - 1, k - 1)) / sigma,
+  and every row of a group with sigma = 0 gets 0: all incorrect (R = 0), or fewer than k
+  incorrect, so that every k-subset holds a correct response (R = 1). At k = 1 this is GRPO with
+  the population std and no epsilon.
+  """
+  if not 1 <= k <= group_size:
+    raise ValueError(f"passk_advantages: k={k} must be in [1, group_size={group_size}]")
+  if correct.ndim != 1 or correct.shape[0] % group_size:
+    raise ValueError(f"passk_advantages: correct of shape {correct.shape} cannot be split into "
+                     f"groups of group_size={group_size} consecutive rows")
+  c = (correct.reshape(-1, group_size) > 0)  # [R/G, G]
+  n_neg = jnp.sum(~c, axis=1, keepdims=True).astype(jnp.int32)  # [R/G, 1]
+  reward = 1.0 - _binomial_ratio(n_neg, group_size, k)
+  sigma = jnp.sqrt(jnp.maximum(reward * (1.0 - reward), 0.0))
+  # An incorrect response is in C(G - 1, k - 1) of the k-subsets, C(N_neg - 1, k - 1) of them
+  # all-incorrect: its share of the group's failures.
+  miss = _binomial_ratio(n_neg - 1, group_size - 1, k - 1)
+  adv = jnp.where(c, 1.0 - reward, 1.0 - reward - miss) / jnp.where(sigma > 0, sigma, 1.0)
+  return jnp.where(sigma > 0, adv, 0.0).reshape(-1)
+
+
+def top_entropy_mask(entropy: Array, mask: Array, *, fraction: float) -> Array:
+  """bool [B, T]: the ceil(fraction * n) highest-entropy of the n tokens of `mask`, and every
+  token tied with the last of them ("Beyond the 80/20 Rule", Wang et al. 2025: the policy
+  gradient flows through these only; their fraction is 0.2).
+
+  The threshold is the ceil(fraction * n)-th largest entropy over every token given, so a caller
+  that wants it over a whole mini-batch passes the whole mini-batch (the trainer does, see
+  `explore_jax.train.step`)."""
+  selection.check_fraction(fraction, "top_entropy_mask: fraction")
+  mask = mask.astype(bool)
+  n = jnp.sum(mask.astype(jnp.int32))
+  k = selection.fraction_count(n, fraction, round_up=True)
+  h = jnp.where(mask, entropy.astype(jnp.float32), -jnp.inf).reshape(-1)
+  ranked = -jnp.sort(-h)  # descending
+  threshold = ranked[jnp.maximum(k - 1, 0)]
+  return mask & (entropy.astype(jnp.float32) >= threshold) & (n > 0)

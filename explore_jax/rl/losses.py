@@ -1,4 +1,5 @@
-"""Per-token quantities and losses: entropy, log-probs, PPO surrogate, value loss, KL estimators.
+"""Per-token quantities and losses: entropy, log-probs, PPO surrogate, value loss, KL estimators,
+and the exploration suite's losses (Clip-Cov, KL-Cov) and rollout-correction weights.
 
 Shape letters: B rows, T response tokens, V vocab, D width, c tokens per chunk.
 `mask` [B, T] marks the response tokens; whatever sits at masked positions (padding logits,
@@ -26,6 +27,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from explore_jax.rl import selection
 
 Array = jax.Array
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -154,25 +157,50 @@ def masked_mean(x: Array, mask: Array) -> Array:
 # --------------------------------------------------------------------------------------------------
 
 
+def _ratio_terms(logprobs, old_logprobs, advantages, mask):
+  """(mask, log-ratio, ratio, A) with 0 at masked positions; the log-ratio is clamped to
+  [-20, 20] before exp so that a stale token cannot overflow (its gradient is clipped away)."""
+  mask = mask.astype(bool)
+  log_ratio = jnp.where(mask, logprobs.astype(jnp.float32) - old_logprobs.astype(jnp.float32), 0.)
+  ratio = jnp.exp(jnp.clip(log_ratio, -20.0, 20.0))
+  adv = jnp.where(mask, advantages.astype(jnp.float32), 0.0)
+  return mask, log_ratio, ratio, adv
+
+
+def _ppo_terms(ratio, adv, clip_low, clip_high):
+  """(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) per token."""
+  return -adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+
+
+def _weighted(per_token: Array, weights: Array | None) -> Array:
+  """Each token's loss term times its detached weight (rollout correction, top-entropy mask)."""
+  if weights is None:
+    return per_token
+  return per_token * jax.lax.stop_gradient(weights.astype(jnp.float32))
+
+
+def _surrogate_metrics(per_token, ratio, log_ratio, mask, agg) -> dict:
+  # k3 estimate of KL(pi_old || pi) from tokens sampled by pi_old: (r - 1) - log r >= 0.
+  return {"actor/approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+          "actor/pg_loss": aggregate(per_token, mask, agg)}
+
+
 def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, *,
                 clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float | None = None,
-                agg: str = "token-mean", num_tokens=None, num_seqs=None) -> tuple[Array, dict]:
+                agg: str = "token-mean", num_tokens=None, num_seqs=None,
+                weights: Array | None = None) -> tuple[Array, dict]:
   """PPO clipped surrogate with clip-higher and optional dual clip: (loss, metrics).
 
   Per token, with ratio = exp(logp - logp_old):
       l = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
   and with dual clip (clip_c > 1), for A < 0 only, l = min(l, -A * clip_c): a token whose ratio
-  has exploded under a negative advantage stops pushing. The log-ratio is clamped to [-20, 20]
-  before exp so that a stale token cannot overflow (its gradient is clipped away anyway).
+  has exploded under a negative advantage stops pushing. `weights` [B, T] (detached) multiply
+  each token's l (rollout correction, the top-entropy mask); the denominators are unchanged.
   """
   if clip_c is not None and not clip_c > 1.0:
     raise ValueError(f"clip_c={clip_c}: the dual-clip constant must be > 1 (or None for off)")
-  mask = mask.astype(bool)
-  log_ratio = jnp.where(mask, logprobs.astype(jnp.float32) - old_logprobs.astype(jnp.float32), 0.)
-  ratio = jnp.exp(jnp.clip(log_ratio, -20.0, 20.0))
-  adv = jnp.where(mask, advantages.astype(jnp.float32), 0.0)
-  unclipped = -adv * ratio
-  clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+  mask, log_ratio, ratio, adv = _ratio_terms(logprobs, old_logprobs, advantages, mask)
+  unclipped, clipped = _ppo_terms(ratio, adv, clip_low, clip_high)
   per_token = jnp.maximum(unclipped, clipped)
   metrics = {"actor/clip_frac": masked_mean(clipped > unclipped, mask)}
   if clip_c is not None:
@@ -180,11 +208,164 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: A
     lower = (adv < 0) & (per_token > floor)
     per_token = jnp.where(lower, floor, per_token)
     metrics["actor/clip_frac_lower"] = masked_mean(lower, mask)
-  # k3 estimate of KL(pi_old || pi) from tokens sampled by pi_old: (r - 1) - log r >= 0.
-  metrics["actor/approx_kl"] = masked_mean(ratio - 1.0 - log_ratio, mask)
-  metrics["actor/pg_loss"] = aggregate(per_token, mask, agg)
+  per_token = _weighted(per_token, weights)
+  metrics.update(_surrogate_metrics(per_token, ratio, log_ratio, mask, agg))
   loss = aggregate(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
   return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Clip-Cov and KL-Cov (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for
+# Reasoning Language Models"; verl's compute_policy_loss_clip_cov / _kl_cov)
+# --------------------------------------------------------------------------------------------------
+#
+# Both act on the tokens whose advantage and log-probability covary most, the ones whose updates
+# the paper finds drive the entropy down:
+#     cov_t = (A_t - mean A) (log pi_t - mean log pi),  means over the loss's tokens.
+# verl takes these means, the top-k and the random draw over each micro-batch of each GPU; here
+# the selection functions take whatever tokens they are given, and the trainer gives them a whole
+# mini-batch (explore_jax.train.step), then hands the selection to the loss of each micro-batch
+# through `select`. With `select=None` a loss selects over its own arrays.
+
+
+def token_covariance(advantages: Array, logprobs: Array, mask: Array) -> Array:
+  """cov_t = (A_t - mean A)(log pi_t - mean log pi) [B, T], means over `mask`; 0 elsewhere; no
+  gradient (it only selects tokens)."""
+  mask = mask.astype(bool)
+  a = jnp.where(mask, advantages.astype(jnp.float32), 0.0)
+  lp = jnp.where(mask, jax.lax.stop_gradient(logprobs).astype(jnp.float32), 0.0)
+  n = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+  return jnp.where(mask, (a - jnp.sum(a) / n) * (lp - jnp.sum(lp) / n), 0.0)
+
+
+def clip_cov_candidates(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, *,
+                        lb: float = 1.0, ub: float = 5.0, clip_low: float = 0.2,
+                        clip_high: float = 0.28) -> Array:
+  """bool [B, T]: Clip-Cov's candidates, the tokens not clipped by PPO's ratio clip (the clipped
+  term is not the larger one) whose covariance lies in (lb, ub)."""
+  mask, _, ratio, adv = _ratio_terms(logprobs, old_logprobs, advantages, mask)
+  unclipped, clipped = _ppo_terms(ratio, adv, clip_low, clip_high)
+  cov = token_covariance(advantages, logprobs, mask)
+  return mask & ~(clipped > unclipped) & (cov > lb) & (cov < ub)
+
+
+def clip_cov_select(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, *,
+                    rng: Array, ratio: float = 2e-4, lb: float = 1.0, ub: float = 5.0,
+                    clip_low: float = 0.2, clip_high: float = 0.28,
+                    rows: Array | None = None) -> Array:
+  """bool [B, T]: max(1, int(ratio * n)) of the candidates (all when fewer) drawn at random, n
+  the number of tokens in `mask`. The draw gives each token random bits keyed by (rng, its row's
+  id in `rows` (default 0..B-1), its position) and takes the candidates with the smallest, so a
+  token's fate does not depend on which other rows share its array."""
+  selection.check_fraction(ratio, "clip_cov ratio")
+  cand = clip_cov_candidates(logprobs, old_logprobs, advantages, mask, lb=lb, ub=ub,
+                             clip_low=clip_low, clip_high=clip_high)
+  rows = jnp.arange(mask.shape[0]) if rows is None else rows
+  k = jnp.maximum(selection.fraction_count(jnp.sum(mask.astype(jnp.int32)), ratio,
+                                           round_up=False), 1)
+  bits = selection.token_bits(rng, rows, mask.shape[1])
+  return cand & selection.first_k((~cand, bits), k, rows)
+
+
+def clip_cov_policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, *,
+                         rng: Array | None = None, ratio: float = 2e-4, lb: float = 1.0,
+                         ub: float = 5.0, clip_low: float = 0.2, clip_high: float = 0.28,
+                         agg: str = "token-mean", num_tokens=None, num_seqs=None,
+                         select: Array | None = None,
+                         weights: Array | None = None) -> tuple[Array, dict]:
+  """Clip-Cov: PPO's clipped surrogate with the loss term of the selected tokens set to 0.
+
+  The selection (`clip_cov_select`, or `select` [B, T] when given) loses its gradient; those
+  tokens still count in the token-mean's denominator. verl's defaults are ratio 2e-4, lb 1, ub 5;
+  the paper's 7B recipe widens PPO's ratio clip to clip_low = clip_high = 1. `weights` as in
+  `policy_loss`."""
+  if select is None:
+    if rng is None:
+      raise ValueError("clip_cov_policy_loss: give rng (the random draw's key) or select")
+    select = clip_cov_select(logprobs, old_logprobs, advantages, mask, rng=rng, ratio=ratio,
+                             lb=lb, ub=ub, clip_low=clip_low, clip_high=clip_high)
+  mask, log_ratio, ratio_t, adv = _ratio_terms(logprobs, old_logprobs, advantages, mask)
+  unclipped, clipped = _ppo_terms(ratio_t, adv, clip_low, clip_high)
+  select = select.astype(bool) & mask
+  per_token = _weighted(jnp.where(select, 0.0, jnp.maximum(unclipped, clipped)), weights)
+  metrics = {"actor/clip_frac": masked_mean(clipped > unclipped, mask),
+             "actor/clip_cov_frac": masked_mean(select, mask),
+             **_surrogate_metrics(per_token, ratio_t, log_ratio, mask, agg)}
+  loss = aggregate(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
+  return loss, metrics
+
+
+def kl_cov_select(advantages: Array, logprobs: Array, mask: Array, *, ratio: float = 2e-4,
+                  rows: Array | None = None) -> Array:
+  """bool [B, T]: the max(1, int(ratio * n)) tokens of `mask` with the largest covariance; ties
+  broken by row id (`rows`, default 0..B-1), then position. None when `mask` has no token."""
+  selection.check_fraction(ratio, "kl_cov ratio")
+  mask = mask.astype(bool)
+  n = jnp.sum(mask.astype(jnp.int32))
+  k = jnp.maximum(selection.fraction_count(n, ratio, round_up=False), 1)
+  cov = token_covariance(advantages, logprobs, mask)
+  return mask & selection.first_k((~mask, -cov), k, rows)
+
+
+def kl_cov_policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, *,
+                       ratio: float = 2e-4, kl_coef: float = 1.0, agg: str = "token-mean",
+                       num_tokens=None, num_seqs=None, select: Array | None = None,
+                       weights: Array | None = None) -> tuple[Array, dict]:
+  """KL-Cov: the unclipped surrogate -A * ratio on every token, plus kl_coef * |log pi - log
+  pi_old| on the selected ones (`kl_cov_select`, or `select` [B, T] when given). verl's defaults
+  are ratio 2e-4, kl_coef 1; the paper's 7B recipe uses ratio 0.002. `weights` as in
+  `policy_loss` (on the whole term, as verl applies its rollout weights)."""
+  if select is None:
+    select = kl_cov_select(advantages, logprobs, mask, ratio=ratio)
+  mask, log_ratio, ratio_t, adv = _ratio_terms(logprobs, old_logprobs, advantages, mask)
+  select = select.astype(bool) & mask
+  abs_kl = jnp.abs(log_ratio)
+  per_token = _weighted(-adv * ratio_t + jnp.where(select, kl_coef * abs_kl, 0.0), weights)
+  metrics = {"actor/kl_cov_frac": masked_mean(select, mask),
+             "actor/kl_cov_abs_kl": masked_mean(abs_kl, mask),
+             **_surrogate_metrics(per_token, ratio_t, log_ratio, mask, agg)}
+  loss = aggregate(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
+  return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout correction (truncated importance sampling, Yao et al. 2025; verl's rollout correction)
+# --------------------------------------------------------------------------------------------------
+
+TIS_MODES = ("token", "sequence", "token_mask")
+
+
+def tis_weights(old_logprobs: Array, sampler_logprobs: Array, mask: Array, *, cap: float,
+                mode: str = "token") -> Array:
+  """Detached importance weights [B, T] of the trainer's policy against the sampler's; 0 where
+  masked. The sampler (another kernel, another precision, a stale copy) is not exactly the policy
+  the PPO ratio starts from; with rho_t = pi_old(a_t) / pi_sampler(a_t):
+
+    token       min(rho_t, cap)                     verl: rollout_is="token", threshold cap
+                                                    (decoupled mode; Yao et al.'s TIS)
+    sequence    min(prod_t rho_t, cap) on each      verl: rollout_is="sequence"
+                token of the row
+    token_mask  1 where 1/cap <= rho_t <= cap,      verl: rollout_rs="token", threshold cap
+                else 0 (the token is dropped)       (lower 1/cap), no IS weights
+
+  log rho is clamped to [-20, 20] first (verl's safety bound). In token_mask mode a dropped token
+  leaves the loss entirely, its denominator included, as verl's rejection mask does: the trainer
+  removes it from the batch's mask (explore_jax.train.step.score_rollout)."""
+  if mode not in TIS_MODES:
+    raise ValueError(f"tis mode={mode!r}: use one of {TIS_MODES}")
+  if not cap > 0 or (mode == "token_mask" and cap < 1):
+    raise ValueError(f"tis cap={cap}: need cap > 0 (and cap >= 1 with mode 'token_mask')")
+  mask = mask.astype(bool)
+  log_rho = jnp.where(mask, old_logprobs.astype(jnp.float32)
+                      - sampler_logprobs.astype(jnp.float32), 0.0)
+  if mode == "sequence":
+    log_rho = jnp.broadcast_to(jnp.sum(log_rho, axis=1, keepdims=True), log_rho.shape)
+  rho = jnp.exp(jnp.clip(log_rho, -20.0, 20.0))
+  if mode == "token_mask":
+    w = ((rho >= 1.0 / cap) & (rho <= cap)).astype(jnp.float32)
+  else:
+    w = jnp.minimum(rho, cap)
+  return jax.lax.stop_gradient(jnp.where(mask, w, 0.0))
 
 
 def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, *, clip: float = 0.5,

@@ -205,9 +205,10 @@ def step_programs(config: ml_collections.ConfigDict, model_cfg, cfg: train_step.
       prompt_tokens=_rows((rows, p), jnp.int32, mesh),
       prompt_mask=_rows((rows, p), jnp.int32, mesh))
   scores = _rows((rows,), jnp.float32, mesh)
+  correct = _rows((rows,), jnp.float32, mesh)  # read by the pass@k advantage only
   score_cfg = dataclasses.replace(cfg, loss=actor_loss.LossConfig())
   ref = params if config.rl.kl_coef else None
-  score = Program("score", train_step.score_rollout, (state, ref, rollout, scores),
+  score = Program("score", train_step.score_rollout, (state, ref, rollout, scores, correct),
                   dict(cfg=score_cfg), 0)
   if "update" not in only:
     return [prog for prog in (prefill, insert, decode, score) if prog.name in only]

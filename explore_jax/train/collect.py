@@ -1,14 +1,20 @@
 """One step's experience: sample `rollout.n` responses per prompt (in waves), grade them, and the
-rollout's own metrics. Every process tokenizes and grades only its slice of the global batch."""
+rollout's own metrics. Every process tokenizes and grades only its slice of the global batch.
+
+DAPO's two changes to the experience live here too (Yu et al. 2025): the overlong shaping of the
+reward (`shaped_rewards`) and dynamic sampling (`sample_with_signal`: groups whose rewards are
+all equal carry no GRPO signal, so they are dropped and more prompts sampled)."""
 
 from __future__ import annotations
 
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from explore_jax import rewards as rewards_lib
 from explore_jax.data import countdown, templates
 from explore_jax.rollout import sampling
 from explore_jax import rollout as rollout_lib
@@ -38,8 +44,27 @@ def local_rows(x: jax.Array) -> np.ndarray:
   return process_slice(rows) if len(rows) == x.shape[0] else rows
 
 
+class Experience(NamedTuple):
+  """A step's graded rollout: global arrays with prompt-major rows (groups of rollout.n)."""
+  rollout: sampling.Rollout
+  scores: jax.Array  # [R] float32 rewards (with the overlong shaping when on)
+  correct: jax.Array  # [R] float32, 1 where the grader accepted the answer
+  prompt_truncated: float  # share of prompts cut to data.max_prompt_len
+  timing: dict  # seconds and rates for the step's metrics
+
+
+def shaped_rewards(graded: np.ndarray, lengths: np.ndarray, config) -> np.ndarray:
+  """The grader's rewards plus DAPO's overlong penalty on the response lengths (in tokens) when
+  `reward.overlong_buffer` > 0 (rewards.overlong_penalty)."""
+  if not config.reward.overlong_buffer:
+    return graded
+  return graded + rewards_lib.overlong_penalty(lengths, config.rollout.max_new_tokens,
+                                               config.reward.overlong_buffer,
+                                               config.reward.overlong_penalty)
+
+
 def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, rules, rng,
-                     eos_id: int, pad_id: int):
+                     eos_id: int, pad_id: int) -> Experience:
   """Sample `rollout.n` responses per prompt, in waves of `rollout.prompts_per_wave` prompts (the
   KV cache of a whole 7B rollout does not fit at once), and grade them.
 
@@ -51,7 +76,8 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
   if config.rollout.engine == "continuous":  # the slots bound the memory: one call per step
     wave = config.data.prompts_per_step
-  rollouts, scores, truncated, timing = [], [], [], {"rollout": 0.0, "reward": 0.0}
+  rollouts, scores, correct, truncated = [], [], [], []
+  timing = {"rollout": 0.0, "reward": 0.0}
   busy = slot_steps = retried = 0
   for w, first in enumerate(range(0, len(records), wave)):
     chunk = process_slice(records[first:first + wave])
@@ -80,12 +106,13 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
         skip_special_tokens=True)
     answers = [r["answer"] for r in chunk for _ in range(n)]
     retried += sum(countdown.count_retries(text) > 0 for text in responses)
-    local = pool.score(responses, answers, method=config.reward.method,
-                       correct_reward=config.reward.correct,
-                       incorrect_reward=config.reward.incorrect)
-    scores.append(jax.make_array_from_process_local_data(
-        sharding.logical_sharding(("batch",), (wave * n,), mesh, rules),
-        np.asarray(local, np.float32)))
+    graded = pool.score(responses, answers, method=config.reward.method,
+                        correct_reward=config.reward.correct,
+                        incorrect_reward=config.reward.incorrect)
+    put_rows = lambda x: jax.make_array_from_process_local_data(
+        sharding.logical_sharding(("batch",), (wave * n,), mesh, rules), np.asarray(x, np.float32))
+    scores.append(put_rows(shaped_rewards(graded, resp_len, config)))
+    correct.append(put_rows(graded >= config.reward.correct))
     rollouts.append(rollout)
     truncated.append(trunc)
     timing["rollout"] += t1 - t0
@@ -94,9 +121,49 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
   # Responses that checked a wrong value and tried again (countdown's verify-and-retry).
   timing["retry_frac"] = int(sharding.gather_ints([retried]).sum()) / len(records) / n
   if len(rollouts) == 1:
-    return rollouts[0], scores[0], truncated[0], timing
+    return Experience(rollouts[0], scores[0], correct[0], truncated[0], timing)
   cat = lambda *xs: jnp.concatenate(xs, axis=0)
-  return (jax.tree.map(cat, *rollouts), cat(*scores), float(np.mean(truncated)), timing)
+  return Experience(jax.tree.map(cat, *rollouts), cat(*scores), cat(*correct),
+                    float(np.mean(truncated)), timing)
+
+
+def sample_with_signal(sample: Callable[[list, jax.Array], Experience], records: list,
+                       more_records: Callable[[], list], rng, config) -> Experience:
+  """DAPO's dynamic sampling: `sample(records, rng)` (sample_and_grade) on the step's prompts,
+  and while fewer than `data.prompts_per_step` groups have rewards that differ (a group whose
+  rewards are all equal has GRPO advantage 0: no signal), on the next batch of prompts
+  (`more_records()`) with a fresh key, at most `rl.filter_max_rounds` rollouts in all. The step
+  keeps the first `prompts_per_step` groups with signal, in sampling order; when the rounds run
+  out, groups without signal fill it (the step's shapes are fixed). Every process takes the same
+  decisions: the rewards are gathered to each."""
+  n, want = config.rollout.n, config.data.prompts_per_step
+  rounds, signal, spare = [], [], []
+  for r in range(config.rl.filter_max_rounds):
+    exp = sample(records if r == 0 else more_records(),
+                 rng if r == 0 else jax.random.fold_in(rng, r))
+    rounds.append(exp)
+    s = sharding.to_host(exp.scores).reshape(-1, n)  # [groups, n]
+    has = s.max(axis=1) != s.min(axis=1)
+    signal += [(r, g) for g in np.flatnonzero(has)]
+    spare += [(r, g) for g in np.flatnonzero(~has)]
+    if len(signal) >= want:
+      break
+  offsets = np.cumsum([0] + [len(e.scores) for e in rounds])
+  rows = np.concatenate([offsets[r] + g * n + np.arange(n) for r, g in (signal + spare)[:want]])
+  picked = _take_rows([(e.rollout, e.scores, e.correct) for e in rounds], rows)
+  timing = {k: float(sum(e.timing[k] for e in rounds)) for k in ("rollout", "reward")}
+  for k in ("slot_utilization", "retry_frac"):
+    timing[k] = float(np.mean([e.timing[k] for e in rounds]))
+  timing.update(groups_kept_frac=len(signal) / (want * len(rounds)), filter_rounds=len(rounds),
+                groups_without_signal=max(want - len(signal), 0))
+  return Experience(*picked, float(np.mean([e.prompt_truncated for e in rounds])), timing)
+
+
+@jax.jit
+def _take_rows(trees: list, rows):
+  """The rows `rows` [R] of the rounds' arrays, concatenated (on every process, collectively)."""
+  cat = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
+  return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cat)
 
 
 @jax.jit

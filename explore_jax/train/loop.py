@@ -104,7 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
                                 timeout_s=config.reward.timeout_s) as pool:
       for step in range(start + 1, config.total_steps + 1):
         state, metrics = run_step(run, state, ref_params, next(prompts), tokenizer, pool, step,
-                                  eos_id, pad_id)
+                                  eos_id, pad_id, more_prompts=lambda: next(prompts))
         last = step == config.total_steps
         sigterm, timed = step_decision(stop["sigterm"], last_save,
                                        config.checkpoint_every_minutes)
@@ -228,17 +228,24 @@ def prompt_stream(config: ml_collections.ConfigDict, records, data_state):
 
 
 def run_step(run: Run, state, ref_params, batch: list, tokenizer, pool, step: int, eos_id: int,
-             pad_id: int):
+             pad_id: int, more_prompts=None):
   """One RL step: rollout -> grade -> score (old log-probs, values, advantages) -> mini-batch
-  updates. Returns the new state and the step's metrics (fetched to the host)."""
+  updates. Returns the new state and the step's metrics (fetched to the host). With
+  `rl.filter_groups`, `more_prompts()` gives the next batch of prompts when the step's groups
+  lack signal (collect.sample_with_signal)."""
   config = run.config
   t0 = time.perf_counter()
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
-  rollout, scores, prompt_trunc, timing = collect.sample_and_grade(
-      config, run.model_cfg, state.actor, batch, tokenizer, pool, run.mesh, run.rules, rng,
+  sample = lambda records, key: collect.sample_and_grade(
+      config, run.model_cfg, state.actor, records, tokenizer, pool, run.mesh, run.rules, key,
       eos_id, pad_id)
+  if config.rl.filter_groups:
+    exp = collect.sample_with_signal(sample, batch, more_prompts, rng, config)
+  else:
+    exp = sample(batch, rng)
+  rollout, scores, prompt_trunc, timing = exp.rollout, exp.scores, exp.prompt_truncated, exp.timing
   t1 = time.perf_counter()
-  scored, metrics = train_step.score_rollout(state, ref_params, rollout, scores,
+  scored, metrics = train_step.score_rollout(state, ref_params, rollout, scores, exp.correct,
                                              cfg=run.score_cfg)
   train_actor = not run.ppo or step > config.rl.critic_warmup_steps
   state, update_metrics = train_step.update(state, scored, cfg=run.cfg,
@@ -276,6 +283,9 @@ def step_metrics(run: Run, step: int, metrics: dict, prompt_trunc: float, timing
       "perf/update_tokens_per_s": config.rl.epochs * run.rows * (
           config.data.max_prompt_len + config.rollout.max_new_tokens) / max(update_s, 1e-9),
   }
+  if config.rl.filter_groups:
+    out.update({f"rollout/{k}": float(timing[k]) for k in (
+        "groups_kept_frac", "filter_rounds", "groups_without_signal")})
   if run.ppo:
     out["optim/critic_lr"] = float(optim.critic_lr(max(optim.updates_per_step * step - 1, 0)))
   return out

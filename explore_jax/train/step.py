@@ -21,6 +21,25 @@ padding is skipped. Metrics averaged per micro-batch with token weights (e.g.
 `actor/psi_over_abs_adv`, a `seq-mean-*` pg_loss) may differ slightly, since rows are grouped
 differently. This needs what the sampler produces and checks: prompts left-padded with at least
 one real token, responses contiguous.
+
+The exploration suite's statistics (Clip-Cov's and KL-Cov's covariance, its top-k and random
+draw, the top-entropy threshold; explore_jax.rl.actor_loss.token_selections) are taken over every
+token of a mini-batch update, never per micro-batch: verl takes them per micro-batch of each GPU,
+so there a method selects other tokens when the micro-batch size or the GPU count changes. Each
+mini-batch update therefore runs in two passes:
+  1. `mini_batch_selections`: the log-probs and entropies of the whole mini-batch [M, N] (with
+     `token_stats="current"`, the default, a forward pass of the policy about to be updated, in
+     micro-batches: exactly the values every micro-batch's loss then computes, since the
+     parameters do not change within a mini-batch; with "old", the scoring pass's, which cost
+     nothing and are equal on a rollout's first mini-batch only), then the selections as bool
+     [M, N] arrays over all of them. The arrays are global (rows sharded over the batch axes), so
+     XLA takes the means and the sort across shards and processes.
+  2. the accumulation as before, each micro-batch's loss reading its rows of the selections
+     (`cov_select`, `top_entropy`) instead of choosing its own.
+Clip-Cov's draw gives each token random bits keyed by (the update's key, the token's row in the
+rollout, its position), so a token's fate does not depend on where its row sits. The cost of pass
+1 ("current"): one forward pass over the mini-batch, without the backward (measured by
+benchmarks/suite_stats.py).
 """
 
 from __future__ import annotations
@@ -63,6 +82,12 @@ class StepConfig:
   logit_chunk: int
   on_nonfinite: str  # "raise" | "skip": either way a non-finite update is not applied
   length_buckets: int = 1  # static row lengths a micro-batch may be cut to; 1 = always P + N
+  passk_k: int = 0  # > 0: GRPO's advantage replaced by the analytic pass@k one (needs `correct`)
+  tis_cap: float = 0.0  # > 0: rollout correction (losses.tis_weights) with this cap
+  tis_mode: str = "token"  # losses.TIS_MODES
+  # Whose log-probs / entropies the suite's mini-batch statistics describe: "current" (a forward
+  # pass of the policy being updated, before the mini-batch's update) or "old" (the scoring pass's)
+  token_stats: str = "current"
 
 
 def _batch_constraint(x: Array) -> Array:
@@ -142,7 +167,7 @@ def _by_length(fn, mb: dict, lengths: tuple[int, ...], *args):
 
 # [R, N] fields of a batch, cut with the hidden states when a micro-batch runs at a shorter length.
 RESPONSE_FIELDS = ("targets", "mask", "old_logprobs", "advantages", "ref_logprobs", "old_values",
-                   "returns")
+                   "returns", "old_entropy", "tis_weights", "cov_select", "top_entropy")
 
 
 def response_slots(n: int, length: int | None) -> int:
@@ -207,8 +232,10 @@ def _explained_variance(values, returns, mask):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg: StepConfig):
-  """Build the training batch from a rollout [R, N] and its sequence rewards [R]."""
+def score_rollout(state: TrainState, ref_params, rollout, scores: Array, correct=None, *,
+                  cfg: StepConfig):
+  """Build the training batch from a rollout [R, N] and its sequence rewards [R] (and, for the
+  pass@k advantage, which responses were graded correct [R])."""
   n = rollout.tokens.shape[1]
   batch = {
       "tokens": jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1),
@@ -230,6 +257,7 @@ def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg:
   # the first update has ratio exactly 1; the gap between the two is reported.
   old_logprobs, old_entropy = logprobs_of(state.actor)
   batch["old_logprobs"] = jnp.where(mask, old_logprobs, 0.0)
+  batch["old_entropy"] = jnp.where(mask, old_entropy, 0.0)
   if ref_params is not None:
     batch["ref_logprobs"] = jnp.where(mask, logprobs_of(ref_params)[0], 0.0)
 
@@ -241,8 +269,7 @@ def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg:
       "rollout/entropy_first_token": losses.masked_mean(old_entropy[:, :1], mask[:, :1]),
   }
   if cfg.algorithm == "grpo":
-    seq_adv = adv_lib.grpo_advantages(scores, cfg.group_size, norm_by_std=cfg.norm_by_std)
-    batch["advantages"] = adv_lib.per_token(seq_adv, mask)
+    batch["advantages"] = adv_lib.per_token(_group_advantages(scores, correct, cfg), mask)
   else:
     values = _micro_map(lambda b, length: response_values(
         state.critic, b["tokens"], b["attn_mask"], n, cfg, length), batch, micro, lengths)
@@ -255,6 +282,37 @@ def score_rollout(state: TrainState, ref_params, rollout, scores: Array, *, cfg:
     metrics["critic/explained_variance"] = _explained_variance(values, returns, mask)
     metrics["critic/old_values_mean"] = losses.masked_mean(values, mask)  # before this update
   metrics["rollout/advantage_abs_mean"] = losses.masked_mean(jnp.abs(batch["advantages"]), mask)
+  if cfg.tis_cap:
+    batch, tis_metrics = _rollout_correction(batch, rollout.logprobs, cfg)
+    metrics.update(tis_metrics)
+  return batch, metrics
+
+
+def _group_advantages(scores: Array, correct, cfg: StepConfig) -> Array:
+  """[R] advantages of GRPO's groups: normalised rewards, or the pass@k advantage."""
+  if not cfg.passk_k:
+    return adv_lib.grpo_advantages(scores, cfg.group_size, norm_by_std=cfg.norm_by_std)
+  if correct is None:
+    raise ValueError("score_rollout: the pass@k advantage (rl.passk) needs `correct`, which "
+                     "responses were graded correct")
+  return adv_lib.passk_advantages(correct, cfg.group_size, k=cfg.passk_k)
+
+
+def _rollout_correction(batch: dict, sampler_logprobs: Array, cfg: StepConfig):
+  """The batch with `tis_weights` (and, in token_mask mode, its dropped tokens out of `mask`):
+  old log-probs against the sampler's (losses.tis_weights), and the weights' metrics."""
+  mask = batch["mask"].astype(bool)
+  w = losses.tis_weights(batch["old_logprobs"], sampler_logprobs, mask, cap=cfg.tis_cap,
+                         mode=cfg.tis_mode)
+  kept = mask & (w > 0) if cfg.tis_mode == "token_mask" else mask
+  capped = jnp.zeros_like(mask) if cfg.tis_mode == "token_mask" else w >= cfg.tis_cap
+  metrics = {"rollout/tis_weight_mean": losses.masked_mean(w, mask),
+             # 1 for a rollout without tokens: a metric stays finite
+             "rollout/tis_weight_min": jnp.where(jnp.any(mask),
+                                                 jnp.min(jnp.where(mask, w, jnp.inf)), 1.0),
+             "rollout/tis_dropped_frac": losses.masked_mean(~kept, mask),
+             "rollout/tis_capped_frac": losses.masked_mean(capped, mask)}
+  batch = dict(batch, tis_weights=w, mask=kept.astype(batch["mask"].dtype))
   return batch, metrics
 
 
@@ -298,6 +356,27 @@ def nonfinite_names(params, opt_state) -> list[str]:
   leaves = lambda what, tree: [f"{what} {name}" for name in digest.names(tree)]
   return (["loss", "gradient norm"] + leaves("optimizer state", opt_state)
           + leaves("parameter", params))
+
+
+# Folded into an update's key for the suite's random draws (Clip-Cov); the epochs' shuffles use
+# 0 .. epochs - 1.
+SELECT_STREAM = 1 << 30
+
+
+def mini_batch_selections(params, mb: dict, rows: Array, rng: Array, cfg: StepConfig,
+                          lengths: tuple[int, ...] = ()):
+  """The suite's token selections over a whole mini-batch (module docstring): ({field: bool
+  [M, N]}, metrics). With token_stats "current", from a forward pass of `params` (the policy
+  about to be updated, so the log-probs and entropies every micro-batch's loss will see), in
+  micro-batches; with "old", from the scoring pass's, at no cost."""
+  if cfg.token_stats == "current":
+    logp, entropy = _micro_map(lambda b, length: response_logprobs(
+        params, b["tokens"], b["attn_mask"], b["targets"], cfg, length), mb,
+        cfg.micro_batch_size, lengths)
+  else:
+    logp, entropy = mb["old_logprobs"], mb["old_entropy"]
+  return actor_lib.token_selections(jax.lax.stop_gradient(logp), jax.lax.stop_gradient(entropy),
+                                    mb, cfg.loss, rng=rng, rows=rows)
 
 
 def _apply(tx, params, opt_state, grads, loss):
@@ -374,8 +453,16 @@ def update(state: TrainState, batch: dict, *, cfg: StepConfig, actor_tx, critic_
     return losses.value_loss(values, mb["old_values"], mb["returns"], mb["mask"],
                              clip=cfg.value_clip, num_tokens=num_tokens)
 
-  def one_update(state: TrainState, idx):
+  select_rng = jax.random.fold_in(rng, SELECT_STREAM)
+
+  def one_update(state: TrainState, xs):
+    idx, u = xs  # the mini-batch's rows in the rollout [M], its number
     mb = _take(batch, idx)
+    selected = {}
+    if train_actor and cfg.loss.selects_tokens:
+      fields, selected = mini_batch_selections(state.actor, mb, idx,
+                                               jax.random.fold_in(select_rng, u), cfg, lengths)
+      mb = {**mb, **fields}
     mask = mb["mask"].astype(jnp.float32)
     # Global counts of the mini-batch, so that micro-batch losses sum to the mini-batch mean.
     counts = {"num_tokens": jnp.broadcast_to(jnp.sum(mask), (mini,)),
@@ -390,6 +477,7 @@ def update(state: TrainState, batch: dict, *, cfg: StepConfig, actor_tx, critic_
       actor, actor_opt, gnorm, at = _apply(actor_tx, state.actor, state.actor_opt, grads, loss)
       state = state.replace(actor=actor, actor_opt=actor_opt)
       metrics.update(m)
+      metrics.update(selected)
       metrics.update({"actor/loss": loss, "actor/grad_norm": gnorm,
                       **_landed("actor", at), "perf/update_length_frac": frac})
     if cfg.algorithm == "ppo":
@@ -403,7 +491,7 @@ def update(state: TrainState, batch: dict, *, cfg: StepConfig, actor_tx, critic_
                       **_landed("critic", at), "perf/update_length_frac": frac})
     return state, metrics
 
-  state, metrics = jax.lax.scan(one_update, state, perms)
+  state, metrics = jax.lax.scan(one_update, state, (perms, jnp.arange(perms.shape[0])))
   out = {k: _over_updates(k, v) for k, v in metrics.items()}
   out.pop("actor/num_tokens", None)
   return state.replace(step=state.step + 1), out
