@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Shared with the mesh subprocess below.
 COMPARE = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
+    from explore_jax import rollout as rollout_lib
     from explore_jax.rollout import sampling
     from explore_jax.models import qwen2
 

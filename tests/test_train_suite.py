@@ -297,13 +297,20 @@ def test_every_config_takes_every_suite_variant():
   c = defaults.base_config()
   defaults.apply_variant(c, "dapo")
   assert c.rl.filter_groups and c.reward.overlong_buffer == 8192 // 5
+  from explore_jax.config import check
   c = defaults.base_config()
   c.rl.passk, c.rl.passk_k = True, 9
   with pytest.raises(ValueError, match="passk_k=9"):
-    setup.suite_settings(c)
+    check.check_train_config(c)
   c.rl.passk, c.rl.tis_mode = False, "seq"
   with pytest.raises(ValueError, match="tis_mode='seq'"):
-    setup.suite_settings(c)
+    check.check_train_config(c)
+  c.rl.tis_mode, c.rl.tis_cap = "token_mask", 0.5
+  with pytest.raises(ValueError, match="tis_cap=0.5: token_mask"):
+    check.check_train_config(c)
+  c.rl.tis_cap, c.rl.clip_cov_lb = 2.0, 6.0
+  with pytest.raises(ValueError, match="clip_cov_lb=6.0: must be below rl.clip_cov_ub=5.0"):
+    check.check_train_config(c)
 
 
 # What each variant's metrics must show on the test model (2 steps, 16 rows of ~10 tokens).

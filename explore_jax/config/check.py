@@ -198,7 +198,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "rl.entropy_coef": number(),
     "rl.kl_coef": number(0.0),
     "rl.kl_kind": _lazy_one_of(lambda: _losses().KL_KINDS, "one of 'k1', 'k2', 'k3'"),
-    "rl.clip_low": number(0.0, 1.0, high_open=True),
+    "rl.clip_low": number(0.0, 1.0),  # 1: no lower clip (Clip-Cov's recipe)
     "rl.clip_high": number(0.0),
     "rl.clip_c": Rule(lambda v: _is_num(v) and (v == 0 or 1 < v < FLOAT32_MAX),
                       "0 (off) or a finite number > 1"),
@@ -216,6 +216,28 @@ TRAIN_RULES: dict[str, Rule] = {
     "rl.critic_warmup_steps": integer(0),
     "rl.logit_chunk": integer(1),
     "rl.length_buckets": integer(1),
+    # The exploration suite (docs/exploration_suite.md).
+    "rl.policy_loss": one_of("ppo", "clip_cov", "kl_cov"),
+    "rl.clip_cov_ratio": number(0.0, 1.0, low_open=True),
+    "rl.clip_cov_lb": number(),
+    "rl.clip_cov_ub": number(),
+    "rl.kl_cov_ratio": number(0.0, 1.0, low_open=True),
+    "rl.kl_cov_coef": number(0.0),
+    "rl.top_entropy_fraction": number(0.0, 1.0),
+    "rl.token_stats": one_of("current", "old"),
+    "rl.passk": boolean(),
+    "rl.passk_k": integer(1),
+    "rl.tis_cap": number(0.0),
+    "rl.tis_mode": _lazy_one_of(lambda: _losses().TIS_MODES, "one of 'token', 'sequence', "
+                                "'token_mask'"),
+    "rl.filter_groups": boolean(),
+    "rl.filter_max_rounds": integer(1),
+    "reward.overlong_buffer": integer(0),
+    "reward.overlong_penalty": number(0.0),
+    "export_dtype": one_of("", *DTYPES),
+    "data.problem_field": text(),
+    "data.answer_field": text(),
+    "data.id_field": Rule(lambda v: isinstance(v, str), "a string ('' : none)"),
     "optim.lr": positive_rate(),
     "optim.critic_lr": positive_rate(),
     "optim.warmup_steps": integer(0),
@@ -281,8 +303,10 @@ TRAIN_RELATIONS: list[Relation] = [
      c.reward.correct > c.reward.incorrect else
      f"reward.correct={c.reward.correct}: must be above reward.incorrect="
      f"{c.reward.incorrect}"),
-    (("rollout.prompts_per_wave", "data.prompts_per_step"), lambda c: None if
-     c.rollout.prompts_per_wave == 0 or c.data.prompts_per_step % c.rollout.prompts_per_wave == 0
+    # Only the static engine samples in waves; the others take a step's prompts in one call.
+    (("rollout.prompts_per_wave", "data.prompts_per_step", "rollout.engine"), lambda c: None if
+     c.rollout.engine != "static" or c.rollout.prompts_per_wave == 0
+     or c.data.prompts_per_step % c.rollout.prompts_per_wave == 0
      else f"rollout.prompts_per_wave={c.rollout.prompts_per_wave}: must divide "
      f"data.prompts_per_step={c.data.prompts_per_step} (or be 0: all of a step)"),
     (("distributed.process_id", "distributed.num_processes"), lambda c: None if
@@ -295,6 +319,20 @@ TRAIN_RELATIONS: list[Relation] = [
      "must be 'synthetic_arithmetic' or 'countdown'; set model.path for other data"),
     (("data.synthetic",), _generated("data.synthetic")),
     (("data.countdown",), _generated("data.countdown")),
+    (("rl.clip_cov_lb", "rl.clip_cov_ub"), lambda c: None if
+     c.rl.clip_cov_lb < c.rl.clip_cov_ub else
+     f"rl.clip_cov_lb={c.rl.clip_cov_lb}: must be below rl.clip_cov_ub={c.rl.clip_cov_ub}"),
+    (("rl.passk", "rl.passk_k", "rl.algorithm", "rollout.n"), lambda c: None if
+     not c.rl.passk or (c.rl.algorithm == "grpo" and c.rl.passk_k <= c.rollout.n) else
+     f"rl.passk_k={c.rl.passk_k} with rl.algorithm={c.rl.algorithm!r}: the pass@k advantage "
+     f"needs GRPO's groups and k <= rollout.n={c.rollout.n}"),
+    (("rl.tis_cap", "rl.tis_mode"), lambda c: None if
+     not c.rl.tis_cap or c.rl.tis_mode != "token_mask" or c.rl.tis_cap >= 1 else
+     f"rl.tis_cap={c.rl.tis_cap}: token_mask keeps weights in [1/cap, cap], so cap >= 1"),
+    (("reward.overlong_buffer", "rollout.max_new_tokens"), lambda c: None if
+     c.reward.overlong_buffer <= c.rollout.max_new_tokens else
+     f"reward.overlong_buffer={c.reward.overlong_buffer}: tokens in [0, rollout.max_new_tokens="
+     f"{c.rollout.max_new_tokens}] (0: off)"),
 ]
 
 
@@ -361,6 +399,7 @@ EVAL_RULES: dict[str, Rule] = {
     "reward_timeout_s": number(0.0, low_open=True),
     "reward_workers": integer(0),
     "on_changed_responses": one_of("raise", "set_aside"),
+    "only": Rule(lambda v: isinstance(v, str), "benchmark names separated by commas ('': all)"),
     **{f"sampling.{k}": rule for k, rule in SAMPLING.items()},
     "benchmarks.*.dataset": text(),
     "benchmarks.*.split": text(),

@@ -20,7 +20,7 @@ from explore_jax.config import defaults
 from explore_jax.config.cli import BadValue
 from explore_jax.models import checkpoint, qwen2
 from explore_jax.models import files as model_files
-from explore_jax.rl import actor_loss, losses
+from explore_jax.rl import actor_loss
 from explore_jax.tpu import memory, sharding
 from explore_jax.train import state as train_state
 from explore_jax.train import step as train_step
@@ -75,25 +75,9 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
 
 
 def suite_settings(config: ml_collections.ConfigDict) -> dict:
-  """The exploration suite's settings of the jitted step (pass@k, rollout correction, whose
-  statistics), and the checks of its keys that the step cannot make (dynamic sampling, overlong
-  shaping)."""
-  rl, n = config.rl, config.rollout.n
-  if rl.passk and (rl.algorithm != "grpo" or not 1 <= rl.passk_k <= n):
-    raise ValueError(f"config.rl.passk_k={rl.passk_k} with rl.algorithm={rl.algorithm!r}: the "
-                     f"pass@k advantage needs GRPO's groups and 1 <= k <= rollout.n={n}")
-  if rl.tis_mode not in losses.TIS_MODES or rl.tis_cap < 0:
-    raise ValueError(f"config.rl.tis_mode={rl.tis_mode!r}, rl.tis_cap={rl.tis_cap}: use a mode "
-                     f"of {losses.TIS_MODES} and a cap >= 0 (0: off)")
-  if rl.tis_cap and rl.tis_mode == "token_mask" and rl.tis_cap < 1:
-    raise ValueError(f"config.rl.tis_cap={rl.tis_cap}: token_mask keeps [1/cap, cap], so cap >= 1")
-  if rl.token_stats not in ("current", "old"):
-    raise ValueError(f"config.rl.token_stats={rl.token_stats!r}: use 'current' or 'old'")
-  if rl.filter_max_rounds < 1:
-    raise ValueError(f"config.rl.filter_max_rounds={rl.filter_max_rounds}: need at least 1")
-  if not 0 <= config.reward.overlong_buffer <= config.rollout.max_new_tokens:
-    raise ValueError(f"config.reward.overlong_buffer={config.reward.overlong_buffer}: tokens in "
-                     f"[0, rollout.max_new_tokens={config.rollout.max_new_tokens}] (0: off)")
+  """The exploration suite's settings of the jitted step: pass@k, the rollout correction, which
+  statistics its selections use (their keys are checked by `config.check`)."""
+  rl = config.rl
   return dict(passk_k=rl.passk_k if rl.passk else 0, tis_cap=float(rl.tis_cap),
               tis_mode=rl.tis_mode, token_stats=rl.token_stats)
 
