@@ -16,6 +16,7 @@ from explore_jax import rollout as rollout_lib
 from explore_jax.models import attention, paged_attention
 from explore_jax.rollout import paged, sampling
 from test_rollout_engine import COMPARE, ROOT
+from test_train import REFERENCE, read_metrics, reference_run, run_train, train_env  # noqa: F401
 
 exec(COMPARE)
 
@@ -234,3 +235,35 @@ def test_mesh_paged_equals_single_device_static():
                         text=True, timeout=600)
   assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
   print(proc.stdout)
+
+
+@pytest.mark.slow
+def test_two_processes_paged_equals_static():
+  """2 processes x 2 fake devices: each decides the same schedule from replicated state (a
+  process that decided otherwise would hang the other in a collective, or write other rows)."""
+  from test_multihost import launch_two
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "two_process_paged.py")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+  outs = [out for out, _ in launch_two([cmd, cmd], env, ROOT, timeout=600)]
+  lines = [next(line for line in out.splitlines() if line.startswith("SHARE")) for out in outs]
+  assert lines[0] == lines[1], lines  # the same rollout and stats on both
+  share, preempted = float(lines[0].split()[1]), int(lines[0].split()[3])
+  assert share >= 0.95 and preempted > 0, lines
+
+
+@pytest.mark.slow
+def test_trainer_with_the_paged_engine_logs_the_reference_run(train_env, reference_run,  # noqa: F811
+                                                              tmp_path):
+  """`rollout.engine=paged` in the trainer, its pool too small for the 8 slots' full rows (16
+  pages of 8 positions against 8 x 5): the losses of the continuous engine's run."""
+  run_train(train_env, tmp_path / "paged", variant="entropy_reg", overrides=REFERENCE + [
+      "--config.export_hf=False", "--config.rollout.engine=paged", "--config.rollout.kv_pages=16",
+      "--config.rollout.page_size=8"])
+  one, paged_run = read_metrics(reference_run), read_metrics(tmp_path / "paged")
+  assert len(one) == len(paged_run) == 4
+  for a, b in zip(one, paged_run):
+    for key in ("actor/loss", "actor/entropy", "actor/grad_norm", "reward/mean",
+                "rollout/response_length_mean"):
+      np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
+    assert 0 < b["rollout/slot_utilization"] <= 1

@@ -112,9 +112,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.prompts_per_wave = 0  # static engine: prompts sampled at once; 0 = all of a step
   # "continuous": `slots` decode slots, each refilled as soon as its row ends
   # (explore_jax.rollout.engine; the KV cache is slots x (max_prompt_len + max_new_tokens));
+  # "paged": up to `slots` rows at once over a pool of `kv_pages` KV pages that rows take as they
+  # grow (explore_jax.rollout.paged; the KV cache is kv_pages x page_size positions);
   # "static": all rows of a wave decode until the last one ends (explore_jax.rollout.sampling).
   c.rollout.engine = "continuous"
-  c.rollout.slots = 0  # rows decoded at once (the KV-cache memory bound); 0 = all rows of a step
+  # Rows decoded at once (continuous: the KV-cache memory bound); 0 = all rows of a step.
+  c.rollout.slots = 0
   # continuous: decode steps a device call's cache read is sized for (the call runs on while its
   # rows fit that read, until refill_share of the slots is free), and the most steps a free slot
   # waits for its refill
@@ -124,6 +127,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.kv_block = 64
   # continuous: a chunk ends early once this share of the slots is free while rows are pending
   c.rollout.refill_share = 0.25
+  # paged: pages in the KV pool (0 = room for every slot's full row: never preempts), positions
+  # per page, pages per block of the Pallas kernels' reads, and the page attention ("auto": the
+  # Pallas kernel on TPU, a pure-JAX gather elsewhere; "gather", "pallas_tpu", "pallas_gpu")
+  c.rollout.kv_pages = 0
+  c.rollout.page_size = 16
+  c.rollout.page_block = 2
+  c.rollout.page_attention = "auto"
 
   c.reward = ml_collections.ConfigDict()
   c.reward.method = "dapo"  # "dapo" | "math_verify"

@@ -113,6 +113,20 @@ def kernel_for(platform: str, name: str = "auto") -> str:
   return name
 
 
+def check_config(rollout, prefix: str = "config.rollout.") -> None:
+  """A config's paged-engine keys (`defaults.base_config`'s rollout section, or the evaluator's),
+  checked before any work: a clear error naming the key."""
+  if rollout.kv_pages < 0:
+    raise ValueError(f"{prefix}kv_pages={rollout.kv_pages}: must be >= 0 (0: room for every "
+                     "slot's full row)")
+  for key in ("page_size", "page_block"):
+    if getattr(rollout, key) < 1:
+      raise ValueError(f"{prefix}{key}={getattr(rollout, key)}: must be >= 1")
+  if rollout.page_attention != "auto" and rollout.page_attention not in paged_attention.KERNELS:
+    raise ValueError(f"{prefix}page_attention={rollout.page_attention!r}: use 'auto' or one of "
+                     f"{paged_attention.KERNELS}")
+
+
 def batch_axes(mesh: Mesh | None, rows: int):
   """(mesh axes the rows are split over, shards): `sharding`'s rule for the logical batch axis."""
   if mesh is None:
@@ -271,7 +285,8 @@ def _start(rng, prompt_index, sample_offset, prompt_len, eos_id, *, config, plan
   r = plan.shards * plan.rows
   rows = jnp.arange(r)
   keys = sampling.row_keys(rng, prompt_index[rows // plan.n], sample_offset + rows % plan.n)
-  state = empty_state(config, plan, keys.reshape(plan.shards, plan.rows),
+  # Typed keys [R], or raw uint32 ones [R, 2]: the rows split over the shards either way.
+  state = empty_state(config, plan, keys.reshape(plan.shards, plan.rows, *keys.shape[1:]),
                       prompt_len.reshape(plan.shards, plan.prompts), eos_id)
   return _constrain(state, plan)
 
@@ -493,6 +508,11 @@ def _write_rows(state: PagedState, grow: Array, col: Array, token, logp, entropy
                        eos=state.eos.at[grow].set(eos, mode="drop"))
 
 
+def _rows_of(keys: Array, lead: int) -> Array:
+  """Keys [*lead axes, (2)] -> one per row [R, (2)] (typed keys, or raw uint32 pairs)."""
+  return keys.reshape(-1, *keys.shape[lead:])
+
+
 def _replicate(x, plan: Plan):
   mesh = plan.read.mesh
   if mesh is None:
@@ -518,7 +538,8 @@ def _prefill(params, state: PagedState, tokens, mask, local, eos_id, *, config, 
   rows = local[..., None] * n + jnp.arange(n)  # [G, Fb, n]
   valid = jnp.broadcast_to((local < plan.prompts)[..., None], rows.shape)
   rows = jnp.where(valid, rows, plan.rows)
-  keys = jax.vmap(lambda k, r: k[jnp.minimum(r, plan.rows - 1)])(state.keys, rows).reshape(-1)
+  keys = _rows_of(jax.vmap(lambda k, r: k[jnp.minimum(r, plan.rows - 1)])(state.keys, rows),
+                  3)
   last = _replicate(jnp.repeat(logits[:, -1], n, axis=0), plan)  # [G * Fb * n, V]
   token = sampler.next_token(last, sampling.step_keys(keys, 0))
   logp, entropy = sampling.token_stats(last, token)
@@ -560,7 +581,7 @@ def _step(params, state: PagedState, eos_id, *, config, plan, sampler) -> PagedS
                                          cache, config)
   logits = logits[:, 0]
   t = b.t.reshape(-1)
-  keys = jax.vmap(lambda k, r: k[r])(state.keys, b.row).reshape(-1)
+  keys = _rows_of(jax.vmap(lambda k, r: k[r])(state.keys, b.row), 2)
   token = _replicate(sampler.next_token(logits, sampling.step_keys(keys, t)), plan)
   logp, entropy = sampling.token_stats(logits, token)
   grow = jnp.where(live, (jnp.arange(g)[:, None] * plan.rows + b.row).reshape(-1), g * plan.rows)

@@ -14,10 +14,12 @@ import jax
 import ml_collections
 
 from explore_jax import paths
+from explore_jax import rollout as rollout_lib
 from explore_jax.config import defaults
 from explore_jax.models import checkpoint, qwen2
 from explore_jax.models import files as model_files
 from explore_jax.rl import actor_loss
+from explore_jax.rollout import paged
 from explore_jax.tpu import memory, sharding
 from explore_jax.train import state as train_state
 from explore_jax.train import step as train_step
@@ -44,9 +46,11 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
         f"of the micro-batch ({memory.describe_micro_batch(rl, mesh_shape)})")
   train_step.bucket_lengths(config.data.max_prompt_len + config.rollout.max_new_tokens,
                             rl.length_buckets)  # checks rl.length_buckets before any tracing
-  if config.rollout.engine not in ("static", "continuous"):
-    raise ValueError(f"config.rollout.engine={config.rollout.engine!r}: use 'continuous' or "
-                     "'static'")
+  if config.rollout.engine not in rollout_lib.ENGINES:
+    raise ValueError(f"config.rollout.engine={config.rollout.engine!r}: use one of "
+                     f"{', '.join(map(repr, rollout_lib.ENGINES))}")
+  if config.rollout.engine == "paged":
+    paged.check_config(config.rollout)
   if config.rollout.slots < 0 or config.rollout.chunk < 1 or config.rollout.kv_block < 0:
     raise ValueError(f"config.rollout.slots={config.rollout.slots} and config.rollout.kv_block="
                      f"{config.rollout.kv_block} must be >= 0, config.rollout.chunk="
@@ -55,7 +59,7 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
     raise ValueError(f"config.rollout.refill_share={config.rollout.refill_share}: must be in "
                      "(0, 1]")
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
-  if config.rollout.engine == "continuous":  # one call per step (sample_and_grade)
+  if config.rollout.engine in ("continuous", "paged"):  # one call per step (sample_and_grade)
     wave = config.data.prompts_per_step
   if config.data.prompts_per_step % wave or wave % jax.process_count():
     raise ValueError(
@@ -136,7 +140,8 @@ RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log
                      "model.stage_dir", "data.data_dir", "rl.micro_batch_size",
                      "rl.micro_batch_per_shard", "rl.logit_chunk", "rl.length_buckets",
                      "rollout.prompts_per_wave", "rollout.engine", "rollout.slots",
-                     "rollout.chunk")
+                     "rollout.chunk", "rollout.kv_pages", "rollout.page_size",
+                     "rollout.page_block", "rollout.page_attention")
 
 
 def _flat(tree: dict) -> dict:
