@@ -2,7 +2,7 @@
 
   .venv/bin/python benchmarks/rollout_engine.py                  # every setting, with transformers
   .venv/bin/python benchmarks/rollout_engine.py --no_hf --rows 128
-  .venv/bin/python benchmarks/rollout_engine.py --no_hf --settings tiny   # the paged engine's target
+  .venv/bin/python benchmarks/rollout_engine.py --no_hf --settings tiny  # the paged engine's target
 
 Model: a random Qwen2 (vocab 96, width 128, 4 layers, 4 q / 2 kv heads, MLP 384) whose EOS column
 of the output head is zero: at temperature 1 every other logit is near 0 too, so each step ends a

@@ -14,11 +14,11 @@ import pytest
 
 from explore_jax import rollout as rollout_lib
 from explore_jax.models import attention, paged_attention
-from explore_jax.rollout import paged, sampling
+from explore_jax.rollout import pages, sampling
 from test_rollout_engine import COMPARE, ROOT
 from test_train import REFERENCE, read_metrics, reference_run, run_train, train_env  # noqa: F401
 
-exec(COMPARE)
+exec(COMPARE)  # tiny, prompts, compare
 
 PS = 4  # page size of the engine tests: prompts of 1 to 6 tokens share 0 or 1 full page
 
@@ -136,7 +136,7 @@ def test_paged_equals_static_through_preemption(setup, greedy, monkeypatch):
   for every slot's full row give the static sampler's rollout. Prompts of 1 to 6 tokens in pages
   of 4: some share a full prompt page among their 3 samples, each copies a partial one."""
   if greedy:
-    monkeypatch.setattr(paged, "MIN_SLOTS", 2)  # the drain runs in 4 and then 2 slots
+    monkeypatch.setattr(pages, "MIN_SLOTS", 2)  # the drain runs in 4 and then 2 slots
   cfg, params, tokens, mask, eos = setup
   kw = dict(max_new_tokens=24, eos_id=eos, n=3, **({"temperature": 0.0} if greedy else
                                                     {"temperature": 1.0, "top_p": 0.9}))
@@ -144,12 +144,12 @@ def test_paged_equals_static_through_preemption(setup, greedy, monkeypatch):
   lengths = np.asarray(ref.lengths)
   assert len(set(lengths.tolist())) >= 3 and (lengths < 24).any() and (lengths == 24).any()
   runs = {}
-  for pages in (0, 20):  # 20: a full row (8 pages) beside 6 prompts' 2 pages each, no more
+  for kv_pages in (0, 20):  # 20: a full row (8 pages) beside 6 prompts' 2 pages each, no more
     got, stats = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(1),
-                                      engine="paged", slots=8, kv_pages=pages, page_size=PS,
+                                      engine="paged", slots=8, kv_pages=kv_pages, page_size=PS,
                                       with_stats=True, **kw)
     assert compare(cfg, params, ref, got, greedy) >= 0.95
-    runs[pages] = stats
+    runs[kv_pages] = stats
   roomy, tight = runs[0], runs[20]
   assert roomy["preemptions"] == 0 and tight["preemptions"] > 0, (roomy, tight)
   assert tight["peak_pages"] <= 20 and roomy["peak_pages"] <= roomy["kv_pages"]
@@ -253,8 +253,8 @@ def test_two_processes_paged_equals_static():
 
 
 @pytest.mark.slow
-def test_trainer_with_the_paged_engine_logs_the_reference_run(train_env, reference_run,  # noqa: F811
-                                                              tmp_path):
+def test_trainer_with_the_paged_engine_logs_the_reference_run(
+    train_env, reference_run, tmp_path):  # noqa: F811
   """`rollout.engine=paged` in the trainer, its pool too small for the 8 slots' full rows (16
   pages of 8 positions against 8 x 5): the losses of the continuous engine's run."""
   run_train(train_env, tmp_path / "paged", variant="entropy_reg", overrides=REFERENCE + [

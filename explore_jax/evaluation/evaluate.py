@@ -279,12 +279,12 @@ def append_records(path: str, records: list[dict]) -> None:
 def check_engine(config) -> None:
   """config.engine and the paged engine's keys, before any work."""
   from explore_jax import rollout as rollout_lib
-  from explore_jax.rollout import paged
+  from explore_jax.rollout import pages
   if config.engine not in rollout_lib.ENGINES:
     raise ValueError(f"config.engine={config.engine!r}: use one of "
                      f"{', '.join(map(repr, rollout_lib.ENGINES))}")
   if config.engine == "paged":
-    paged.check_config(config, prefix="config.")
+    pages.check_config(config, prefix="config.")
 
 
 def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, rng, eos_id: int,

@@ -87,7 +87,7 @@ class PagedCache:
   k: tuple[Array, ...]  # per layer [K, NP, PS, H]
   v: tuple[Array, ...]  # per layer [K, NP, PS, H]
   table: Array  # [S, W] int32 page ids (local to the slot's device's share of the pool)
-  lengths: Array  # [S] int32 positions the row holds: the step writes (and queries) position lengths
+  lengths: Array  # [S] int32 positions the row holds: the step writes and queries this position
   live: Array  # [S] bool: idle slots write nothing and read nothing
   read: PagedRead = flax.struct.field(pytree_node=False, default=PagedRead("gather"))
 

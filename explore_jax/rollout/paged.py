@@ -13,31 +13,33 @@ crosses a page boundary. Each page counts its references (`refs`; 0 = free): a r
 returned when it ends, the prompt's when its last sample ends.
 
 Preemption. A row is admitted to a free slot only while the pool keeps a reserve for the live
-rows' growth (RESERVE_STEPS steps of it). When the live rows still need more pages than are free,
-the youngest rows (fewest tokens: the least work lost) give theirs back and go back to the queue;
-they start again later from their prompt's pages. A row's draws depend only on (rng, prompt,
-sample, position) (`sampling.row_keys`), so the restarted row samples the same tokens: preemption
-never changes a rollout.
+rows' growth. When the live rows still need more pages than are free, the youngest rows (fewest
+tokens: the least work lost) give theirs back and go back to the queue; they start again later
+from their prompt's pages. A row's draws depend only on (rng, prompt, sample, position)
+(`sampling.row_keys`), so the restarted row samples the same tokens: preemption never changes a
+rollout. (The bookkeeping of slots, rows and pages: `explore_jax.rollout.pages`.)
 
 Refill on the device. One jitted `lax.while_loop` (`_decode`) refills free slots from the rows of
 the prefilled prompts, allocates pages, preempts, decodes one step of every live slot and
 returns finished rows' pages, step after step. It returns to the host only when a shard has no
 prefilled row left to start and the pool has room for the next batch of prompts (the host then
-prefills it: `_prefill`), when the gather's bound must change (below), or when every row is done.
-Every decision is a function of replicated device state, so every process makes the same ones.
+prefills it: `_prefill`), when every row is done, or (the gather, below) when the live rows fit
+in half the call's slots. Every decision is a function of replicated device state, so every
+process makes the same ones; the stats count the host round trips.
 
 Shards. On a mesh the slots, the pages and the output rows are split over the batch axes into G
 shards; shard g owns prompts g*B/G .. (g+1)*B/G - 1 (the rows its devices hold in the output),
-its slots and its pages, and schedules them alone: the bookkeeping below is written for one shard
-and vmapped over G (it is small and replicated); the pages themselves are written and read per
+its slots and its pages, and schedules them alone: the bookkeeping is written for one shard and
+vmapped over G (it is small and replicated); the pages themselves are written and read per
 device (`paged_attention.per_device`).
 
 Attention by platform (`paged_attention.PagedRead`): the Pallas TPU kernel on TPU, the pure-JAX
-gather elsewhere (the Pallas GPU kernel on request). The gather reads a static number of
-(row, page) entries: every page of the pool plus the shared prompt pages while rows are pending,
-a smaller bucket once none is (the loop returns when the rows' pages outgrow it, or shrink to a
-quarter of it). Stats count what the kernels read (each live row's pages rounded up to whole
-blocks) and, beside it, what the gather read.
+gather elsewhere (the Pallas GPU kernel on request). On CPU a step costs about as much per slot
+as per position read, so once no row waits, the gather's calls decode the live rows in the
+fewest slots (a power of two, at least MIN_SLOTS) that hold them: the live rows are moved to the
+first slots of their shard (only their bookkeeping moves; their pages stay). Stats count what the
+kernels read (each live row's pages rounded up to whole blocks) and, beside it, what the gather
+read.
 """
 
 from __future__ import annotations
@@ -52,151 +54,21 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from explore_jax.models import paged_attention, qwen2
-from explore_jax.models.paged_attention import PagedCache, PagedRead
+from explore_jax.models.paged_attention import PagedCache
 from explore_jax.models.qwen2 import Params, Qwen2Config
-from explore_jax.rollout import sampling
+from explore_jax.rollout import pages, sampling
+from explore_jax.rollout.pages import DONE, WAITING, Book, Plan
 from explore_jax.tpu import sharding
 
 Array = jax.Array
 
 PAGE_SIZE = 16  # positions per page (generate's default)
 PAGE_BLOCK = 2  # pages per block of the Pallas kernels' reads
-# A row is admitted only while the free pages cover the live rows' growth for this many steps
-# (live rows / page size pages per step): fewer preemptions right after a refill.
-RESERVE_STEPS = 4
-# Once no row waits, the gather's device calls decode the live rows in the fewest slots (a power
-# of two) that hold them, but no fewer than this: on CPU a step's cost follows its slots.
-MIN_SLOTS = 8
-WAITING, RUNNING, DONE = 0, 1, 2  # a row's status
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """The engine's static shape (hashable: a static jit argument)."""
-  shards: int  # G
-  slots: int  # per shard
-  pages: int  # NPl, per shard
-  page_size: int  # PS
-  width: int  # W: table entries per slot
-  prompt_width: int  # P: the prompts' (padded) width
-  prompt_pages: int  # Wp = ceil(P / PS)
-  max_new_tokens: int  # N
-  n: int
-  prompts: int  # Bl, per shard
-  batch: int  # Fb: prompts per shard per prefill
-  min_slots: int  # the gather's drain decodes in no fewer slots (MIN_SLOTS)
-  read: PagedRead  # entries: the gather's largest bound (`max_entries`)
-
-  @property
-  def rows(self) -> int:
-    return self.prompts * self.n
-
-  @property
-  def max_entries(self) -> int:
-    """Flat (row, page) entries a gather can need: the slots' own pages fit the pool; their
-    shared prompt pages come on top."""
-    return self.pages + self.slots * (self.prompt_width // self.page_size)
-
-
-def row_pages(prompt_width: int, max_new_tokens: int, page_size: int) -> int:
-  """Pages of a row at full length (its prompt's P and N - 1 response positions written)."""
-  return -(-(prompt_width + max_new_tokens) // page_size)
-
-
-def kernel_for(platform: str, name: str = "auto") -> str:
-  """The paged attention kernel: `auto` is the Pallas kernel on TPU and the gather elsewhere (on
-  a GPU the Pallas kernel is taken when named, until measured to beat the gather there)."""
-  if name == "auto":
-    return "pallas_tpu" if platform == "tpu" else "gather"
-  if name not in paged_attention.KERNELS:
-    raise ValueError(f"page_attention={name!r}: use 'auto' or one of {paged_attention.KERNELS}")
-  return name
-
-
-def check_config(rollout, prefix: str = "config.rollout.") -> None:
-  """A config's paged-engine keys (`defaults.base_config`'s rollout section, or the evaluator's),
-  checked before any work: a clear error naming the key."""
-  if rollout.kv_pages < 0:
-    raise ValueError(f"{prefix}kv_pages={rollout.kv_pages}: must be >= 0 (0: room for every "
-                     "slot's full row)")
-  for key in ("page_size", "page_block"):
-    if getattr(rollout, key) < 1:
-      raise ValueError(f"{prefix}{key}={getattr(rollout, key)}: must be >= 1")
-  if rollout.page_attention != "auto" and rollout.page_attention not in paged_attention.KERNELS:
-    raise ValueError(f"{prefix}page_attention={rollout.page_attention!r}: use 'auto' or one of "
-                     f"{paged_attention.KERNELS}")
-
-
-def batch_axes(mesh: Mesh | None, rows: int):
-  """(mesh axes the rows are split over, shards): `sharding`'s rule for the logical batch axis."""
-  if mesh is None:
-    return None, 1
-  spec = sharding.logical_sharding(("batch",), (rows,), mesh).spec
-  axes = spec[0] if spec else None
-  names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-  return axes, int(np.prod([mesh.shape[a] for a in names]))
-
-
-def make_plan(config: Qwen2Config, prompts: int, prompt_width: int, *, max_new_tokens: int, n: int,
-              slots: int, kv_pages: int, page_size: int, page_block: int, kernel: str,
-              mesh: Mesh | None) -> Plan:
-  """The plan of a rollout of `prompts` prompts [prompts, prompt_width]; checks the arguments."""
-  rows = prompts * n
-  slots = slots or rows
-  if page_size < 1 or page_block < 1 or kv_pages < 0 or slots < 1:
-    raise ValueError(f"paged engine: page_size={page_size}, page_block={page_block} and "
-                     f"slots={slots} must be >= 1, kv_pages={kv_pages} >= 0")
-  axes, shards = batch_axes(mesh, rows)
-  if prompts % shards or slots % shards or kv_pages % shards:
-    raise ValueError(f"paged engine: prompts ({prompts}), slots ({slots}) and kv_pages "
-                     f"({kv_pages}) must be multiples of the {shards} batch shards of the mesh")
-  heads = None
-  if mesh is not None:
-    shape = (config.num_key_value_heads, 8 * shards, page_size, config.head_dim)
-    heads = sharding.logical_sharding(("kv_heads", "cache_batch", None, None), shape, mesh).spec[0]
-  read = PagedRead(kernel, page_block, 0, mesh, axes, heads)
-  width = paged_attention.table_width(prompt_width + max_new_tokens, page_size, read)
-  local_slots, local_prompts = slots // shards, prompts // shards
-  batch = min(local_prompts, -(-local_slots // n))
-  wp = -(-prompt_width // page_size)
-  full_row = row_pages(prompt_width, max_new_tokens, page_size)
-  # Every page a shard can hold at once (each slot's full row and the prompts' pages): no row is
-  # ever preempted.
-  pages = kv_pages // shards or local_slots * full_row + min(local_prompts, local_slots + batch) * wp
-  # A row at full length must fit beside the prompts that hold pages (those of the live rows and
-  # of a prefill batch): then the oldest row always finishes.
-  least = full_row + min(local_prompts, local_slots + batch) * wp
-  if pages < least:
-    raise ValueError(f"paged engine: kv_pages={kv_pages} gives {pages} pages per batch shard; "
-                     f"at least {least} are needed (a full row of {full_row} pages beside the "
-                     f"prompt pages of up to {min(local_prompts, local_slots + batch)} prompts)")
-  plan = Plan(shards, local_slots, pages, page_size, width, prompt_width, wp, max_new_tokens, n,
-              local_prompts, batch, MIN_SLOTS, read)
-  return dataclasses.replace(plan, read=dataclasses.replace(read, entries=plan.max_entries))
 
 
 # --------------------------------------------------------------------------------------------------
 # State
 # --------------------------------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class Book:
-  """One shard's bookkeeping (the engine holds [G, ...] of each field, replicated)."""
-  refs: Array  # [NPl] int32: references to each page (0: free)
-  table: Array  # [Sl, W] int32: each slot's pages (NPl: none)
-  lengths: Array  # [Sl] int32: positions its row holds (the next step writes this one)
-  shared: Array  # [Sl] int32: the table's first pages are its prompt's (shared, read-only)
-  last: Array  # [Sl] int32: the row's last sampled token (the next step's input)
-  t: Array  # [Sl] int32: tokens the row has sampled
-  row: Array  # [Sl] int32: the shard's row the slot decodes
-  active: Array  # [Sl] bool
-  status: Array  # [Rl] int32: WAITING, RUNNING, DONE
-  first: Array  # [Rl] int32: the row's first token (sampled at its prompt's prefill)
-  prompt_len: Array  # [Bl] int32: real tokens of each prompt
-  prompt_pages: Array  # [Bl, Wp] int32: the prefilled prompt's pages (NPl: none)
-  prompt_left: Array  # [Bl] int32: samples not finished (its pages are returned at 0)
-  prefilled: Array  # [] int32: prompts 0 .. prefilled - 1 of the shard are prefilled
 
 
 @flax.struct.dataclass
@@ -232,28 +104,24 @@ def _counters() -> Counters:
   return Counters(z, z, f, f, f, z, z, z)
 
 
-def _pool_sharding(plan: Plan, shape) -> NamedSharding | None:
-  read = plan.read
-  if read.mesh is None:
-    return None
-  return NamedSharding(read.mesh, paged_attention.pool_spec(read))
+def state_shardings(state: PagedState, plan: Plan) -> PagedState:
+  """Pages split like the slots (and kv heads over `tensor`), output rows over the batch axes,
+  the bookkeeping replicated (what `_constrain` pins, and what `explore_jax.aot` gives its
+  abstract states)."""
+  mesh = plan.read.mesh
+  pool = NamedSharding(mesh, paged_attention.pool_spec(plan.read))
+  rows = lambda x: NamedSharding(mesh, PartitionSpec(plan.read.batch, *(None,) * (x.ndim - 1)))
+  rep = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda _: rep, state).replace(
+      k=tuple(pool for _ in state.k), v=tuple(pool for _ in state.v),
+      tokens=rows(state.tokens), logprobs=rows(state.logprobs), entropy=rows(state.entropy),
+      lengths=rows(state.lengths), eos=rows(state.eos))
 
 
 def _constrain(state: PagedState, plan: Plan) -> PagedState:
-  """Pages split like the slots, output rows over the batch axes, bookkeeping replicated."""
-  mesh = plan.read.mesh
-  if mesh is None:
+  if plan.read.mesh is None:
     return state
-  pin = jax.lax.with_sharding_constraint
-  pool = _pool_sharding(plan, None)
-  rows = lambda x: pin(x, NamedSharding(mesh, PartitionSpec(plan.read.batch,
-                                                            *(None,) * (x.ndim - 1))))
-  rep = lambda x: pin(x, NamedSharding(mesh, PartitionSpec()))
-  return state.replace(
-      k=tuple(pin(x, pool) for x in state.k), v=tuple(pin(x, pool) for x in state.v),
-      book=jax.tree.map(rep, state.book), keys=rep(state.keys), tokens=rows(state.tokens),
-      logprobs=rows(state.logprobs), entropy=rows(state.entropy), lengths=rows(state.lengths),
-      eos=rows(state.eos), counters=jax.tree.map(rep, state.counters))
+  return jax.tree.map(jax.lax.with_sharding_constraint, state, state_shardings(state, plan))
 
 
 def empty_state(config: Qwen2Config, plan: Plan, keys: Array, prompt_len: Array, eos_id
@@ -289,139 +157,6 @@ def _start(rng, prompt_index, sample_offset, prompt_len, eos_id, *, config, plan
   state = empty_state(config, plan, keys.reshape(plan.shards, plan.rows, *keys.shape[1:]),
                       prompt_len.reshape(plan.shards, plan.prompts), eos_id)
   return _constrain(state, plan)
-
-
-# --------------------------------------------------------------------------------------------------
-# One shard's bookkeeping (vmapped over the shards)
-# --------------------------------------------------------------------------------------------------
-
-
-def _free_list(refs: Array, size: int) -> Array:
-  """The first `size` free pages (the pool's size where fewer are free)."""
-  return jnp.nonzero(refs == 0, size=size, fill_value=refs.shape[0])[0].astype(jnp.int32)
-
-
-def _release(b: Book, mask: Array, status: int, plan: Plan) -> Book:
-  """Slots `mask` [Sl] give their pages back (a shared prompt page loses one reference) and
-  their rows take `status` (WAITING: preempted, DONE: ended)."""
-  held = jnp.arange(plan.width)[None] < -(-b.lengths // plan.page_size)[:, None]  # [Sl, W]
-  drop = jnp.where(mask[:, None] & held, b.table, plan.pages)
-  refs = b.refs.at[drop.ravel()].add(-1, mode="drop")
-  status_ = b.status.at[jnp.where(mask, b.row, plan.rows)].set(status, mode="drop")
-  return b.replace(refs=refs, status=status_, active=b.active & ~mask,
-                   table=jnp.where(mask[:, None], plan.pages, b.table),
-                   lengths=jnp.where(mask, 0, b.lengths))
-
-
-def _ready(b: Book, plan: Plan) -> Array:
-  """[Rl] rows waiting whose prompt is prefilled."""
-  return (b.status == WAITING) & (jnp.arange(plan.rows) // plan.n < b.prefilled)
-
-
-def _reserve(b: Book, plan: Plan) -> Array:
-  live = jnp.sum(b.active.astype(jnp.int32))
-  return -(-live * RESERVE_STEPS // plan.page_size)
-
-
-def _admit(b: Book, plan: Plan) -> tuple[Book, Array, Array]:
-  """Start the first waiting rows of prefilled prompts in free slots, as many as the free pages
-  allow beside the live rows' next pages and the reserve. Returns the book, the slots that
-  started [Sl] and, for each, the prompt page to copy into its first page of its own (the
-  partly filled last one; NPl: none)."""
-  ps, sl = plan.page_size, plan.slots
-  ready = _ready(b, plan)
-  free_pages = jnp.sum((b.refs == 0).astype(jnp.int32))
-  live_need = jnp.sum((b.active & (b.lengths % ps == 0)).astype(jnp.int32))
-  budget = jnp.maximum(free_pages - live_need - _reserve(b, plan), 0)
-  count = jnp.minimum(jnp.minimum(jnp.sum((~b.active).astype(jnp.int32)),
-                                  jnp.sum(ready.astype(jnp.int32))), budget)
-  take = jnp.arange(sl) < count
-  slot = jnp.where(take, jnp.nonzero(~b.active, size=sl, fill_value=sl)[0], sl)  # sl: dropped
-  row = jnp.where(take, jnp.nonzero(ready, size=sl, fill_value=0)[0], 0)
-  prompt = row // plan.n
-  plen = b.prompt_len[prompt]
-  full = plen // ps  # the prompt's full pages: shared
-  pages = b.prompt_pages[prompt]  # [Sl, Wp]
-  shared = jnp.where(take[:, None] & (jnp.arange(plan.prompt_pages)[None] < full[:, None]),
-                     pages, plan.pages)
-  table = jnp.full((sl, plan.width), plan.pages, jnp.int32).at[:, :plan.prompt_pages].set(shared)
-  partial = jnp.take_along_axis(pages, jnp.minimum(full, plan.prompt_pages - 1)[:, None], 1)[:, 0]
-  copy = jnp.where(plen % ps != 0, partial, plan.pages)
-  put = lambda x, y: x.at[slot].set(y, mode="drop")
-  b = b.replace(
-      refs=b.refs.at[shared.ravel()].add(1, mode="drop"), table=put(b.table, table),
-      lengths=put(b.lengths, plen), shared=put(b.shared, full), last=put(b.last, b.first[row]),
-      t=put(b.t, jnp.ones_like(row)), row=put(b.row, row), active=put(b.active, take),
-      status=b.status.at[jnp.where(take, row, plan.rows)].set(RUNNING, mode="drop"))
-  started = jnp.zeros((sl,), bool).at[slot].set(True, mode="drop")
-  return b, started, jnp.full((sl,), plan.pages, jnp.int32).at[slot].set(copy, mode="drop")
-
-
-def _allocate(b: Book, started: Array, plan: Plan) -> tuple[Book, Array, Array, Array]:
-  """A fresh page for every live slot whose step writes the first position of a page (and for
-  every row that just started: its copy of the prompt's last page, or a fresh one). When too few
-  are free, the youngest running rows are preempted first. Returns the book, each slot's new page
-  [Sl] (NPl: none), the preempted slots [Sl] and whether a live slot found no page."""
-  ps, sl = plan.page_size, plan.slots
-  need = b.active & ((b.lengths % ps == 0) | started)
-  deficit = jnp.sum(need.astype(jnp.int32)) - jnp.sum((b.refs == 0).astype(jnp.int32))
-  # Preempting a slot frees its own pages and drops its need; started rows are not candidates
-  # (`_admit` left pages for them).
-  cand = b.active & ~started
-  gain = jnp.where(cand, -(-b.lengths // ps) - b.shared + need.astype(jnp.int32), 0)
-  order = jnp.argsort(jnp.where(cand, b.t, jnp.iinfo(jnp.int32).max), stable=True)
-  before = jnp.cumsum(gain[order]) - gain[order]
-  victim = jnp.zeros((sl,), bool).at[order].set(cand[order] & (before < deficit))
-  b = _release(b, victim, WAITING, plan)
-  need &= ~victim
-  rank = jnp.cumsum(need.astype(jnp.int32)) - 1
-  page = jnp.where(need, _free_list(b.refs, sl)[jnp.clip(rank, 0, sl - 1)], plan.pages)
-  overflow = jnp.any(need & (page >= plan.pages))
-  at = b.lengths // ps
-  table = b.table.at[jnp.where(need, jnp.arange(sl), sl), at].set(page, mode="drop")
-  return b.replace(refs=b.refs.at[page].set(1, mode="drop"), table=table), page, victim, overflow
-
-
-def _advance(b: Book, token: Array, ended: Array, plan: Plan) -> Book:
-  """After a step: live slots took `token` [Sl]; rows `ended` [Sl] are done (their pages go
-  back, and their prompt's once its last sample is done)."""
-  live = b.active
-  b = b.replace(lengths=jnp.where(live, b.lengths + 1, b.lengths),
-                t=jnp.where(live, b.t + 1, b.t), last=jnp.where(live, token, b.last))
-  left = b.prompt_left.at[jnp.where(ended, b.row // plan.n, plan.prompts)].add(-1, mode="drop")
-  b = _release(b, ended, DONE, plan).replace(prompt_left=left)
-  return _release_prompts(b, plan)
-
-
-def _release_prompts(b: Book, plan: Plan) -> Book:
-  """Prompts whose samples are all done give their pages back."""
-  done = (b.prompt_left == 0) & (b.prompt_pages[:, 0] < plan.pages)
-  drop = jnp.where(done[:, None], b.prompt_pages, plan.pages)
-  return b.replace(refs=b.refs.at[drop.ravel()].add(-1, mode="drop"),
-                   prompt_pages=jnp.where(done[:, None], plan.pages, b.prompt_pages))
-
-
-def _next_batch_pages(b: Book, plan: Plan) -> Array:
-  """Pages the shard's next prefill batch takes."""
-  i = b.prefilled + jnp.arange(plan.batch)
-  pages = -(-b.prompt_len[jnp.minimum(i, plan.prompts - 1)] // plan.page_size)
-  return jnp.sum(jnp.where(i < plan.prompts, pages, 0))
-
-
-def _wants_prefill(b: Book, plan: Plan) -> Array:
-  """The shard has no prefilled row left to start, prompts left, and room for their pages."""
-  free = jnp.sum((b.refs == 0).astype(jnp.int32))
-  return ((b.prefilled < plan.prompts) & ~jnp.any(_ready(b, plan))
-          & (free >= _next_batch_pages(b, plan)))
-
-
-def _shard_summary(b: Book, plan: Plan) -> Array:
-  """[5] what the host schedules from: prefilled, free pages, waiting rows, live slots, whether
-  it wants a prefill."""
-  return jnp.stack([b.prefilled, jnp.sum((b.refs == 0).astype(jnp.int32)),
-                    jnp.sum((b.status == WAITING).astype(jnp.int32)),
-                    jnp.sum(b.active.astype(jnp.int32)),
-                    _wants_prefill(b, plan).astype(jnp.int32)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,25 +215,8 @@ def _write_prompts(state: PagedState, cache: qwen2.KVCache, pages: Array, plen: 
   return state.replace(k=k, v=v)
 
 
-def _alloc_prompts(b: Book, local: Array, plen: Array, plan: Plan) -> tuple[Book, Array, Array]:
-  """Pages for the prompts `local` [Fb] (the shard's prompt indices; Bl: none) of `plen` real
-  tokens; -> the book, their pages [Fb, Wp] and whether they did not fit."""
-  fb, wp = plan.batch, plan.prompt_pages
-  valid = local < plan.prompts
-  count = jnp.where(valid, -(-plen // plan.page_size), 0)
-  start = jnp.cumsum(count) - count
-  free = _free_list(b.refs, fb * wp)
-  w = jnp.arange(wp)[None]
-  pages = jnp.where(w < count[:, None], free[jnp.minimum(start[:, None] + w, fb * wp - 1)],
-                    plan.pages)
-  overflow = jnp.any(pages == plan.pages & (w < count[:, None]))
-  return (b.replace(refs=b.refs.at[pages.ravel()].set(1, mode="drop"),
-                    prompt_pages=b.prompt_pages.at[local].set(pages, mode="drop"),
-                    prefilled=b.prefilled + jnp.sum(valid.astype(jnp.int32))),
-          pages, overflow)
-
-
-def _write_rows(state: PagedState, grow: Array, col: Array, token, logp, entropy, eos) -> PagedState:
+def _write_rows(state: PagedState, grow: Array, col: Array, token, logp, entropy, eos
+                ) -> PagedState:
   """Write each slot's token at (global row grow [S], column col [S]) of the output buffers
   (grow out of range: dropped)."""
   put = lambda buf, x: buf.at[grow, col].set(x.astype(buf.dtype), mode="drop")
@@ -531,9 +249,9 @@ def _prefill(params, state: PagedState, tokens, mask, local, eos_id, *, config, 
   logits, cache = qwen2.apply_with_cache(params, tokens, qwen2.positions_from_mask(mask), mask,
                                          cache, config)
   plen = jnp.sum(mask, axis=-1).astype(jnp.int32).reshape(g, fb)
-  book, pages, overflow = jax.vmap(functools.partial(_alloc_prompts, plan=plan))(
+  book, held, overflow = jax.vmap(functools.partial(pages.alloc_prompts, plan=plan))(
       state.book, local, plen)
-  state = _write_prompts(state.replace(book=book), cache, pages, plen, plan)
+  state = _write_prompts(state.replace(book=book), cache, held, plen, plan)
   # Every sample's first token, from its prompt's last logits (as the static sampler's prefill).
   rows = local[..., None] * n + jnp.arange(n)  # [G, Fb, n]
   valid = jnp.broadcast_to((local < plan.prompts)[..., None], rows.shape)
@@ -557,7 +275,7 @@ def _prefill(params, state: PagedState, tokens, mask, local, eos_id, *, config, 
                 status=shard_put(b.status, jnp.where(ended, rows, plan.rows),
                                  jnp.full(ended.shape, DONE, jnp.int32)),
                 prompt_left=left)
-  b = jax.vmap(functools.partial(_release_prompts, plan=plan))(b)
+  b = jax.vmap(functools.partial(pages.release_prompts, plan=plan))(b)
   c = state.counters
   return _constrain(state.replace(book=b, counters=c.replace(
       overflow=c.overflow | jnp.any(overflow).astype(jnp.int32))), plan)
@@ -565,11 +283,11 @@ def _prefill(params, state: PagedState, tokens, mask, local, eos_id, *, config, 
 
 def _step(params, state: PagedState, eos_id, *, config, plan, sampler) -> PagedState:
   """One iteration of the decode loop: refill, pages, one decode step, release."""
-  vm = lambda fn: jax.vmap(functools.partial(fn, plan=plan))
-  book, started, copy_src = vm(_admit)(state.book)
-  book, page, victim, overflow = vm(_allocate)(book, started)
-  state = _copy_pages(state.replace(book=book), copy_src, jnp.where(started, page, plan.pages),
-                      plan)
+  book, started, copy_src = pages.refill_all(state.book, plan)
+  book, page, victim, overflow = pages.pages_all(book, started, plan)
+  state = jax.lax.cond(jnp.any(started), functools.partial(_copy_pages, plan=plan),
+                       lambda s, src, dst: s, state.replace(book=book), copy_src,
+                       jnp.where(started, page, plan.pages))
   b = state.book
   g, sl = plan.shards, plan.slots
   live = b.active.reshape(-1)
@@ -588,7 +306,7 @@ def _step(params, state: PagedState, eos_id, *, config, plan, sampler) -> PagedS
   ended = live & ((token == eos_id) | (t + 1 >= plan.max_new_tokens))
   state = _write_rows(state.replace(k=cache.k, v=cache.v), grow, t, token, logp, entropy,
                       token == eos_id)
-  book = vm(_advance)(b, token.reshape(g, sl), ended.reshape(g, sl))
+  book = pages.finish_all(b, token.reshape(g, sl), ended.reshape(g, sl), plan)
   reads = jnp.where(live, lengths + 1, 0)
   c = state.counters
   kernel = paged_attention.kernel_reads(reads, live, plan.page_size, plan.read.block)
@@ -608,15 +326,16 @@ def _step(params, state: PagedState, eos_id, *, config, plan, sampler) -> PagedS
 def _go_on(state: PagedState, plan: Plan) -> Array:
   """Whether the loop runs another step (module docstring: when it returns to the host)."""
   b = state.book
-  ready = jax.vmap(functools.partial(_ready, plan=plan))(b)
+  ready = jax.vmap(functools.partial(pages.ready, plan=plan))(b)
   work = jnp.any(b.active) | jnp.any(ready)
-  wants = jnp.any(jax.vmap(functools.partial(_wants_prefill, plan=plan))(b))
+  wants = jnp.any(jax.vmap(functools.partial(pages.wants_prefill, plan=plan))(b))
   go = work & ~wants
   if plan.read.kernel == "gather":
     # Once no row waits, a call whose live rows fit in half its slots returns for the host to
     # decode them in fewer (`_decode`'s live_slots): on CPU a step's cost follows its slots.
     live = jnp.max(jnp.sum(b.active.astype(jnp.int32), axis=1))
-    go &= jnp.any(b.status == WAITING) | (2 * live >= plan.slots) | (plan.slots <= plan.min_slots)
+    go &= (jnp.any(b.status == WAITING) | (2 * live >= plan.slots)
+           | (plan.slots <= plan.min_slots))
   return go
 
 
@@ -648,7 +367,8 @@ def _decode(params, state: PagedState, eos_id, *, config, plan, sampler, live_sl
   body = functools.partial(_step, params, eos_id=eos_id, config=config, plan=plan,
                            sampler=sampler)
   state = jax.lax.while_loop(functools.partial(_go_on, plan=plan), body,
-                             _constrain(state.replace(counters=_counters()), plan))
+                             _constrain(state.replace(counters=_counters().replace(
+                                 overflow=state.counters.overflow)), plan))
   if live_slots < full.slots:  # the rest of the slots are idle
     head = state.book
     state = state.replace(book=head.replace(**{
@@ -658,7 +378,7 @@ def _decode(params, state: PagedState, eos_id, *, config, plan, sampler, live_sl
 
 
 def _summary(state: PagedState, plan: Plan) -> Array:
-  shards = jax.vmap(functools.partial(_shard_summary, plan=plan))(state.book)  # [G, 6]
+  shards = jax.vmap(functools.partial(pages.shard_summary, plan=plan))(state.book)  # [G, 6]
   c = state.counters
   counters = jnp.stack([c.steps.astype(jnp.float32), c.busy.astype(jnp.float32), c.kernel_read,
                         c.gather_read, c.filled, c.preempted.astype(jnp.float32),
@@ -688,9 +408,9 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   tokens_h = np.asarray(sharding.to_host(prompt_tokens), np.int32)
   mask_h = np.asarray(sharding.to_host(prompt_mask), np.int32)
   b, p = tokens_h.shape
-  plan = make_plan(config, b, p, max_new_tokens=max_new_tokens, n=n, slots=slots,
+  plan = pages.make_plan(config, b, p, max_new_tokens=max_new_tokens, n=n, slots=slots,
                    kv_pages=kv_pages, page_size=page_size, page_block=page_block,
-                   kernel=kernel_for(_platform(mesh), attention), mesh=mesh)
+                   kernel=pages.kernel_for(_platform(mesh), attention), mesh=mesh)
   g, bl, fb = plan.shards, plan.prompts, plan.batch
   eos = jnp.int32(eos_id)
   state = _start(rng, jnp.asarray(prompt_index, jnp.int32), jnp.int32(sample_offset),

@@ -19,7 +19,7 @@ from explore_jax.config import defaults
 from explore_jax.models import checkpoint, qwen2
 from explore_jax.models import files as model_files
 from explore_jax.rl import actor_loss
-from explore_jax.rollout import paged
+from explore_jax.rollout import pages
 from explore_jax.tpu import memory, sharding
 from explore_jax.train import state as train_state
 from explore_jax.train import step as train_step
@@ -50,7 +50,7 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
     raise ValueError(f"config.rollout.engine={config.rollout.engine!r}: use one of "
                      f"{', '.join(map(repr, rollout_lib.ENGINES))}")
   if config.rollout.engine == "paged":
-    paged.check_config(config.rollout)
+    pages.check_config(config.rollout)
   if config.rollout.slots < 0 or config.rollout.chunk < 1 or config.rollout.kv_block < 0:
     raise ValueError(f"config.rollout.slots={config.rollout.slots} and config.rollout.kv_block="
                      f"{config.rollout.kv_block} must be >= 0, config.rollout.chunk="
