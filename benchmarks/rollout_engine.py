@@ -20,7 +20,8 @@ positions the continuous engine's decode attention read over those it would read
 row's filled length only (1.0: the ragged read's ideal).
 
 The paged engine (`explore_jax.rollout.paged`) runs at equal KV memory: `slots` x (P + N)
-positions in pages of `--page_size`, through `--paged_slots` slots (default 4 x slots). Its KV
+positions in pages of `--page_size`, through `--paged_slots` slots (default 4 x slots; `tiny`:
+a slot for each of its 128 rows, the pool bounding them). Its KV
 read / filled counts what the Pallas kernels read (each live row's pages in blocks of 2 pages);
 "gather" is what the pure-JAX gather read on this CPU. It also prints its peak pages in use,
 preemptions and host round trips (device calls), and its time against each continuous engine's
@@ -63,7 +64,7 @@ EOS, PROMPT = 3, 32
 # The paged engine's target setting (`tiny`).
 TINY_SPEC = dict(vocab_size=64, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2)
-TINY = dict(prompts=32, n=4, prompt=8, new=384, slots=16)
+TINY = dict(prompts=32, n=4, prompt=8, new=384, slots=16, paged_slots=128)  # a slot for every row
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(REPO, "runs", "demo", "models", "entropy_adv_s0")
 
@@ -168,7 +169,7 @@ def _rows_of_stats(st) -> str:
 
 
 def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share, paged_slots=(),
-        page_size=16, page_attention="auto"):
+        page_size=16, page_attention=("auto",)):
   b = s.prompts.shape[0]
   wave = slots // n  # static: prompts per wave, so that both hold `slots` rows of cache
   kw = dict(max_new_tokens=s.new, temperature=s.temperature, top_p=s.top_p, eos_id=s.eos, n=n,
@@ -194,17 +195,18 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share, 
 
   pages = _pages(s, slots, page_size)
 
-  def paged(engine_slots):
+  def paged(engine_slots, attention):
     r, st = rollout_lib.generate(s.cfg, s.params, s.prompts, s.mask, jax.random.key(0),
                                  engine="paged", slots=engine_slots, kv_pages=pages,
-                                 page_size=page_size, page_attention=page_attention, **kw)
+                                 page_size=page_size, page_attention=attention, **kw)
     return np.asarray(r.tokens), np.asarray(r.lengths), st
 
   names = {kv_block: f"cont. ragged {kv_block}" if kv_block else "cont. segmented"
            for kv_block in kv_blocks}
-  paged_names = {k: f"paged {k} slots" for k in paged_slots}
+  paged_names = {(k, a): f"paged {k} slots" + (f" {a}" if len(page_attention) > 1 else "")
+                 for k in paged_slots for a in page_attention}
   fns = {"static": static, **{names[kv]: functools.partial(continuous, kv) for kv in kv_blocks},
-         **{paged_names[k]: functools.partial(paged, k) for k in paged_slots}}
+         **{name: functools.partial(paged, *key) for key, name in paged_names.items()}}
   out, compile_s, warm = _rounds(fns, repeats)
   s_tokens, s_util, s_count = out["static"]
   width = s.prompts.shape[1]
@@ -219,7 +221,7 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share, 
   same, per_token = {}, {}
   engines = ([(names[kv], _kv_bytes(s.cfg, slots, length) + _kv_bytes(s.cfg, 2 * f, width))
               for kv in kv_blocks]
-             + [(paged_names[k], _kv_bytes(s.cfg, pages, page_size)) for k in paged_slots])
+             + [(name, _kv_bytes(s.cfg, pages, page_size)) for name in paged_names.values()])
   for name, kv_bytes in engines:
     e_tokens, e_len, st = out[name]
     count = int(e_len.sum())
@@ -316,7 +318,8 @@ def main():
                       help="paged engine slots, comma-separated ('' = 4 x slots; 0 = no paged)")
   parser.add_argument("--page_size", type=int, default=16)
   parser.add_argument("--page_attention", default="auto",
-                      help="paged engine attention: auto, gather, pallas_tpu, pallas_gpu")
+                      help="paged engine attention, comma-separated: auto, gather, pallas_tpu, "
+                      "pallas_gpu")
   parser.add_argument("--preset", default="",
                       help="a qwen2 preset's layers (bf16, random, 96-token vocabulary) instead of "
                       "the tiny model; no transformers row")
@@ -331,23 +334,23 @@ def main():
         f"{args.preset + ' layers, ' if args.preset else ''}{cfg.dtype}; ratios are more telling "
         "than absolute figures on a shared machine")
   kv_blocks = [int(x) for x in args.kv_blocks.split(",")]
-  paged_of = lambda slots: ([int(x) for x in args.paged_slots.split(",") if int(x)]
-                            if args.paged_slots else [4 * slots])
-  paged_kw = dict(page_size=args.page_size, page_attention=args.page_attention)
+  paged_of = lambda default: ([int(x) for x in args.paged_slots.split(",") if int(x)]
+                              if args.paged_slots else [default])
+  paged_kw = dict(page_size=args.page_size, page_attention=tuple(args.page_attention.split(",")))
   mask = np.ones_like(prompts)
   settings = args.settings.split(",")
   for name, new, eos in (("long-tailed", 512, EOS), ("fixed", 128, sampling.NO_EOS)):
     if name not in settings:
       continue
     run(Setting(name, hf, cfg, params, prompts, mask, new, eos), args.n, args.slots, args.chunk,
-        args.repeats, with_hf, kv_blocks, args.refill_share, paged_of(args.slots), **paged_kw)
+        args.repeats, with_hf, kv_blocks, args.refill_share, paged_of(4 * args.slots), **paged_kw)
   if "tiny" in settings:
     _, tiny_cfg, tiny_params = _tiny_model()
     tiny_prompts = np.random.default_rng(0).integers(
         4, TINY_SPEC["vocab_size"], (TINY["prompts"], TINY["prompt"])).astype(np.int32)
     run(Setting("tiny (the paged engine's target)", None, tiny_cfg, tiny_params, tiny_prompts,
                 np.ones_like(tiny_prompts), TINY["new"], EOS), TINY["n"], TINY["slots"],
-        args.chunk, args.repeats, False, kv_blocks, args.refill_share, paged_of(TINY["slots"]),
+        args.chunk, args.repeats, False, kv_blocks, args.refill_share, paged_of(TINY["paged_slots"]),
         **paged_kw)
   if not args.demo_model or "demo" not in settings:
     return
@@ -355,7 +358,7 @@ def main():
     print(f"\ndemo model: {args.demo_model} does not exist (`make demo` writes it); skipped")
     return
   run(demo_setting(args.demo_model, args.rows // args.n), args.n, args.slots, args.chunk,
-      args.repeats, not args.no_hf, kv_blocks, args.refill_share, paged_of(args.slots),
+      args.repeats, not args.no_hf, kv_blocks, args.refill_share, paged_of(4 * args.slots),
       **paged_kw)
 
 

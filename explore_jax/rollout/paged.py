@@ -57,7 +57,7 @@ from explore_jax.models import paged_attention, qwen2
 from explore_jax.models.paged_attention import PagedCache
 from explore_jax.models.qwen2 import Params, Qwen2Config
 from explore_jax.rollout import pages, sampling
-from explore_jax.rollout.pages import DONE, WAITING, Book, Plan
+from explore_jax.rollout.pages import DONE, Book, Plan
 from explore_jax.tpu import sharding
 
 Array = jax.Array
@@ -323,19 +323,23 @@ def _step(params, state: PagedState, eos_id, *, config, plan, sampler) -> PagedS
   return _constrain(state.replace(book=book, counters=c), plan)
 
 
-def _go_on(state: PagedState, plan: Plan) -> Array:
+def _go_on(state: PagedState, plan: Plan, full_slots: int) -> Array:
   """Whether the loop runs another step (module docstring: when it returns to the host)."""
   b = state.book
   ready = jax.vmap(functools.partial(pages.ready, plan=plan))(b)
   work = jnp.any(b.active) | jnp.any(ready)
   wants = jnp.any(jax.vmap(functools.partial(pages.wants_prefill, plan=plan))(b))
   go = work & ~wants
-  if plan.read.kernel == "gather":
-    # Once no row waits, a call whose live rows fit in half its slots returns for the host to
-    # decode them in fewer (`_decode`'s live_slots): on CPU a step's cost follows its slots.
-    live = jnp.max(jnp.sum(b.active.astype(jnp.int32), axis=1))
-    go &= (jnp.any(b.status == WAITING) | (2 * live >= plan.slots)
-           | (plan.slots <= plan.min_slots))
+  if plan.read.kernel == "gather" and (plan.slots < full_slots or plan.slots > plan.min_slots):
+    # On CPU a step costs in proportion to its slots: the call returns for the host to decode in
+    # more slots (`_decode`'s live_slots) when the pages admit a ready row but no slot is free,
+    # in fewer when its live rows fit in half of them and the pages admit none.
+    live = jnp.sum(b.active.astype(jnp.int32), axis=1)  # [G]
+    more = jax.vmap(lambda b: pages.admissible(b, plan)[1])(b)  # [G]
+    grow = jnp.any((more > 0) & (live == plan.slots)) & (plan.slots < full_slots)
+    shrink = (jnp.all(2 * live < plan.slots) & jnp.all(more == 0)
+              & (plan.slots > plan.min_slots))
+    go &= ~grow & ~shrink
   return go
 
 
@@ -366,7 +370,7 @@ def _decode(params, state: PagedState, eos_id, *, config, plan, sampler, live_sl
         **{f: getattr(book, f)[:, :live_slots] for f in _SLOT_FIELDS}))
   body = functools.partial(_step, params, eos_id=eos_id, config=config, plan=plan,
                            sampler=sampler)
-  state = jax.lax.while_loop(functools.partial(_go_on, plan=plan), body,
+  state = jax.lax.while_loop(functools.partial(_go_on, plan=plan, full_slots=full.slots), body,
                              _constrain(state.replace(counters=_counters().replace(
                                  overflow=state.counters.overflow)), plan))
   if live_slots < full.slots:  # the rest of the slots are idle
@@ -389,7 +393,7 @@ def _summary(state: PagedState, plan: Plan) -> Array:
 # The host loop
 # --------------------------------------------------------------------------------------------------
 
-_SUMMARY = 5  # per shard: prefilled, free pages, waiting rows, live slots, wants
+_SUMMARY = 6  # per shard: prefilled, free pages, waiting rows, live slots, wants, admissible
 
 
 def _platform(mesh: Mesh | None) -> str:
@@ -410,7 +414,8 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   b, p = tokens_h.shape
   plan = pages.make_plan(config, b, p, max_new_tokens=max_new_tokens, n=n, slots=slots,
                    kv_pages=kv_pages, page_size=page_size, page_block=page_block,
-                   kernel=pages.kernel_for(_platform(mesh), attention), mesh=mesh)
+                   kernel=pages.kernel_for(_platform(mesh), attention), mesh=mesh,
+                   fixed_length=eos_id == sampling.NO_EOS)
   g, bl, fb = plan.shards, plan.prompts, plan.batch
   eos = jnp.int32(eos_id)
   state = _start(rng, jnp.asarray(prompt_index, jnp.int32), jnp.int32(sample_offset),
@@ -430,10 +435,11 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
                        eos, config=config, plan=plan, sampler=sampler)
       prefills += 1
     live_slots = plan.slots
-    if plan.read.kernel == "gather" and not wants.any() and not shard[:, 2].any():
-      # No row waits: decode the live rows in fewer slots (a power of two: few compiles).
-      live_slots = min(plan.slots, max(plan.min_slots,
-                                       1 << max(0, int(shard[:, 3].max()) - 1).bit_length()))
+    if plan.read.kernel == "gather" and not wants.any():
+      # The live rows and those the pages admit now, in the fewest slots (a power of two: few
+      # compiles) that hold them.
+      need = int((shard[:, 3] + shard[:, 5]).max())
+      live_slots = min(plan.slots, max(plan.min_slots, 1 << max(0, need - 1).bit_length()))
     state, summary = _decode(params, state, eos, config=config, plan=plan, sampler=sampler,
                              live_slots=live_slots)
     summary = np.asarray(summary.addressable_shards[0].data, np.float64)

@@ -60,6 +60,9 @@ class Plan:
   prompts: int  # Bl, per shard
   batch: int  # Fb: prompts per shard per prefill
   min_slots: int  # the gather's drain decodes in no fewer slots (MIN_SLOTS)
+  # Every row runs max_new_tokens (no EOS): a row is admitted only when the pool holds it and
+  # the live rows at full length (nothing to gain from more, and no row is ever preempted).
+  fixed_length: bool
   read: PagedRead  # entries: the gather's largest bound (`max_entries`)
 
   @property
@@ -114,7 +117,7 @@ def batch_axes(mesh: Mesh | None, rows: int):
 
 def make_plan(config: Qwen2Config, prompts: int, prompt_width: int, *, max_new_tokens: int, n: int,
               slots: int, kv_pages: int, page_size: int, page_block: int, kernel: str,
-              mesh: Mesh | None) -> Plan:
+              mesh: Mesh | None, fixed_length: bool = False) -> Plan:
   """The plan of a rollout of `prompts` prompts [prompts, prompt_width]; checks the arguments."""
   rows = prompts * n
   slots = slots or rows
@@ -147,7 +150,7 @@ def make_plan(config: Qwen2Config, prompts: int, prompt_width: int, *, max_new_t
                      f"at least {least} are needed (a full row of {full_row} pages beside the "
                      f"prompt pages of up to {held_prompts} prompts)")
   plan = Plan(shards, local_slots, pages, page_size, width, prompt_width, wp, max_new_tokens, n,
-              local_prompts, batch, MIN_SLOTS, read)
+              local_prompts, batch, MIN_SLOTS, fixed_length, read)
   return dataclasses.replace(plan, read=dataclasses.replace(read, entries=plan.max_entries))
 
 
@@ -199,18 +202,39 @@ def reserve(b: Book, plan: Plan) -> Array:
   return -(-live * RESERVE_STEPS // plan.page_size)
 
 
+def _full_pages(plen: Array, plan: Plan) -> Array:
+  """Pages a row of a prompt of `plen` tokens holds at full length (its P + N - 1 positions)."""
+  return -(-(plen + plan.max_new_tokens - 1) // plan.page_size)
+
+
+def admissible(b: Book, plan: Plan) -> tuple[Array, Array]:
+  """(ready rows [Rl], how many of the first of them the free pages admit now, free slots
+  aside). Long-tailed lengths: each takes one page, beside the live rows' next pages and the
+  reserve. Fixed lengths: each its pages at full length, beside the live rows' remaining ones."""
+  waiting = ready(b, plan)
+  free_pages = jnp.sum((b.refs == 0).astype(jnp.int32))
+  if not plan.fixed_length:
+    live_need = jnp.sum((b.active & (b.lengths % plan.page_size == 0)).astype(jnp.int32))
+    count = jnp.maximum(free_pages - live_need - reserve(b, plan), 0)
+    return waiting, jnp.minimum(count, jnp.sum(waiting.astype(jnp.int32)))
+  plen_live = b.prompt_len[b.row // plan.n]
+  growth = jnp.where(b.active, _full_pages(plen_live, plan) - -(-b.lengths // plan.page_size), 0)
+  budget = free_pages - jnp.sum(growth)
+  first = jnp.nonzero(waiting, size=plan.slots, fill_value=plan.rows)[0]  # the next rows
+  plen = b.prompt_len[jnp.minimum(first, plan.rows - 1) // plan.n]
+  own = _full_pages(plen, plan) - plen // plan.page_size  # shared prompt pages are held already
+  fits = (jnp.cumsum(own) <= budget) & (first < plan.rows)
+  return waiting, jnp.sum(jnp.cumprod(fits.astype(jnp.int32)))
+
+
 def admit(b: Book, plan: Plan) -> tuple[Book, Array, Array]:
   """Start the first waiting rows of prefilled prompts in free slots, as many as the free pages
   allow beside the live rows' next pages and the reserve. Returns the book, the slots that
   started [Sl] and, for each, the prompt page to copy into its first page of its own (the
   partly filled last one; NPl: none)."""
   ps, sl = plan.page_size, plan.slots
-  waiting = ready(b, plan)
-  free_pages = jnp.sum((b.refs == 0).astype(jnp.int32))
-  live_need = jnp.sum((b.active & (b.lengths % ps == 0)).astype(jnp.int32))
-  budget = jnp.maximum(free_pages - live_need - reserve(b, plan), 0)
-  count = jnp.minimum(jnp.minimum(jnp.sum((~b.active).astype(jnp.int32)),
-                                  jnp.sum(waiting.astype(jnp.int32))), budget)
+  waiting, allowed = admissible(b, plan)
+  count = jnp.minimum(jnp.sum((~b.active).astype(jnp.int32)), allowed)
   take = jnp.arange(sl) < count
   slot = jnp.where(take, jnp.nonzero(~b.active, size=sl, fill_value=sl)[0], sl)  # sl: dropped
   row = jnp.where(take, jnp.nonzero(waiting, size=sl, fill_value=0)[0], 0)
@@ -345,12 +369,12 @@ def wants_prefill(b: Book, plan: Plan) -> Array:
 
 
 def shard_summary(b: Book, plan: Plan) -> Array:
-  """[5] what the host schedules from: prefilled, free pages, waiting rows, live slots, whether
-  it wants a prefill."""
+  """[6] what the host schedules from: prefilled, free pages, waiting rows, live slots, whether
+  it wants a prefill, rows the pages admit now."""
   return jnp.stack([b.prefilled, jnp.sum((b.refs == 0).astype(jnp.int32)),
                     jnp.sum((b.status == WAITING).astype(jnp.int32)),
                     jnp.sum(b.active.astype(jnp.int32)),
-                    wants_prefill(b, plan).astype(jnp.int32)])
+                    wants_prefill(b, plan).astype(jnp.int32), admissible(b, plan)[1]])
 
 
 def alloc_prompts(b: Book, local: Array, plen: Array, plan: Plan) -> tuple[Book, Array, Array]:
