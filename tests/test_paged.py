@@ -130,6 +130,7 @@ def _filled(lengths, prompt_len):
   return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("greedy", [True, False])
 def test_paged_equals_static_through_preemption(setup, greedy, monkeypatch):
   """A pool too small for the rows' lengths (rows are preempted and recomputed) and one with room

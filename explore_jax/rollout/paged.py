@@ -333,12 +333,13 @@ def _go_on(state: PagedState, plan: Plan, full_slots: int) -> Array:
   if plan.read.kernel == "gather" and (plan.slots < full_slots or plan.slots > plan.min_slots):
     # On CPU a step costs in proportion to its slots: the call returns for the host to decode in
     # more slots (`_decode`'s live_slots) when the pages admit a ready row but no slot is free,
-    # in fewer when its live rows fit in half of them and the pages admit none.
+    # in fewer when its live rows fit in the next smaller number (`_bucket`'s) and the pages
+    # admit none.
     live = jnp.sum(b.active.astype(jnp.int32), axis=1)  # [G]
     more = jax.vmap(lambda b: pages.admissible(b, plan)[1])(b)  # [G]
     grow = jnp.any((more > 0) & (live == plan.slots)) & (plan.slots < full_slots)
-    shrink = (jnp.all(2 * live < plan.slots) & jnp.all(more == 0)
-              & (plan.slots > plan.min_slots))
+    smaller = max(plan.min_slots, _bucket_below(plan.slots))
+    shrink = (jnp.all(live <= smaller) & jnp.all(more == 0) & (plan.slots > plan.min_slots))
     go &= ~grow & ~shrink
   return go
 
@@ -396,6 +397,17 @@ def _summary(state: PagedState, plan: Plan) -> Array:
 _SUMMARY = 6  # per shard: prefilled, free pages, waiting rows, live slots, wants, admissible
 
 
+def _bucket(x: int) -> int:
+  """x rounded up to 2^k or 3 x 2^(k-1)."""
+  up = 1 << max(0, int(x) - 1).bit_length()
+  return 3 * up // 4 if 3 * up // 4 >= x else up
+
+
+def _bucket_below(x: int) -> int:
+  """The largest `_bucket` value under x."""
+  return next(y for y in range(x - 1, 0, -1) if _bucket(y) == y) if x > 1 else 0
+
+
 def _platform(mesh: Mesh | None) -> str:
   return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
@@ -436,10 +448,10 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
       prefills += 1
     live_slots = plan.slots
     if plan.read.kernel == "gather" and not wants.any():
-      # The live rows and those the pages admit now, in the fewest slots (a power of two: few
-      # compiles) that hold them.
+      # The live rows and those the pages admit now, in the fewest slots that hold them, of
+      # 2^k or 3 x 2^(k-1) (at most a third more; few compiles).
       need = int((shard[:, 3] + shard[:, 5]).max())
-      live_slots = min(plan.slots, max(plan.min_slots, 1 << max(0, need - 1).bit_length()))
+      live_slots = min(plan.slots, max(plan.min_slots, _bucket(need)))
     state, summary = _decode(params, state, eos, config=config, plan=plan, sampler=sampler,
                              live_slots=live_slots)
     summary = np.asarray(summary.addressable_shards[0].data, np.float64)
