@@ -168,6 +168,31 @@ def _rows_of_stats(st) -> str:
   return extra
 
 
+def _transformers_tps(s: Setting, n: int, wave: int) -> float:
+  """Generated tokens/s of the transformers twin, sampled in the static engine's waves."""
+  import torch
+  width = s.prompts.shape[1]
+  hf_tokens, t_hf = 0, 0.0
+  torch.manual_seed(0)
+  for first in range(0, s.prompts.shape[0], wave):
+    ids = torch.tensor(np.repeat(s.prompts[first:first + wave], n, axis=0)).long()
+    mask = torch.tensor(np.repeat(s.mask[first:first + wave], n, axis=0)).long()
+    start = time.perf_counter()
+    with torch.no_grad():
+      hf_out = s.hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
+                             top_p=s.top_p, temperature=s.temperature, max_new_tokens=s.new,
+                             eos_token_id=s.eos if s.eos >= 0 else None, pad_token_id=0,
+                             min_new_tokens=s.new if s.eos < 0 else 0)
+    t_hf += time.perf_counter() - start
+    gen = hf_out[:, width:].numpy()
+    if s.eos >= 0:  # tokens up to and including the first EOS
+      hit = gen == s.eos
+      hf_tokens += int(np.where(hit.any(1), hit.argmax(1) + 1, gen.shape[1]).sum())
+    else:
+      hf_tokens += gen.size
+  return hf_tokens / t_hf
+
+
 def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share, paged_slots=(),
         page_size=16, page_attention=("auto",)):
   b = s.prompts.shape[0]
@@ -231,26 +256,7 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share, 
                  st["slot_utilization"], kv_bytes, compile_s[name], st))
     same[name] = float(np.mean(np.all(s_tokens == e_tokens, axis=1)))
   if with_hf:
-    import torch
-    hf_tokens, t_hf = 0, 0.0
-    torch.manual_seed(0)
-    for first in range(0, b, wave):
-      ids = torch.tensor(np.repeat(s.prompts[first:first + wave], n, axis=0)).long()
-      mask = torch.tensor(np.repeat(s.mask[first:first + wave], n, axis=0)).long()
-      start = time.perf_counter()
-      with torch.no_grad():
-        hf_out = s.hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
-                            top_p=s.top_p, temperature=s.temperature, max_new_tokens=s.new,
-                            eos_token_id=s.eos if s.eos >= 0 else None, pad_token_id=0,
-                            min_new_tokens=s.new if s.eos < 0 else 0)
-      t_hf += time.perf_counter() - start
-      gen = hf_out[:, width:].numpy()
-      if s.eos >= 0:  # tokens up to and including the first EOS
-        hit = gen == s.eos
-        hf_tokens += int(np.where(hit.any(1), hit.argmax(1) + 1, gen.shape[1]).sum())
-      else:
-        hf_tokens += gen.size
-    hf_tps = hf_tokens / t_hf
+    hf_tps = _transformers_tps(s, n, wave)
     rows.append(("transformers", hf_tps, (hf_tps / rows[0][1],) * 3, float("nan"),
                  _kv_bytes(s.cfg, slots, length), float("nan"), None))
   print(f"\n{s.name}: {b} prompts x n={n} = {b * n} rows, {slots} slots, cap {s.new}, chunk "
