@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # GPU figures of explore_jax, in under 10 minutes including compiles (about 8 on an H200):
 #   (a) train-step MFU at Qwen2.5-0.5B shapes (bf16, sequence 2048, remat)   target >= 45%
-#   (b) decode throughput at batch 256 as a fraction of the HBM roofline, static and continuous
-#       engine                                                                target >= 50%
-#   (c) static vs continuous engine on long-tailed and fixed lengths, Qwen2.5-0.5B layers (bf16,
-#       96-token vocabulary), 256 slots, 2048 rows: benchmarks/rollout_engine.py --preset
+#   (b) decode throughput at batch 256 as a fraction of the HBM roofline, static, continuous and
+#       paged engines (the paged one with the gather and with the Pallas GPU kernel)
+#                                                                             target >= 50%
+#   (c) static vs continuous vs paged engines on long-tailed and fixed lengths, Qwen2.5-0.5B
+#       layers (bf16, 96-token vocabulary), 256 slots (the paged engine: 1024 over the same KV
+#       bytes, gather and Pallas GPU kernel), 2048 rows: benchmarks/rollout_engine.py --preset
 # The measuring code and the FLOP / byte formulas are in benchmarks/gpu_bench.py.
 #
 #   bash benchmarks/gpu.sh            # on a machine with an NVIDIA GPU (H100 / H200 / A100)
@@ -88,9 +90,10 @@ phase() {
   printf -v "rc_$letter" %d "$rc"
 }
 if [[ -n "$SMOKE" ]]; then  # the tiny model, a few rows: proves phase (c) runs
-  ENGINE_ARGS=(--rows 32 --slots 8 --repeats 1 --kv_blocks '0,32')
+  ENGINE_ARGS=(--rows 32 --slots 8 --repeats 1 --kv_blocks '0,32' --paged_slots 16)
 else
-  ENGINE_ARGS=(--preset qwen2.5-0.5b --rows 2048 --slots 256 --repeats 2 --kv_blocks '0,64')
+  ENGINE_ARGS=(--preset qwen2.5-0.5b --rows 2048 --slots 256 --repeats 2 --kv_blocks '0,64'
+               --paged_slots 1024 --page_attention gather,pallas_gpu)
 fi
 phase a "train step" 150 "$PY" benchmarks/gpu_bench.py train "${ARGS[@]}" "$@"
 phase b decode 160 "$PY" benchmarks/gpu_bench.py decode "${ARGS[@]}" "$@"
@@ -98,6 +101,6 @@ phase c "rollout engines" 330 env PYTHONPATH=".:${PYTHONPATH:-}" "$PY" \
   benchmarks/rollout_engine.py --no_hf --settings long-tailed,fixed "${ENGINE_ARGS[@]}"
 
 echo "== summary ($(( SECONDS - START )) s in all)"
-grep -E "^device|MFU|of roofline|timed out|^(long-tailed|fixed|static|cont\.)" "$LOG" \
+grep -E "^device|MFU|of roofline|timed out|^(long-tailed|fixed|static|cont\.|paged)" "$LOG" \
   | awk '!seen[$0]++'
 exit $(( rc_a != 0 || rc_b != 0 || rc_c != 0 ))

@@ -17,7 +17,9 @@ and compute.
     MFU = model FLOPs / step time / chip peak (bf16 dense). On out-of-memory the micro-batch is
     halved and the step rebuilt.
 (b) Decode: `explore_jax.rollout.generate` at batch 256 with no EOS (every row runs all its new
-    tokens), with each engine of `--engines` (the continuous one with a slot per row). Decode
+    tokens), with each engine of `--engines` (the continuous and paged ones with a slot per row;
+    "paged" reads its pages with the pure-JAX gather, "paged-pallas" with the Pallas GPU paged
+    attention kernel; pages of 16, a pool with room for every row). Decode
     time = time(generate, N new) - time(generate, 1 new) (the prefill), over N - 1 steps.
     Roofline step time = (parameter bytes + KV bytes at the average context P + N / 2) / HBM
     bandwidth; the figure is roofline step time / measured step time.
@@ -218,8 +220,10 @@ def bench_decode(args, hbm_bw) -> None:
 
   def timed(new: int, engine: str) -> tuple[float, float, np.ndarray]:
     """(first call s, best warm call s, the last call's tokens) of generate with `new` tokens per
-    row, no EOS; the continuous engine with one slot per row (the same rows, in its chunks)."""
-    kw = dict(engine="continuous", slots=b) if engine == "continuous" else dict(engine=engine)
+    row, no EOS; the continuous and paged engines with one slot per row."""
+    kw = {"static": dict(engine="static"), "continuous": dict(engine="continuous", slots=b),
+          "paged": dict(engine="paged", slots=b, page_attention="gather"),
+          "paged-pallas": dict(engine="paged", slots=b, page_attention="pallas_gpu")}[engine]
     times = []
     for i in range(1 + args.decode_repeats):
       start = time.perf_counter()
@@ -249,9 +253,10 @@ def bench_decode(args, hbm_bw) -> None:
     else:
       print(f"    {engine} fraction of roofline {pct(None)}   "
             f"(target >= {100 * ROOFLINE_TARGET:.0f}%)", flush=True)
-  if len(tokens) == 2:
-    a, c = tokens.values()
-    print(f"    rows identical between the engines (same rng): {np.mean(np.all(a == c, 1)):.0%}")
+  first = next(iter(tokens))
+  for engine, t in list(tokens.items())[1:]:
+    print(f"    rows identical to {first}'s (same rng): {engine} "
+          f"{np.mean(np.all(tokens[first] == t, 1)):.0%}")
 
 
 def main() -> None:
@@ -270,8 +275,8 @@ def main() -> None:
   parser.add_argument("--decode_prompt", type=int, default=128)
   parser.add_argument("--decode_new", type=int, default=512)
   parser.add_argument("--decode_repeats", type=int, default=2)
-  parser.add_argument("--engines", default="static,continuous",
-                      help="rollout_lib.generate engines timed in (b)")
+  parser.add_argument("--engines", default="static,continuous,paged,paged-pallas",
+                      help="engines timed in (b): static, continuous, paged, paged-pallas")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="override the chip table")
   parser.add_argument("--hbm_tbps", type=float, default=0.0, help="override the chip table")
   args = parser.parse_args()
@@ -279,6 +284,8 @@ def main() -> None:
     args.rows, args.micro, args.prompt, args.response, args.steps = 4, 2, 32, 96, 2
     args.logit_chunk = 64
     args.decode_batch, args.decode_prompt, args.decode_new, args.decode_repeats = 8, 16, 32, 1
+    # The Pallas GPU kernel runs only interpreted on CPU (slowly): not in the smoke run.
+    args.engines = ",".join(e for e in args.engines.split(",") if e != "paged-pallas")
   elif jax.default_backend() != "gpu":
     raise SystemExit(f"jax backend is {jax.default_backend()!r}, not gpu: install jax[cuda12] "
                      "(benchmarks/gpu.sh does) or pass --smoke for the CPU check")

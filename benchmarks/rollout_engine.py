@@ -1,7 +1,8 @@
-"""Static sampler vs continuous-batching engine (and transformers `generate`) on RL-like lengths.
+"""Static sampler vs continuous and paged engines (and transformers `generate`) on RL-like lengths.
 
   .venv/bin/python benchmarks/rollout_engine.py                  # every setting, with transformers
   .venv/bin/python benchmarks/rollout_engine.py --no_hf --rows 128
+  .venv/bin/python benchmarks/rollout_engine.py --no_hf --settings tiny  # the paged engine's target
 
 Model: a random Qwen2 (vocab 96, width 128, 4 layers, 4 q / 2 kv heads, MLP 384) whose EOS column
 of the output head is zero: at temperature 1 every other logit is near 0 too, so each step ends a
@@ -17,6 +18,19 @@ utilization = decode slot-steps that produced a token / slot-steps run; KV memor
 shapes (the engine adds its prefill pool of 2 x ceil(slots / n) prompts); KV read / filled = KV
 positions the continuous engine's decode attention read over those it would read attending each
 row's filled length only (1.0: the ragged read's ideal).
+
+The paged engine (`explore_jax.rollout.paged`) runs at equal KV memory: `slots` x (P + N)
+positions in pages of `--page_size`, through `--paged_slots` slots (default 4 x slots; `tiny`:
+a slot for each of its 128 rows, the pool bounding them). Its KV
+read / filled counts what the Pallas kernels read (each live row's pages in blocks of 2 pages);
+"gather" is what the pure-JAX gather read on this CPU. It also prints its peak pages in use,
+preemptions and host round trips (device calls), and its time against each continuous engine's
+in the same rounds.
+
+`tiny` is the paged engine's target setting: a random tiny model (vocabulary 64, width 64, 2
+layers, 4 q / 2 kv heads, MLP 192) with a zeroed EOS column (geometric lengths, mean ~64), prompts
+of 8 tokens, cap 384, 32 prompts x 4 samples, 16 slots (static: waves of 16 rows), pages of 16;
+no transformers twin.
 
 `--preset qwen2.5-0.5b` (for a GPU: `benchmarks/gpu.sh` runs it) swaps the tiny model for that
 preset's layers and heads in bf16, random weights from `qwen2.init_params`, with the same
@@ -47,6 +61,10 @@ from explore_jax.rollout import sampling
 SPEC = dict(vocab_size=96, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2)
 EOS, PROMPT = 3, 32
+# The paged engine's target setting (`tiny`).
+TINY_SPEC = dict(vocab_size=64, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+TINY = dict(prompts=32, n=4, prompt=8, new=384, slots=16, paged_slots=128)  # a slot for every row
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(REPO, "runs", "demo", "models", "entropy_adv_s0")
 
@@ -125,7 +143,58 @@ class Setting:
   top_p: float = 1.0
 
 
-def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
+def _tiny_model():
+  """(None, cfg, params): the `tiny` setting's random model, its EOS column zeroed."""
+  cfg = qwen2.Qwen2Config(**TINY_SPEC, rope_theta=1e4)
+  params = qwen2.init_params(cfg, jax.random.key(0))
+  params["lm_head"] = params["lm_head"].at[:, EOS].set(0)
+  return None, cfg, params
+
+
+def _pages(s: Setting, slots: int, page_size: int) -> int:
+  """Pages of the bytes of `slots` contiguous rows of P + N positions."""
+  return slots * (s.prompts.shape[1] + s.new) // page_size
+
+
+def _rows_of_stats(st) -> str:
+  """A printed row's extra columns (continuous: KV read / filled, chunks; paged: also the
+  gather's read, peak pages, preemptions)."""
+  if st is None:
+    return ""
+  extra = f"{st['kv_read_over_filled']:>15.2f}x{st['chunks']:>8}"
+  if "peak_pages" in st:
+    extra += (f"   gather {st['kv_gather_read_over_filled']:.2f}x, peak {st['peak_pages']:.0f} of "
+              f"{st['kv_pages']} pages, {st['preemptions']:.0f} preempted")
+  return extra
+
+
+def _transformers_tps(s: Setting, n: int, wave: int) -> float:
+  """Generated tokens/s of the transformers twin, sampled in the static engine's waves."""
+  import torch
+  width = s.prompts.shape[1]
+  hf_tokens, t_hf = 0, 0.0
+  torch.manual_seed(0)
+  for first in range(0, s.prompts.shape[0], wave):
+    ids = torch.tensor(np.repeat(s.prompts[first:first + wave], n, axis=0)).long()
+    mask = torch.tensor(np.repeat(s.mask[first:first + wave], n, axis=0)).long()
+    start = time.perf_counter()
+    with torch.no_grad():
+      hf_out = s.hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
+                             top_p=s.top_p, temperature=s.temperature, max_new_tokens=s.new,
+                             eos_token_id=s.eos if s.eos >= 0 else None, pad_token_id=0,
+                             min_new_tokens=s.new if s.eos < 0 else 0)
+    t_hf += time.perf_counter() - start
+    gen = hf_out[:, width:].numpy()
+    if s.eos >= 0:  # tokens up to and including the first EOS
+      hit = gen == s.eos
+      hf_tokens += int(np.where(hit.any(1), hit.argmax(1) + 1, gen.shape[1]).sum())
+    else:
+      hf_tokens += gen.size
+  return hf_tokens / t_hf
+
+
+def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share, paged_slots=(),
+        page_size=16, page_attention=("auto",)):
   b = s.prompts.shape[0]
   wave = slots // n  # static: prompts per wave, so that both hold `slots` rows of cache
   kw = dict(max_new_tokens=s.new, temperature=s.temperature, top_p=s.top_p, eos_id=s.eos, n=n,
@@ -149,9 +218,20 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
                                  refill_share=refill_share, **kw)
     return np.asarray(r.tokens), np.asarray(r.lengths), st
 
+  pages = _pages(s, slots, page_size)
+
+  def paged(engine_slots, attention):
+    r, st = rollout_lib.generate(s.cfg, s.params, s.prompts, s.mask, jax.random.key(0),
+                                 engine="paged", slots=engine_slots, kv_pages=pages,
+                                 page_size=page_size, page_attention=attention, **kw)
+    return np.asarray(r.tokens), np.asarray(r.lengths), st
+
   names = {kv_block: f"cont. ragged {kv_block}" if kv_block else "cont. segmented"
            for kv_block in kv_blocks}
-  fns = {"static": static, **{names[kv]: functools.partial(continuous, kv) for kv in kv_blocks}}
+  paged_names = {(k, a): f"paged {k} slots" + (f" {a}" if len(page_attention) > 1 else "")
+                 for k in paged_slots for a in page_attention}
+  fns = {"static": static, **{names[kv]: functools.partial(continuous, kv) for kv in kv_blocks},
+         **{name: functools.partial(paged, *key) for key, name in paged_names.items()}}
   out, compile_s, warm = _rounds(fns, repeats)
   s_tokens, s_util, s_count = out["static"]
   width = s.prompts.shape[1]
@@ -163,38 +243,20 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
   ratio = lambda name: warm["static"] / warm[name]
   rows = [("static", s_count / np.median(warm["static"]), (1.0, 1.0, 1.0), s_util,
            _kv_bytes(s.cfg, slots, length), compile_s["static"], None)]
-  same = {}
-  for kv_block in kv_blocks:
-    name = names[kv_block]
-    c_tokens, c_len_k, st = out[name]
-    count = int(c_len_k.sum())
+  same, per_token = {}, {}
+  engines = ([(names[kv], _kv_bytes(s.cfg, slots, length) + _kv_bytes(s.cfg, 2 * f, width))
+              for kv in kv_blocks]
+             + [(name, _kv_bytes(s.cfg, pages, page_size)) for name in paged_names.values()])
+  for name, kv_bytes in engines:
+    e_tokens, e_len, st = out[name]
+    count = int(e_len.sum())
+    per_token[name] = warm[name] / count  # seconds per token, each round
     r = ratio(name) * count / s_count  # per token: in bf16 a near-tie can flip a row
     rows.append((name, count / np.median(warm[name]), (np.median(r), r.min(), r.max()),
-                 st["slot_utilization"], _kv_bytes(s.cfg, slots, length) + _kv_bytes(s.cfg, 2 * f,
-                                                                                      width),
-                 compile_s[name], st))
-    same[name] = float(np.mean(np.all(s_tokens == c_tokens, axis=1)))
+                 st["slot_utilization"], kv_bytes, compile_s[name], st))
+    same[name] = float(np.mean(np.all(s_tokens == e_tokens, axis=1)))
   if with_hf:
-    import torch
-    hf_tokens, t_hf = 0, 0.0
-    torch.manual_seed(0)
-    for first in range(0, b, wave):
-      ids = torch.tensor(np.repeat(s.prompts[first:first + wave], n, axis=0)).long()
-      mask = torch.tensor(np.repeat(s.mask[first:first + wave], n, axis=0)).long()
-      start = time.perf_counter()
-      with torch.no_grad():
-        hf_out = s.hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
-                            top_p=s.top_p, temperature=s.temperature, max_new_tokens=s.new,
-                            eos_token_id=s.eos if s.eos >= 0 else None, pad_token_id=0,
-                            min_new_tokens=s.new if s.eos < 0 else 0)
-      t_hf += time.perf_counter() - start
-      gen = hf_out[:, width:].numpy()
-      if s.eos >= 0:  # tokens up to and including the first EOS
-        hit = gen == s.eos
-        hf_tokens += int(np.where(hit.any(1), hit.argmax(1) + 1, gen.shape[1]).sum())
-      else:
-        hf_tokens += gen.size
-    hf_tps = hf_tokens / t_hf
+    hf_tps = _transformers_tps(s, n, wave)
     rows.append(("transformers", hf_tps, (hf_tps / rows[0][1],) * 3, float("nan"),
                  _kv_bytes(s.cfg, slots, length), float("nan"), None))
   print(f"\n{s.name}: {b} prompts x n={n} = {b * n} rows, {slots} slots, cap {s.new}, chunk "
@@ -206,10 +268,13 @@ def run(s: Setting, n, slots, chunk, repeats, with_hf, kv_blocks, refill_share):
   print(f"{'engine':<20}{'tok/s':>8}{'vs static (range)':>22}{'slot util':>11}{'KV MiB':>8}"
         f"{'compile s':>11}{'KV read/filled':>16}{'chunks':>8}")
   for name, tps, (mid, lo, hi), util, kv, comp, st in rows:
-    extra = f"{st['kv_read_over_filled']:>15.2f}x{st['chunks']:>8}" if st else ""
     spread = f"{mid:.2f}x ({lo:.2f}-{hi:.2f})" if lo != hi else f"{mid:.2f}x"
     print(f"{name:<20}{tps:>8.0f}{spread:>22}{util:>11.2f}{kv / 2**20:>8.1f}"
-          f"{comp:>11.1f}{extra}", flush=True)
+          f"{comp:>11.1f}{_rows_of_stats(st)}", flush=True)
+  for p_name in paged_names.values():  # per token, round by round
+    for c_name in names.values():
+      r = per_token[c_name] / per_token[p_name]
+      print(f"{p_name} vs {c_name}: {np.median(r):.2f}x ({r.min():.2f}-{r.max():.2f})")
 
 
 def demo_setting(model_dir: str, problems: int) -> Setting:
@@ -253,8 +318,14 @@ def main():
                       help="engine decode attention: 0 = segmented view, B = ragged, B-slot blocks")
   parser.add_argument("--refill_share", type=float, default=rollout_engine.REFILL_SHARE,
                       help="a chunk ends early once this share of the slots is free")
-  parser.add_argument("--settings", default="long-tailed,fixed,demo",
+  parser.add_argument("--settings", default="long-tailed,fixed,demo,tiny",
                       help="which settings to run (comma-separated)")
+  parser.add_argument("--paged_slots", default="",
+                      help="paged engine slots, comma-separated ('' = 4 x slots; 0 = no paged)")
+  parser.add_argument("--page_size", type=int, default=16)
+  parser.add_argument("--page_attention", default="auto",
+                      help="paged engine attention, comma-separated: auto, gather, pallas_tpu, "
+                      "pallas_gpu")
   parser.add_argument("--preset", default="",
                       help="a qwen2 preset's layers (bf16, random, 96-token vocabulary) instead of "
                       "the tiny model; no transformers row")
@@ -269,20 +340,32 @@ def main():
         f"{args.preset + ' layers, ' if args.preset else ''}{cfg.dtype}; ratios are more telling "
         "than absolute figures on a shared machine")
   kv_blocks = [int(x) for x in args.kv_blocks.split(",")]
+  paged_of = lambda default: ([int(x) for x in args.paged_slots.split(",") if int(x)]
+                              if args.paged_slots else [default])
+  paged_kw = dict(page_size=args.page_size, page_attention=tuple(args.page_attention.split(",")))
   mask = np.ones_like(prompts)
   settings = args.settings.split(",")
   for name, new, eos in (("long-tailed", 512, EOS), ("fixed", 128, sampling.NO_EOS)):
     if name not in settings:
       continue
     run(Setting(name, hf, cfg, params, prompts, mask, new, eos), args.n, args.slots, args.chunk,
-        args.repeats, with_hf, kv_blocks, args.refill_share)
+        args.repeats, with_hf, kv_blocks, args.refill_share, paged_of(4 * args.slots), **paged_kw)
+  if "tiny" in settings:
+    _, tiny_cfg, tiny_params = _tiny_model()
+    tiny_prompts = np.random.default_rng(0).integers(
+        4, TINY_SPEC["vocab_size"], (TINY["prompts"], TINY["prompt"])).astype(np.int32)
+    run(Setting("tiny (the paged engine's target)", None, tiny_cfg, tiny_params, tiny_prompts,
+                np.ones_like(tiny_prompts), TINY["new"], EOS), TINY["n"], TINY["slots"],
+        args.chunk, args.repeats, False, kv_blocks, args.refill_share, paged_of(TINY["paged_slots"]),
+        **paged_kw)
   if not args.demo_model or "demo" not in settings:
     return
   if not os.path.exists(args.demo_model):
     print(f"\ndemo model: {args.demo_model} does not exist (`make demo` writes it); skipped")
     return
   run(demo_setting(args.demo_model, args.rows // args.n), args.n, args.slots, args.chunk,
-      args.repeats, not args.no_hf, kv_blocks, args.refill_share)
+      args.repeats, not args.no_hf, kv_blocks, args.refill_share, paged_of(4 * args.slots),
+      **paged_kw)
 
 
 if __name__ == "__main__":

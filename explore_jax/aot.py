@@ -37,7 +37,9 @@ def cli():
         config.value, topology.value, with_flops=with_flops.value, only=tuple(programs.value)))
     aot.print_report(report)
     print(json.dumps(report))
-    sys.exit(0 if all(p["fits"] for p in report["programs"].values()) else 1)
+    fits = [p["fits"] for p in report["programs"].values()]
+    fits += [report["page_pool"]["fits"]] if "page_pool" in report else []
+    sys.exit(0 if all(fits) else 1)
 
   app.run(main)
 

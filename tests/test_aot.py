@@ -25,6 +25,7 @@ P, N, PROMPTS, SAMPLES, SLOTS, CHUNK = 128, 128, 8, 4, 16, 8
 SMALL = [f"--config.data.prompts_per_step={PROMPTS}", f"--config.rollout.n={SAMPLES}",
          "--config.rl.mini_batch_size=16", f"--config.data.max_prompt_len={P}",
          f"--config.rollout.chunk={CHUNK}", "--config.mesh.shape=(1,2,2)"]
+CONTINUOUS = ["--config.rollout.engine=continuous"]  # the 7B configs' engine is the paged one
 
 
 def _aot(model_dir, topology, extra):
@@ -60,8 +61,8 @@ def _token_flops(cfg, keys: int) -> float:
 
 @pytest.mark.slow
 def test_programs_for_a_v5p_slice_fit_and_count_what_they_compute(model_dir):
-  rc, report, out = _aot(model_dir, "v5p-8", [f"--config.rollout.max_new_tokens={N}",
-                                             f"--config.rollout.slots={SLOTS}"])
+  rc, report, out = _aot(model_dir, "v5p-8", CONTINUOUS + [f"--config.rollout.max_new_tokens={N}",
+                                                          f"--config.rollout.slots={SLOTS}"])
   assert rc == 0, out
   assert (report["topology"], report["devices"], report["chip"]) == ("v5p-8", 4, "v5p")
   assert report["hbm_bytes_per_device"] == memory.HBM_BYTES["v5p"]
@@ -97,7 +98,7 @@ def test_programs_for_a_v5p_slice_fit_and_count_what_they_compute(model_dir):
 def test_a_rollout_too_large_for_the_chip_exits_1(model_dir):
   # 16384 slots x 2048 positions x 2 layers x 2 kv heads: 16 GiB of cache per device of a v5e
   # (16 GiB HBM), slots over 2 batch shards and kv heads over 2.
-  rc, report, out = _aot(model_dir, "v5e:2x2", [
+  rc, report, out = _aot(model_dir, "v5e:2x2", CONTINUOUS + [
       "--noflops", "--programs=rollout/decode,score", "--config.rollout.max_new_tokens=1920",
       "--config.rollout.slots=16384"])
   assert rc == 1
@@ -111,3 +112,31 @@ def test_a_rollout_too_large_for_the_chip_exits_1(model_dir):
   else:  # k and v of 2 layers, bf16, slots over 2 batch shards, kv heads over 2
     assert decode["argument_bytes"] >= 16384 * 2048 * 2 * 2 * MODEL.head_dim * 2 // 2
   assert "DOES NOT FIT" in out
+
+
+@pytest.mark.slow
+def test_paged_decode_compiles_with_the_pallas_kernel_and_reports_its_pool(model_dir):
+  # 16 slots on 2 batch shards over 128 pages of 16 positions: the bytes of 8 full rows of
+  # P + N = 256 positions; each shard holds at least a full row (16 pages) and 4 prompts' pages.
+  rc, report, out = _aot(model_dir, "v5p-8", [
+      "--noflops", "--programs=rollout/prefill,rollout/decode", "--config.rollout.engine=paged",
+      f"--config.rollout.max_new_tokens={N}", f"--config.rollout.slots={SLOTS}",
+      "--config.rollout.kv_pages=128", "--config.rollout.page_size=16",
+      "--config.rollout.page_block=2"])
+  assert rc == 0, out
+  progs, pool = report["programs"], report["page_pool"]
+  assert sorted(progs) == ["rollout/decode", "rollout/prefill"]  # no insert: refill is on device
+  decode = progs["rollout/decode"]
+  assert decode["read"] == "paged (pallas_tpu)" and decode["pallas_kernel"] and decode["fits"]
+  # Keys and values of 2 layers, 1 of the 2 kv heads per device (tensor 2), head dim 128, bf16.
+  position = 2 * 2 * 1 * MODEL.head_dim * 2
+  assert pool["pages_per_device"] == 64 and pool["slots"] == SLOTS
+  assert pool["pool_bytes_per_device"] == 64 * 16 * position
+  assert pool["contiguous_rows_same_bytes"] == 8
+  assert decode["argument_bytes"] >= pool["pool_bytes_per_device"]
+  assert 0 < pool["peak_pool_share"] <= 1 and 0 < pool["rows_in_flight"] <= SLOTS
+  assert pool["kv_read_bytes_per_step"] == pytest.approx(pool["kv_read_positions_per_step"]
+                                                         * position)
+  # Blocks of 32 positions over rows of 128 prompt tokens and geometric responses: little waste.
+  assert 1.0 < pool["kv_read_over_filled"] < 1.25
+  assert "page pool: 128 pages of 16 positions" in out

@@ -40,7 +40,10 @@ BAD_TRAIN = [
     ("on_nonfinite", "ignore", "one of 'raise', 'skip'"),  # was: acted as skip
     ("total_steps", 0, ">= 1"),
     ("rl.algorithm", "dpo", "one of 'grpo', 'ppo'"),
-    ("rollout.engine", "fast", "one of 'continuous', 'static'"),
+    ("rollout.engine", "fast", "one of 'continuous', 'static', 'paged'"),
+    ("rollout.page_size", 0, ">= 1"),
+    ("rollout.kv_pages", -1, ">= 0"),
+    ("rollout.page_attention", "flash", "one of 'auto', 'gather', 'pallas_tpu'"),
     ("rollout.top_p", 0.0, "in (0, 1]"),
     ("rl.kl_kind", "k4", "one of 'k1', 'k2', 'k3'"),
     ("model.dtype", "float64", "one of 'float32'"),
@@ -127,6 +130,8 @@ BAD_EVAL = [
     ("benchmarks.synthetic.reward_method", "exact", "one of 'math_verify'"),
     ("on_changed_responses", "overwrite", "one of 'raise', 'set_aside'"),
     ("reward_timeout_s", 0.0, "> 0"),
+    ("engine", "fast", "one of 'continuous', 'static', 'paged'"),
+    ("page_block", 0, ">= 1"),
 ]
 
 

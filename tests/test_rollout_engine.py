@@ -141,7 +141,7 @@ def test_continuous_fixed_lengths_and_bad_input(setup, monkeypatch):
   # 5, 6, 6, 6 steps, 9,840 positions.)
   assert stats["chunks"] == 5 * 4 and stats["kv_read_positions"] == 5 * read == 9480
   with pytest.raises(ValueError, match="engine="):
-    rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged", **kw)
+    rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2), engine="pages", **kw)
 
 
 def test_a_slot_that_ends_with_a_chunk_reads_one_block(setup, monkeypatch):

@@ -129,6 +129,21 @@ def _lazy_one_of(choices: Callable[[], tuple], what: str) -> Rule:
   return Rule(lambda v: v in choices(), what)
 
 
+def _kernels() -> tuple:
+  from explore_jax.models import paged_attention
+  return ("auto", *paged_attention.KERNELS)
+
+
+# The paged engine's keys (the trainer's rollout section, the evaluator's top level).
+PAGED = {
+    "kv_pages": integer(0),
+    "page_size": integer(1),
+    "page_block": integer(1),
+    "page_attention": _lazy_one_of(_kernels, "one of 'auto', 'gather', 'pallas_tpu', "
+                                   "'pallas_gpu'"),
+}
+
+
 SAMPLING = {
     "temperature": number(0.0),
     "top_p": number(0.0, 1.0, low_open=True),
@@ -179,11 +194,12 @@ TRAIN_RULES: dict[str, Rule] = {
     **{f"rollout.{k}": rule for k, rule in SAMPLING.items()},
     "rollout.n": integer(1),
     "rollout.prompts_per_wave": integer(0),
-    "rollout.engine": one_of("continuous", "static"),
+    "rollout.engine": one_of("continuous", "static", "paged"),
     "rollout.slots": integer(0),
     "rollout.chunk": integer(1),
     "rollout.kv_block": integer(0),
     "rollout.refill_share": number(0.0, 1.0, low_open=True),
+    **{f"rollout.{k}": rule for k, rule in PAGED.items()},
     "reward.method": _lazy_one_of(_methods, "one of 'math_verify', 'dapo', 'countdown' "
                                   "(explore_jax.rewards.METHODS)"),
     "reward.correct": number(),
@@ -389,7 +405,8 @@ EVAL_RULES: dict[str, Rule] = {
     "dtype": one_of("", *DTYPES),
     "seed": integer(0),
     "batch_size": integer(1),
-    "engine": one_of("continuous", "static"),
+    "engine": one_of("continuous", "static", "paged"),
+    **PAGED,
     "slots": integer(0),
     "chunk": integer(1),
     "kv_block": integer(0),

@@ -154,9 +154,12 @@ def rollout_config() -> ml_collections.ConfigDict:
   rollout.prompts_per_wave = 0  # static engine: prompts sampled at once; 0 = all of a step
   # "continuous": `slots` decode slots, each refilled as soon as its row ends
   # (explore_jax.rollout.engine; the KV cache is slots x (max_prompt_len + max_new_tokens));
+  # "paged": up to `slots` rows at once over a pool of `kv_pages` KV pages that rows take as they
+  # grow (explore_jax.rollout.paged; the KV cache is kv_pages x page_size positions);
   # "static": all rows of a wave decode until the last one ends (explore_jax.rollout.sampling).
   rollout.engine = "continuous"
-  rollout.slots = 0  # rows decoded at once (the KV-cache memory bound); 0 = all rows of a step
+  # Rows decoded at once (continuous: the KV-cache memory bound); 0 = all rows of a step.
+  rollout.slots = 0
   # continuous: decode steps a device call's cache read is sized for (the call runs on while its
   # rows fit that read, until refill_share of the slots is free), and the most steps a free slot
   # waits for its refill
@@ -166,6 +169,13 @@ def rollout_config() -> ml_collections.ConfigDict:
   rollout.kv_block = 64
   # continuous: a chunk ends early once this share of the slots is free while rows are pending
   rollout.refill_share = 0.25
+  # paged: pages in the KV pool (0 = room for every slot's full row: never preempts), positions
+  # per page, pages per block of the Pallas kernels' reads, and the page attention ("auto": the
+  # Pallas kernel on TPU, a pure-JAX gather elsewhere; "gather", "pallas_tpu", "pallas_gpu")
+  rollout.kv_pages = 0
+  rollout.page_size = 16
+  rollout.page_block = 2
+  rollout.page_attention = "auto"
   return rollout
 
 
@@ -444,7 +454,17 @@ def paper_7b(c: ml_collections.ConfigDict, model_path: str) -> None:
   c.rl.micro_batch_size = 0
   c.rl.micro_batch_per_shard = 1
   c.rollout.prompts_per_wave = 64  # ours, static engine: 512 rollout rows at once bound the KV cache
-  c.rollout.slots = 512  # ours, continuous engine: the same KV cache (512 x 9K slots)
+  # Ours, the paged engine (docs/paged_rollouts.md): 1024 rows decode at once over a pool of the
+  # bytes of 512 full rows (512 x 9216 positions, 73728 pages of 64), which is what the
+  # continuous engine's 512 slots took. At the paper's lengths (median response a quarter of the
+  # cap) the pool peaks at 73% in use (explore_jax.aot's page_pool): twice the rows of the
+  # contiguous cache, with a quarter of the pool to spare. (rollout.engine=continuous takes
+  # rollout.slots=512 for the same bytes.)
+  c.rollout.engine = "paged"
+  c.rollout.slots = 1024
+  c.rollout.kv_pages = 73728
+  c.rollout.page_size = 64
+  c.rollout.page_block = 4  # blocks of 256 positions for the Pallas TPU kernel
   c.rollout.chunk = 32
   c.optim.lr = 1e-6  # Table 4: policy learning rate
   c.mesh.shape = (1, -1, 4)  # ours: FSDP over the slice, 4-way tensor parallelism (4 kv heads)

@@ -105,12 +105,19 @@ def base_config():
   c.seed = 0
   c.batch_size = 256  # sequences (prompts x samples) per generate call
   # "continuous": each call decodes through `slots` decode slots, refilled as rows end
-  # (explore_jax.rollout.engine); "static": all rows of a call until its longest one ends.
+  # (explore_jax.rollout.engine); "paged": up to `slots` rows at once over a pool of `kv_pages`
+  # KV pages (explore_jax.rollout.paged); "static": all rows of a call until its longest ends.
   c.engine = "continuous"
-  c.slots = 0  # continuous: rows decoded at once (the KV-cache bound); 0 = batch_size
+  c.slots = 0  # continuous, paged: rows decoded at once; 0 = batch_size
   c.chunk = 16  # continuous: decode steps a call's cache read is sized for (rollout.chunk)
   c.kv_block = 64  # continuous: decode attention reads each row's filled blocks of this many slots
   c.refill_share = 0.25  # continuous: a chunk ends early once this share of the slots is free
+  # paged: pages in the pool (0: room for every slot's full row), positions per page, pages per
+  # block of the Pallas kernels' reads, page attention (rollout.page_attention)
+  c.kv_pages = 0
+  c.page_size = 16
+  c.page_block = 2
+  c.page_attention = "auto"
   c.prompt_bucket = 64  # prompts are left-padded to a multiple of this many tokens
   c.save_tokens = True  # keep response token ids in responses.jsonl (for explore_jax.analyze)
   c.reward_timeout_s = 10.0  # per response; past it the grading worker is killed, 'incorrect'
@@ -297,9 +304,7 @@ def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, 
   from explore_jax.rollout import sampling
   from explore_jax.tpu import sharding
 
-  if config.engine not in ("static", "continuous"):
-    raise ValueError(f"config.engine={config.engine!r}: use 'continuous' or 'static'")
-  continuous = config.engine == "continuous"
+  continuous = config.engine in ("continuous", "paged")
   # The engine bounds memory by its slots: a call takes all n samples of its prompts.
   n_call = n if continuous else min(n, config.batch_size)  # samples per prompt per call
   per_call = max(1, config.batch_size // n)
@@ -324,7 +329,9 @@ def sample(model_config, params, tokenizer, prompts: list[str], n: int, config, 
         top_p=config.sampling.top_p, top_k=config.sampling.top_k, eos_id=eos_id, n=n_call,
         mesh=mesh, prompt_index=np.asarray(index), sample_offset=chunk * n_call,
         engine=config.engine, slots=config.slots or config.batch_size, chunk=config.chunk,
-        kv_block=config.kv_block, refill_share=config.refill_share, with_stats=True)
+        kv_block=config.kv_block, refill_share=config.refill_share, kv_pages=config.kv_pages,
+        page_size=config.page_size, page_block=config.page_block,
+        page_attention=config.page_attention, with_stats=True)
     out_tokens, out_mask, out_len = (sharding.to_host(x) for x in (out.tokens, out.mask,
                                                                    out.lengths))
     seconds = time.perf_counter() - start

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from explore_jax.models import attention as attention_lib
-from explore_jax.models import decode_attention
+from explore_jax.models import decode_attention, paged_attention
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -329,7 +329,8 @@ class Attention(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, query_slots, cache: KVCache | None):
+  def __call__(self, x, positions, key_mask, query_slots,
+               cache: KVCache | paged_attention.PagedCache | None):
     cfg = self.config
     n, k, h, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     wq = _param(self, "q_proj", (d, n, h), ("embed", "q_heads", "head_dim"), _dense_init, cfg)
@@ -350,6 +351,11 @@ class Attention(nn.Module):
     key = rope(key, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, H]
     val = val.transpose(0, 2, 1, 3)
 
+    if isinstance(cache, paged_attention.PagedCache):
+      # The paged rollout engine's decode step: write into the rows' pages, read through the
+      # page table.
+      out, cache = paged_attention.decode_layer(cache, self.layer, q, key, val)
+      return _project(out.reshape(b * t, n, h), c(wo), 2).reshape(b, t, d), cache
     if cache is not None:
       # Write this step's keys and values into their slots; attend over the whole cache.
       i = self.layer
@@ -430,8 +436,11 @@ class Qwen2Backbone(nn.Module):
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     mask = attention_mask.astype(bool)
     t = tokens.shape[1]
+    paged = isinstance(cache, paged_attention.PagedCache)
     if cache is None:
       key_mask, query_slots = mask, jnp.arange(t)
+    elif paged:  # a row's keys are its positions 0 .. cache.lengths: no mask, no slots
+      key_mask = query_slots = None
     else:
       key_mask = _write_slots(cache.mask, mask, cache.index)
       query_slots = cache.index[..., None] + jnp.arange(t)  # [T], or [B, T] for a per-row index
@@ -443,7 +452,7 @@ class Qwen2Backbone(nn.Module):
     else:
       for layer in self.layers:
         x, cache = layer(x, positions, key_mask, query_slots, cache)
-    if cache is not None:
+    if cache is not None and not paged:  # the paged engine advances its rows' lengths itself
       cache = cache.replace(index=cache.index + t)
     return self.norm(x), cache
 

@@ -22,6 +22,18 @@ The programs of one step (the continuous rollout engine's, the trainer's default
     score             the old log-probs (PPO: and values) of the step's rollout
     update            every mini-batch update of the step
 
+With `rollout.engine=paged` (`explore_jax.rollout.paged`) the rollout's programs are the paged
+engine's: rollout/prefill (a batch of prompts into pages of the pool) and rollout/decode (its
+device loop: refill, page allocation, one decode step with the Pallas TPU paged attention
+kernel, release; FLOPs: `rollout.chunk` steps); there is no insert. The report's `page_pool`
+then says what the pool holds: its pages and bytes per device, and `pages.simulate` of one batch
+shard at the paper's length distribution (responses geometric with a median of a quarter of
+`max_new_tokens`, cut at it; prompts at the full `max_prompt_len`, an upper bound): the rows in
+flight, the peak share of the pool in use, preemptions. A Pallas kernel reports no bytes or
+FLOPs to the compiler's cost analysis, so the decode step's KV read is counted from the page
+table: the rows' pages at that distribution, in whole kernel blocks, times the bytes of a
+position; beside it the bytes the compiler counts for the rest of the step (the weights).
+
 Memory per device, from each executable's `memory_analysis()`: arguments + outputs + temporaries
 - the donated arguments aliased to outputs; plus what stays resident beside the program (during
 the rollout, the train state and the engine buffers the program does not take; during the
@@ -63,7 +75,7 @@ from explore_jax import paths
 from explore_jax.config import check as config_check
 from explore_jax.rl import actor_loss
 from explore_jax.rollout import engine as rollout_engine
-from explore_jax.rollout import sampling
+from explore_jax.rollout import paged, pages, sampling
 from explore_jax.tpu import memory, sharding
 from explore_jax.train import setup
 from explore_jax.train import state as train_state
@@ -170,32 +182,10 @@ def step_programs(config: ml_collections.ConfigDict, model_cfg, cfg: train_step.
   params = state.actor
   state_b, actor_b = _bytes(state), _bytes(params)
 
-  # The engine's buffers (rollout_engine.run builds them the same way).
-  slots = config.rollout.slots or config.data.prompts_per_step * n
-  f = rollout_engine.prefill_batch(slots, n)
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-  engine_shapes = jax.eval_shape(lambda k: rollout_engine.empty_state(
-      model_cfg, slots, config.data.prompts_per_step * n, p, new, k, 0), key)
-  engine = _abstract(engine_shapes, rollout_engine.state_shardings(engine_shapes, mesh))
-  pool_shapes = jax.eval_shape(lambda: rollout_engine.empty_pool(model_cfg, 2 * f, p))
-  pool = _abstract(pool_shapes, rollout_engine.pool_shardings(pool_shapes, mesh))
-  engine_b, pool_b = _bytes(engine), _bytes(pool)
-  i32 = lambda *s: _replicated(s, jnp.int32, mesh)
-  rng = _replicated(key.shape, key.dtype, mesh)
-  sampler = sampling.Sampler(float(config.rollout.temperature), int(config.rollout.top_k),
-                             float(config.rollout.top_p))
-  prefill = Program("rollout/prefill", rollout_engine._prefill,
-                    (params, pool, i32(f, p), i32(f, p), i32()),
-                    dict(config=model_cfg, mesh=mesh), state_b - actor_b + engine_b)
-  insert = Program("rollout/insert", rollout_engine._insert,
-                   (engine, pool, rng, i32(), *(i32(slots) for _ in range(5))),
-                   dict(sampler=sampler, max_new_tokens=new, mesh=mesh), state_b)
-  decode = Program("rollout/decode", rollout_engine._decode_chunk,
-                   (params, engine, i32(), i32(), i32()),
-                   dict(config=model_cfg, sampler=sampler, view=p + new,
-                        ragged=rollout_engine.full_ragged(engine_shapes, config.rollout.kv_block,
-                                                          mesh), mesh=mesh),
-                   state_b - actor_b + pool_b)
+  if config.rollout.engine == "paged":
+    rollout_progs = _paged_programs(config, model_cfg, mesh, params, state_b - actor_b)
+  else:
+    rollout_progs = _continuous_programs(config, model_cfg, mesh, params, state_b, actor_b)
 
   # The rollout as the trainer hands it to the scoring pass: rows over the batch axes.
   rollout = sampling.Rollout(
@@ -211,7 +201,7 @@ def step_programs(config: ml_collections.ConfigDict, model_cfg, cfg: train_step.
   score = Program("score", train_step.score_rollout, (state, ref, rollout, scores, correct),
                   dict(cfg=score_cfg), 0)
   if "update" not in only:
-    return [prog for prog in (prefill, insert, decode, score) if prog.name in only]
+    return [prog for prog in (*rollout_progs, score) if prog.name in only]
   # The update's batch is the scoring pass's output, in the shardings the compiler gave it.
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     t0 = time.perf_counter()
@@ -222,7 +212,74 @@ def step_programs(config: ml_collections.ConfigDict, model_cfg, cfg: train_step.
   update = Program("update", train_step.update, (state, batch),
                    dict(cfg=cfg, actor_tx=actor_tx, critic_tx=critic_tx, train_actor=True),
                    _bytes((rollout, scores)))  # the rollout is still held for its metrics
-  return [prog for prog in (prefill, insert, decode, score, update) if prog.name in only]
+  return [prog for prog in (*rollout_progs, score, update) if prog.name in only]
+
+
+def _sampler(config) -> sampling.Sampler:
+  return sampling.Sampler(float(config.rollout.temperature), int(config.rollout.top_k),
+                          float(config.rollout.top_p))
+
+
+def _continuous_programs(config, model_cfg, mesh, params, state_b: int, actor_b: int
+                         ) -> list[Program]:
+  """The continuous engine's prefill, insert and decode, from shapes."""
+  n, p, new = config.rollout.n, config.data.max_prompt_len, config.rollout.max_new_tokens
+  # The engine's buffers (rollout_engine.run builds them the same way).
+  slots = config.rollout.slots or config.data.prompts_per_step * n
+  f = rollout_engine.prefill_batch(slots, n)
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  engine_shapes = jax.eval_shape(lambda k: rollout_engine.empty_state(
+      model_cfg, slots, config.data.prompts_per_step * n, p, new, k, 0), key)
+  engine = _abstract(engine_shapes, rollout_engine.state_shardings(engine_shapes, mesh))
+  pool_shapes = jax.eval_shape(lambda: rollout_engine.empty_pool(model_cfg, 2 * f, p))
+  pool = _abstract(pool_shapes, rollout_engine.pool_shardings(pool_shapes, mesh))
+  engine_b, pool_b = _bytes(engine), _bytes(pool)
+  i32 = lambda *s: _replicated(s, jnp.int32, mesh)
+  rng = _replicated(key.shape, key.dtype, mesh)
+  sampler = _sampler(config)
+  prefill = Program("rollout/prefill", rollout_engine._prefill,
+                    (params, pool, i32(f, p), i32(f, p), i32()),
+                    dict(config=model_cfg, mesh=mesh), state_b - actor_b + engine_b)
+  insert = Program("rollout/insert", rollout_engine._insert,
+                   (engine, pool, rng, i32(), *(i32(slots) for _ in range(5))),
+                   dict(sampler=sampler, max_new_tokens=new, mesh=mesh), state_b)
+  decode = Program("rollout/decode", rollout_engine._decode_chunk,
+                   (params, engine, i32(), i32(), i32()),
+                   dict(config=model_cfg, sampler=sampler, view=p + new,
+                        ragged=rollout_engine.full_ragged(engine_shapes, config.rollout.kv_block,
+                                                          mesh), mesh=mesh),
+                   state_b - actor_b + pool_b)
+  return [prefill, insert, decode]
+
+
+def paged_plan(config, model_cfg, mesh) -> pages.Plan:
+  """The paged engine's plan of a step on `mesh` (the Pallas TPU kernel, as `auto` on TPU)."""
+  r = config.rollout
+  return pages.make_plan(model_cfg, config.data.prompts_per_step, config.data.max_prompt_len,
+                         max_new_tokens=r.max_new_tokens, n=r.n, slots=r.slots,
+                         kv_pages=r.kv_pages, page_size=r.page_size, page_block=r.page_block,
+                         kernel=pages.kernel_for("tpu", r.page_attention), mesh=mesh)
+
+
+def _paged_programs(config, model_cfg, mesh, params, resident: int) -> list[Program]:
+  """The paged engine's prefill and decode loop, from shapes; beside them the train state less
+  the actor's parameters (an argument). The page pool (and the prompts' pages in it) is the
+  state's."""
+  plan = paged_plan(config, model_cfg, mesh)
+  g, fb = plan.shards, plan.batch
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(lambda: paged.empty_state(
+      model_cfg, plan, jnp.zeros((g, plan.rows, *key.shape), key.dtype),
+      jnp.zeros((g, plan.prompts), jnp.int32), 0))
+  state = _abstract(shapes, paged.state_shardings(shapes, plan))
+  i32 = lambda *s: _replicated(s, jnp.int32, mesh)
+  static = dict(config=model_cfg, plan=plan, sampler=_sampler(config))
+  prefill = Program("rollout/prefill", paged._prefill,
+                    (params, state, i32(g * fb, plan.prompt_width),
+                     i32(g * fb, plan.prompt_width), i32(g, fb), i32()), static, resident)
+  decode = Program("rollout/decode", paged._decode, (params, state, i32()),
+                   {**static, "live_slots": plan.slots}, resident)
+  return [prefill, decode]
 
 
 def _compile(prog: Program, mesh, rules):
@@ -275,6 +332,7 @@ def flops_per_call(config, model_cfg, cfg: train_step.StepConfig, mesh,
   local = config.copy_and_resolve_references()
   local.data.prompts_per_step = -(-config.data.prompts_per_step // shards)
   local.rollout.slots = -(-(config.rollout.slots or rows) // shards)
+  local.rollout.kv_pages = config.rollout.kv_pages // shards
   local.mesh.shape = (1, 1, tensor)
   # One update of the fewest whole groups that fill whole micro-batches: its micro-batch loop
   # body, counted once, is one micro-batch.
@@ -307,9 +365,9 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, with_flops: b
   unknown = sorted(set(only) - set(PROGRAMS))
   if unknown or not only:
     raise ValueError(f"--programs {','.join(only)}: unknown {unknown}; known: {PROGRAMS}")
-  if config.rollout.engine != "continuous":
+  if config.rollout.engine not in ("continuous", "paged"):
     raise ValueError(f"config.rollout.engine={config.rollout.engine!r}: explore_jax.aot compiles "
-                     "the continuous engine's programs (the trainer's default)")
+                     "the continuous or the paged engine's programs")
   devices, chip = topology_devices(topology)
   mesh = sharding.make_mesh(config.mesh.shape, devices, what="--config.mesh.shape")
   rules = sharding.with_default_rules(config.mesh.rules)
@@ -324,9 +382,17 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, with_flops: b
     # The decode's reads: the one that needs the most memory (a refusal first).
     report["programs"][prog.name] = max(entries, key=lambda e: (e["bytes_per_device"] is None,
                                                                 e["bytes_per_device"] or 0))
+  if config.rollout.engine == "paged":
+    report["page_pool"] = page_pool(config, model_cfg, mesh, report["programs"])
   if with_flops:
     for name, flops in flops_per_call(config, model_cfg, cfg, mesh, only).items():
       report["programs"][name]["flops"] = flops  # dense attention, unrolled: compiles at any size
+    pool, decode = report.get("page_pool"), report["programs"].get("rollout/decode")
+    if pool and decode:  # the Pallas kernel counts none: q.k and p.v of the positions it reads
+      attention = (config.rollout.chunk * 4 * model_cfg.num_attention_heads * model_cfg.head_dim
+                   * model_cfg.num_hidden_layers * pool["kv_read_positions_per_step"])
+      decode["attention_flops"] = attention
+      decode["flops"] += attention
   return report
 
 
@@ -385,12 +451,49 @@ def print_host_peak(report: dict) -> bool:
   return fits
 
 
+def page_pool(config, model_cfg, mesh, programs: dict) -> dict:
+  """What the paged engine's pool holds (module docstring): per device, and `pages.simulate` of
+  one batch shard at the paper's length distribution."""
+  plan = paged_plan(config, model_cfg, mesh)
+  r, p = config.rollout, config.data.max_prompt_len
+  tensor = mesh.shape["tensor"] if model_cfg.num_key_value_heads % mesh.shape["tensor"] == 0 else 1
+  # Keys and values of every layer, the kv heads of one device.
+  position_bytes = (2 * model_cfg.num_hidden_layers * model_cfg.num_key_value_heads // tensor
+                    * model_cfg.head_dim * jnp.dtype(model_cfg.dtype).itemsize)
+  one = dataclasses.replace(plan, shards=1, read=dataclasses.replace(plan.read, mesh=None))
+  median = r.max_new_tokens / 4
+  sim = pages.simulate(one, [p] * plan.prompts, pages.draw_lengths(plan.rows, r.max_new_tokens,
+                                                                   median))
+  # A decode step with every slot live, its rows at the distribution's mix of lengths; and the
+  # weights it reads: each device its tensor shard of every parameter, in the compute dtype.
+  per_row = sim["kv_read_per_row_step"]
+  read_bytes = plan.slots * per_row * position_bytes
+  weight_bytes = (memory.param_count(model_cfg) * jnp.dtype(model_cfg.dtype).itemsize
+                  / mesh.shape["tensor"])
+  decode = programs.get("rollout/decode") or {}
+  return {"kv_pages": plan.pages * plan.shards, "page_size": plan.page_size,
+          "page_block": plan.read.block, "slots": plan.slots * plan.shards,
+          "pages_per_device": plan.pages, "pool_bytes_per_device": plan.pages * plan.page_size
+          * position_bytes,
+          "contiguous_rows_same_bytes": plan.pages * plan.page_size * plan.shards
+          // (p + r.max_new_tokens),
+          "distribution": f"responses geometric, median {median:g} tokens, cut at "
+                          f"{r.max_new_tokens}; prompts of {p} tokens",
+          "rows_in_flight": sim["rows_in_flight"] * plan.shards,
+          "peak_pool_share": sim["peak_pool_share"], "preemptions": sim["preemptions"],
+          "decode_steps": sim["decode_steps"], "kv_read_over_filled": sim["kv_read_over_filled"],
+          "kv_read_positions_per_step": plan.slots * per_row,
+          "kv_read_bytes_per_step": read_bytes, "weight_bytes_per_step": weight_bytes,
+          "compiler_bytes_accessed": decode.get("bytes_accessed"),
+          "fits": bool(sim["peak_pool_share"] <= USABLE and decode.get("fits", True))}
+
+
 def _read_variants(prog: Program, config) -> list[Program]:
   """The decode program as the engine may run it: the ragged read of every block (or the whole
   cache with kv_block 0) and the largest view short of the whole cache, the segment end below
   the last (`rollout_engine.run`'s views at `sampling.SEGMENTS`). Other programs: as they
   are."""
-  if prog.name != "rollout/decode":
+  if prog.name != "rollout/decode" or "view" not in prog.static:
     return [prog]
   p, new = config.data.max_prompt_len, config.rollout.max_new_tokens
   ends = sampling._segment_ends(new, sampling.SEGMENTS)
@@ -415,13 +518,21 @@ def _memory(prog: Program, mesh, rules, hbm: int) -> dict:
          + m.temp_size_in_bytes)
   total = own + prog.resident
   read = prog.static.get("ragged")
+  if "plan" in prog.static:  # the paged engine: the compiler counts all but the kernel's reads
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    extra = {"read": f"paged ({prog.static['plan'].read.kernel})",
+             "bytes_accessed": float((cost or {}).get("bytes accessed", 0.0)),
+             # The Pallas kernel, compiled by Mosaic, is a custom call in the executable.
+             "pallas_kernel": "tpu_custom_call" in compiled.as_text()}
+  else:
+    extra = ({"read": "ragged" if read else f"view of {prog.static['view']} slots"}
+             if "view" in prog.static else {})
   return {"bytes_per_device": int(total), "program_bytes": int(own),
           "argument_bytes": int(m.argument_size_in_bytes),
           "output_bytes": int(m.output_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
           "temp_bytes": int(m.temp_size_in_bytes), "resident_bytes": int(prog.resident),
-          "compile_s": round(seconds, 2), "fits": bool(total <= USABLE * hbm),
-          **({"read": "ragged" if read else f"view of {prog.static['view']} slots"}
-             if "view" in prog.static else {})}
+          "compile_s": round(seconds, 2), "fits": bool(total <= USABLE * hbm), **extra}
 
 
 def print_report(report: dict) -> None:
@@ -440,3 +551,19 @@ def print_report(report: dict) -> None:
           f"{gib(p['alias_bytes'])} {gib(p['temp_bytes'])} {gib(p['resident_bytes'])} "
           f"{gib(p['bytes_per_device'])}  {'fits' if p['fits'] else 'DOES NOT FIT':<16s} "
           f"{flops} {p['compile_s']:9.1f}")
+  pool = report.get("page_pool")
+  if pool:
+    print(f"page pool: {pool['kv_pages']} pages of {pool['page_size']} positions "
+          f"({pool['pages_per_device']} per device, {gib(pool['pool_bytes_per_device']).strip()} "
+          f"GiB: the bytes of {pool['contiguous_rows_same_bytes']} contiguous rows), "
+          f"{pool['slots']} slots, kernel blocks of {pool['page_block']} pages")
+    print(f"  at {pool['distribution']}: {pool['rows_in_flight']:.0f} rows in flight on average, "
+          f"peak {pool['peak_pool_share']:.0%} of the pool, {pool['preemptions']} preempted, "
+          f"{pool['decode_steps']} decode steps; KV read {pool['kv_read_over_filled']:.3f}x the "
+          f"filled positions")
+    print(f"  a decode step with every slot live reads per device "
+          f"{gib(pool['kv_read_bytes_per_step']).strip()} GiB of KV (from the page table) + "
+          f"{gib(pool['weight_bytes_per_step']).strip()} GiB of weights (the compiler's bytes "
+          f"accessed, which count no byte the kernel reads: "
+          f"{gib(pool['compiler_bytes_accessed'] or 0).strip()} GiB); "
+          f"{'fits' if pool['fits'] else 'DOES NOT FIT'}")

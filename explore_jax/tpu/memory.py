@@ -195,13 +195,16 @@ def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "gr
          micro_batch: int, seq_len: int, remat: str = "full", flash_attention: bool = False,
          logits_chunk: int = 1024, reference: bool = False, reference_dtype: str = "bfloat16",
          rollout_batch: int = 0, rollout_len: int | None = None, prompt_len: int = 1024,
-         kv_dtype: str = "bfloat16", rules=DEFAULT_RULES) -> dict:
+         kv_dtype: str = "bfloat16", kv_pages: tuple[int, int] | None = None,
+         rules=DEFAULT_RULES) -> dict:
   """Bytes per device of every component of an RL run on a (data, fsdp, tensor) mesh.
 
   To match a trainer's state exactly, pass its dtypes: `param_dtype` of the params, `opt_dtype`
   of AdamW's mu (optax `mu_dtype`) and `nu_dtype` of nu (optax: the parameter dtype).
   `micro_batch` and `rollout_batch` are GLOBAL sequence counts (one forward/backward micro-step;
-  sequences decoding together); each device holds its share along data * fsdp. Returns
+  sequences decoding together); each device holds its share along data * fsdp. `kv_pages`
+  (pages, page size): the paged engine's pool instead of rollout_batch contiguous rows (split
+  like them; no view is copied). Returns
   {"components": {name: {"bytes", "divisor", "phase"}}, "totals": {phase: bytes, "peak": bytes},
    "param_count": {...}, "bytes_per_param": ..., "per_device_micro_batch": ..., ...}.
   """
@@ -281,13 +284,13 @@ def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "gr
   # prefill scores, decode logits.
   if rollout_batch:
     B, S = rollout_batch, rollout_len
-    kv = act((B, K, S, H), CACHE_AXES)
+    kv = act(kv_pages[:1] + (K, kv_pages[1], H) if kv_pages else (B, K, S, H), CACHE_AXES)
     add("kv_cache", L * kv[0], L * kv[1], 2 * _dtype_bytes(kv_dtype), "rollout")
     # A decode chunk (or a static segment) attending a view of the cache holds a copy of it: at
     # most the largest segment end short of the whole cache (P + 3N/4 slots at 4 segments).
     ends = sampling._segment_ends(S - prompt_len, sampling.SEGMENTS) if S > prompt_len else []
     view = prompt_len + (ends[-2] if len(ends) > 1 else S - prompt_len)
-    if view < S:
+    if view < S and not kv_pages:
       copy = act((B, K, view, H), CACHE_AXES)
       add("decode_view_copy", L * copy[0], L * copy[1], 2 * _dtype_bytes(kv_dtype), "rollout")
     if param_dtype != compute_dtype:
@@ -381,12 +384,19 @@ def plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]
 
   Reads the trainer's own settings, so its numbers line up with `--config.dry_run`: the trainer's
   AdamW keeps mu in float32 and nu in the parameter dtype; the rollout decodes `rollout.slots`
-  rows at a time (continuous engine) or one wave of `rollout.prompts_per_wave` prompts (static).
+  rows at a time (continuous and paged engines; the paged one's KV cache is its pool of
+  `rollout.kv_pages` pages) or one wave of `rollout.prompts_per_wave` prompts (static).
   """
   rl = config.rl
   rows = (config.rollout.prompts_per_wave or config.data.prompts_per_step) * config.rollout.n
-  if config.rollout.engine == "continuous":
+  if config.rollout.engine in ("continuous", "paged"):
     rows = config.rollout.slots or config.data.prompts_per_step * config.rollout.n
+  kv_pages = None
+  if config.rollout.engine == "paged":
+    r = config.rollout
+    full = -(-(config.data.max_prompt_len + r.max_new_tokens) // r.page_size)
+    kv_pages = (r.kv_pages or rows * (full + -(-config.data.max_prompt_len // r.page_size)),
+                r.page_size)
   rules = with_default_rules(config.mesh.rules)
   return plan(model_config, mesh_shape=mesh_shape, algorithm=rl.algorithm,
               param_dtype=model_config.param_dtype, compute_dtype=model_config.dtype,
@@ -397,7 +407,7 @@ def plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]
               remat="full" if model_config.remat else "none", logits_chunk=rl.logit_chunk,
               reference=bool(rl.kl_coef), reference_dtype=model_config.param_dtype,
               rollout_batch=rows, prompt_len=config.data.max_prompt_len,
-              kv_dtype=model_config.dtype, rules=rules)
+              kv_dtype=model_config.dtype, kv_pages=kv_pages, rules=rules)
 
 
 def print_plan_for_config(config, model_config: Qwen2Config, mesh_shape: Sequence[int]) -> dict:

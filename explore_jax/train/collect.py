@@ -74,7 +74,7 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
   """
   n = config.rollout.n
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
-  if config.rollout.engine == "continuous":  # the slots bound the memory: one call per step
+  if config.rollout.engine in ("continuous", "paged"):  # slots / pages bound the memory: one call
     wave = config.data.prompts_per_step
   rollouts, scores, correct, truncated = [], [], [], []
   timing = {"rollout": 0.0, "reward": 0.0}
@@ -95,7 +95,9 @@ def sample_and_grade(config, model_cfg, params, records, tokenizer, pool, mesh, 
         top_p=config.rollout.top_p, top_k=config.rollout.top_k, eos_id=eos_id, n=n, mesh=mesh,
         prompt_index=np.arange(first, first + wave), engine=config.rollout.engine,
         slots=config.rollout.slots, chunk=config.rollout.chunk, kv_block=config.rollout.kv_block,
-        refill_share=config.rollout.refill_share, with_stats=True)
+        refill_share=config.rollout.refill_share, kv_pages=config.rollout.kv_pages,
+        page_size=config.rollout.page_size, page_block=config.rollout.page_block,
+        page_attention=config.rollout.page_attention, with_stats=True)
     jax.block_until_ready(rollout.tokens)
     busy += int(stats["busy_slot_steps"])
     slot_steps += int(stats["slot_steps"])

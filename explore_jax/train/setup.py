@@ -58,7 +58,7 @@ def step_config(config: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config,
         f"{rows}) must be a multiple of rl.mini_batch_size={rl.mini_batch_size}, itself a multiple "
         f"of the micro-batch ({memory.describe_micro_batch(rl, mesh_shape)})")
   wave = config.rollout.prompts_per_wave or config.data.prompts_per_step
-  if config.rollout.engine == "continuous":  # one call per step (sample_and_grade)
+  if config.rollout.engine in ("continuous", "paged"):  # one call per step (sample_and_grade)
     wave = config.data.prompts_per_step
   if config.data.prompts_per_step % wave or wave % jax.process_count():
     raise ValueError(
@@ -174,7 +174,8 @@ RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "keep_checkpoints", "log
                      "model.stage_dir", "data.data_dir", "rl.micro_batch_size",
                      "rl.micro_batch_per_shard", "rl.logit_chunk", "rl.length_buckets",
                      "rollout.prompts_per_wave", "rollout.engine", "rollout.slots",
-                     "rollout.chunk")
+                     "rollout.chunk", "rollout.kv_pages", "rollout.page_size",
+                     "rollout.page_block", "rollout.page_attention")
 
 
 def _flat(tree: dict) -> dict:
