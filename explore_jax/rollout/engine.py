@@ -328,6 +328,28 @@ def prefill_batch(slots: int, n: int) -> int:
   return -(-slots // n)
 
 
+def _chunk_read(active: np.ndarray, t: np.ndarray, *, prompt_len: int, chunk: int,
+                max_new_tokens: int, ends: list[int], full):
+  """What the next chunk's decode attention reads: (view, ragged blocks or None, KV positions a
+  step reads). The view: the cache slots the longest live row attends at the chunk's last step
+  (a row of t tokens has written prompt_len + t - 1 slots; a step writes one and attends them
+  all), rounded up to a segment end. With `full` (`full_ragged`; None with kv_block 0), the ragged
+  read replaces the view where it reads under 1 / RAGGED_COST of it."""
+  slots, p = len(active), prompt_len
+  longest = int(np.max(np.where(active, t, 0))) + chunk - 1
+  view = p + next(e for e in ends + [max_new_tokens] if e >= min(longest, max_new_tokens))
+  if full is None:
+    return view, None, slots * view
+  # Each slot's filled length at the chunk's last step (a dead slot reads one block), the flat
+  # block entries that needs on the fullest device, rounded up to few shapes.
+  filled_end = np.where(active, np.minimum(p + t + chunk - 1, p + max_new_tokens), 1)
+  need = decode_attention.blocks_needed(filled_end, full.block, full.shards)
+  blocks = _bucket(need, full.blocks)
+  if blocks * full.block * full.shards * RAGGED_COST < slots * view:
+    return view, dataclasses.replace(full, blocks=blocks), blocks * full.block * full.shards
+  return view, None, slots * view
+
+
 def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
         max_new_tokens: int, sampler: sampling.Sampler, eos_id: int, n: int, slots: int,
         chunk: int, buckets: int, prompt_index, sample_offset: int = 0,
@@ -393,22 +415,10 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
     refill_at = jnp.int32(max(1, min(int(refill_share * slots), pending)) if pending
                           else free_now + -(-(slots - free_now) // 2))
     horizon = jnp.int32(chunk if pending else max_new_tokens)
-    # The view: the cache slots the longest live row attends at the chunk's last step (a row of t
-    # tokens has written p + t - 1 slots; a step writes one and attends them all), rounded up to
-    # a segment end.
-    longest = int(np.max(np.where(active, t, 0))) + chunk - 1
-    view = p + next(e for e in ends + [max_new_tokens] if e >= min(longest, max_new_tokens))
-    ragged, read_per_step = None, slots * view
-    if kv_block:
-      # Each slot's filled length at the chunk's last step (a dead slot reads one block), the
-      # flat block entries that needs on the fullest device, rounded up to few shapes.
-      filled_end = np.where(active, np.minimum(p + t + chunk - 1, p + max_new_tokens), 1)
-      need = decode_attention.blocks_needed(filled_end, full.block, full.shards)
-      blocks = _bucket(need, full.blocks)
-      if blocks * full.block * full.shards * RAGGED_COST < read_per_step:
-        ragged = dataclasses.replace(full, blocks=blocks)
-        read_per_step = blocks * full.block * full.shards
-        ragged_chunks += 1
+    view, ragged, read_per_step = _chunk_read(active, t, prompt_len=p, chunk=chunk,
+                                              max_new_tokens=max_new_tokens, ends=ends,
+                                              full=full)
+    ragged_chunks += ragged is not None
     state, sched = _decode_chunk(params, state, eos, refill_at, horizon, config=config,
                                  sampler=sampler, view=view, ragged=ragged, mesh=mesh)
     sched = _host(sched)

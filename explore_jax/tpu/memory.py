@@ -187,6 +187,118 @@ def measured_bytes(shapes: Any, shardings: Any) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+class _Ledger:
+  """A plan's components: bytes per device, the phase each lives in, and how far the mesh divides
+  it (global elements over per-device elements)."""
+
+  def __init__(self, mesh_shape: tuple[int, ...], rules):
+    self.comps: dict[str, dict] = {}
+    self.mesh_shape, self.rules = mesh_shape, rules
+
+  def add(self, name: str, elements_global: int, elements_device: int, nbytes: float,
+          phase: str) -> None:
+    self.comps[name] = {"bytes": int(elements_device * nbytes), "phase": phase,
+                        "divisor": round(elements_global / max(elements_device, 1), 2)}
+
+  def act(self, shape, names) -> tuple[int, int]:
+    """(global elements, per-device elements) of one activation."""
+    return math.prod(shape), math.prod(shard_shape(shape, names, self.mesh_shape, self.rules))
+
+
+def _state_components(ledger: _Ledger, cfg: Qwen2Config, algorithm: str, *, param_dtype: str,
+                      master_dtype: str | None, opt_dtype: str, nu_dtype: str, grad_dtype: str,
+                      grad_accum: bool, reference: bool, reference_dtype: str) -> dict:
+  """Params, AdamW moments and gradients of the actor (and PPO's critic), the reference policy;
+  returns the parameter counts."""
+  mesh_shape, rules = ledger.mesh_shape, ledger.rules
+  models = [("actor", False)] + ([("critic", True)] if algorithm == "ppo" else [])
+  counts = {}
+  for who, critic in models:
+    total, local = param_count(cfg, critic), sharded_param_count(cfg, mesh_shape, critic, rules)
+    counts[who] = total
+    ledger.add(f"{who}_params", total, local, _dtype_bytes(param_dtype), "state")
+    if master_dtype:
+      ledger.add(f"{who}_master", total, local, _dtype_bytes(master_dtype), "state")
+    ledger.add(f"{who}_adamw_mu_nu", total, local,
+               _dtype_bytes(opt_dtype) + _dtype_bytes(nu_dtype), "state")
+    ledger.add(f"{who}_grads", total, local, _dtype_bytes(grad_dtype), "update")
+    if grad_accum:
+      ledger.add(f"{who}_grad_accum", total, local, _dtype_bytes(grad_dtype), "update")
+  if reference:
+    ledger.add("reference_params", counts["actor"],
+               sharded_param_count(cfg, mesh_shape, False, rules), _dtype_bytes(reference_dtype),
+               "state")
+  return counts
+
+
+def _activation_components(ledger: _Ledger, cfg: Qwen2Config, b: int, T: int, c: int, *,
+                           flash_attention: bool, remat: str, param_dtype: str,
+                           compute_dtype: str, logits_chunk: int) -> None:
+  """Activations of one micro-batch of b sequences of T tokens (formulas: module docstring)."""
+  act = ledger.act
+  L, D, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  btd = act((b, T, D), ("activation_batch", "activation_length", "activation_embed"))[1]
+  btf = act((b, T, F), ("activation_batch", "activation_length", "activation_mlp"))[1]
+  btqkv = act((b, T, (N + 2 * K) * H), ("activation_batch", "activation_length", None))[1]
+  if flash_attention:  # only the f32 softmax statistics [b, N, T] are kept
+    bntt = act((b, N, T), ("activation_batch", "activation_heads", None))[1]
+    score_saved, score_grad = 4, 0
+  else:  # f32 masked scores, exp, probs and the bool mask (+ the probs cast to c)
+    bntt = act((b, N, T, T), ("activation_batch", "activation_heads", None, None))[1]
+    score_saved, score_grad = 13 + (c if c < 4 else 0), 4 + c
+  layer_saved = (6 * btd + btqkv + 6 * btf) * c + score_saved * bntt
+  layer_grads = (2 * btd + btqkv + 2 * btf) * c + score_grad * bntt
+  # The embedding output and every layer's output in c, the final norm's float32 input.
+  backbone_saved = (L + 1) * btd * c + btd * 4
+  if remat == "full":
+    saved, working = backbone_saved, layer_saved + layer_grads
+  else:
+    # Without remat the compute-dtype copies of the layer weights are residuals too.
+    casts = 0
+    if param_dtype != compute_dtype:
+      layer_local = sum(math.prod(shard_shape(shape, names, ledger.mesh_shape, ledger.rules))
+                        for name, shape, names in param_table(cfg) if name.startswith("layers_"))
+      casts = layer_local * c
+    saved, working = L * layer_saved + backbone_saved + casts, layer_grads
+  batch_div = round(math.prod((b, T, D)) / btd, 2)
+  ledger.comps["saved_activations"] = {"bytes": int(saved), "phase": "update",
+                                       "divisor": batch_div}
+  ledger.comps["layer_working_set"] = {"bytes": int(working), "phase": "update",
+                                       "divisor": batch_div}
+  logits = act((b, min(logits_chunk, T), V), ("activation_batch", "activation_length",
+                                              "activation_vocab"))
+  ledger.add("logits_chunk", *logits, 2 * 4, "update")
+
+
+def _rollout_components(ledger: _Ledger, cfg: Qwen2Config, B: int, S: int, prompt_len: int,
+                        c: int, *, kv_pages: tuple[int, int] | None, kv_dtype: str,
+                        flash_attention: bool, weights: tuple[int, int] | None) -> None:
+  """The rollout of B rows of S positions: the KV cache (L layers of [B, K, S, H], keys and
+  values; or the paged engine's pool), the sampler's weight copy (`weights`: global and
+  per-device parameter counts, when the compute dtype differs), prefill scores, decode logits."""
+  act, kv_bytes = ledger.act, 2 * _dtype_bytes(kv_dtype)
+  L, V = cfg.num_hidden_layers, cfg.vocab_size
+  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  kv = act(kv_pages[:1] + (K, kv_pages[1], H) if kv_pages else (B, K, S, H), CACHE_AXES)
+  ledger.add("kv_cache", L * kv[0], L * kv[1], kv_bytes, "rollout")
+  # A decode chunk (or a static segment) attending a view of the cache holds a copy of it: at
+  # most the largest segment end short of the whole cache (P + 3N/4 slots at 4 segments).
+  ends = sampling._segment_ends(S - prompt_len, sampling.SEGMENTS) if S > prompt_len else []
+  view = prompt_len + (ends[-2] if len(ends) > 1 else S - prompt_len)
+  if view < S and not kv_pages:
+    copy = act((B, K, view, H), CACHE_AXES)
+    ledger.add("decode_view_copy", L * copy[0], L * copy[1], kv_bytes, "rollout")
+  if weights:
+    ledger.add("rollout_weights", *weights, c, "rollout")
+  if flash_attention:
+    pre = act((B, N, prompt_len), ("activation_batch", "activation_heads", None))
+  else:
+    pre = act((B, N, prompt_len, prompt_len), ("activation_batch", "activation_heads", None, None))
+  ledger.add("prefill_scores", *pre, 4 + c, "rollout")
+  ledger.add("decode_logits", *act((B, V), ("activation_batch", "activation_vocab")), 4, "rollout")
+
+
 def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "grpo",
          param_dtype: str = "float32", compute_dtype: str = "bfloat16",
          opt_dtype: str = "float32", nu_dtype: str | None = None,
@@ -218,91 +330,22 @@ def plan(config: Qwen2Config, *, mesh_shape: Sequence[int], algorithm: str = "gr
   grad_dtype = grad_dtype or param_dtype
   nu_dtype = nu_dtype or opt_dtype  # optax.adamw keeps nu in the parameter dtype: pass it here
   rollout_len = seq_len if rollout_len is None else rollout_len
-  cfg = config
   c = _dtype_bytes(compute_dtype)
-  L, D, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  comps: dict[str, dict] = {}
-
-  def add(name, elements_global, elements_device, nbytes, phase):
-    comps[name] = {"bytes": int(elements_device * nbytes), "phase": phase,
-                   "divisor": round(elements_global / max(elements_device, 1), 2)}
-
-  def act(shape, names):  # (global elements, per-device elements) of one activation
-    return math.prod(shape), math.prod(shard_shape(shape, names, mesh_shape, rules))
-
-  models = [("actor", False)] + ([("critic", True)] if algorithm == "ppo" else [])
-  counts = {}
-  for who, critic in models:
-    total, local = param_count(cfg, critic), sharded_param_count(cfg, mesh_shape, critic, rules)
-    counts[who] = total
-    add(f"{who}_params", total, local, _dtype_bytes(param_dtype), "state")
-    if master_dtype:
-      add(f"{who}_master", total, local, _dtype_bytes(master_dtype), "state")
-    add(f"{who}_adamw_mu_nu", total, local, _dtype_bytes(opt_dtype) + _dtype_bytes(nu_dtype),
-        "state")
-    add(f"{who}_grads", total, local, _dtype_bytes(grad_dtype), "update")
-    if grad_accum:
-      add(f"{who}_grad_accum", total, local, _dtype_bytes(grad_dtype), "update")
-  actor_total, actor_local = counts["actor"], sharded_param_count(cfg, mesh_shape, False, rules)
-  if reference:
-    add("reference_params", actor_total, actor_local, _dtype_bytes(reference_dtype), "state")
-
-  # Activations of one micro-batch (see the module docstring for the formulas).
-  b, T = micro_batch, seq_len
-  btd = act((b, T, D), ("activation_batch", "activation_length", "activation_embed"))[1]
-  btf = act((b, T, F), ("activation_batch", "activation_length", "activation_mlp"))[1]
-  btqkv = act((b, T, (N + 2 * K) * H), ("activation_batch", "activation_length", None))[1]
-  if flash_attention:  # only the f32 softmax statistics [b, N, T] are kept
-    bntt = act((b, N, T), ("activation_batch", "activation_heads", None))[1]
-    score_saved, score_grad = 4, 0
-  else:  # f32 masked scores, exp, probs and the bool mask (+ the probs cast to c)
-    bntt = act((b, N, T, T), ("activation_batch", "activation_heads", None, None))[1]
-    score_saved, score_grad = 13 + (c if c < 4 else 0), 4 + c
-  layer_saved = (6 * btd + btqkv + 6 * btf) * c + score_saved * bntt
-  layer_grads = (2 * btd + btqkv + 2 * btf) * c + score_grad * bntt
-  # The embedding output and every layer's output in c, the final norm's float32 input.
-  backbone_saved = (L + 1) * btd * c + btd * 4
-  if remat == "full":
-    saved, working = backbone_saved, layer_saved + layer_grads
-  else:
-    # Without remat the compute-dtype copies of the layer weights are residuals too.
-    casts = 0
-    if param_dtype != compute_dtype:
-      layer_local = sum(math.prod(shard_shape(shape, names, mesh_shape, rules))
-                        for name, shape, names in param_table(cfg) if name.startswith("layers_"))
-      casts = layer_local * c
-    saved, working = L * layer_saved + backbone_saved + casts, layer_grads
-  batch_div = round(math.prod((b, T, D)) / btd, 2)
-  comps["saved_activations"] = {"bytes": int(saved), "phase": "update", "divisor": batch_div}
-  comps["layer_working_set"] = {"bytes": int(working), "phase": "update", "divisor": batch_div}
-  logits = act((b, min(logits_chunk, T), V), ("activation_batch", "activation_length",
-                                              "activation_vocab"))
-  add("logits_chunk", *logits, 2 * 4, "update")
-
-  # Rollout: KV cache (L layers of [B, K, S, H], keys and values), the sampler's weight copy,
-  # prefill scores, decode logits.
+  ledger = _Ledger(mesh_shape, rules)
+  counts = _state_components(ledger, config, algorithm, param_dtype=param_dtype,
+                             master_dtype=master_dtype, opt_dtype=opt_dtype, nu_dtype=nu_dtype,
+                             grad_dtype=grad_dtype, grad_accum=grad_accum, reference=reference,
+                             reference_dtype=reference_dtype)
+  b = micro_batch
+  _activation_components(ledger, config, b, seq_len, c, flash_attention=flash_attention,
+                         remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                         logits_chunk=logits_chunk)
   if rollout_batch:
-    B, S = rollout_batch, rollout_len
-    kv = act(kv_pages[:1] + (K, kv_pages[1], H) if kv_pages else (B, K, S, H), CACHE_AXES)
-    add("kv_cache", L * kv[0], L * kv[1], 2 * _dtype_bytes(kv_dtype), "rollout")
-    # A decode chunk (or a static segment) attending a view of the cache holds a copy of it: at
-    # most the largest segment end short of the whole cache (P + 3N/4 slots at 4 segments).
-    ends = sampling._segment_ends(S - prompt_len, sampling.SEGMENTS) if S > prompt_len else []
-    view = prompt_len + (ends[-2] if len(ends) > 1 else S - prompt_len)
-    if view < S and not kv_pages:
-      copy = act((B, K, view, H), CACHE_AXES)
-      add("decode_view_copy", L * copy[0], L * copy[1], 2 * _dtype_bytes(kv_dtype), "rollout")
-    if param_dtype != compute_dtype:
-      add("rollout_weights", actor_total, actor_local, c, "rollout")
-    if flash_attention:
-      pre = act((B, N, prompt_len), ("activation_batch", "activation_heads", None))
-    else:
-      pre = act((B, N, prompt_len, prompt_len), ("activation_batch", "activation_heads", None,
-                                                  None))
-    add("prefill_scores", *pre, 4 + c, "rollout")
-    add("decode_logits", *act((B, V), ("activation_batch", "activation_vocab")), 4, "rollout")
-
+    weights = (counts["actor"], sharded_param_count(config, mesh_shape, False, rules))
+    _rollout_components(ledger, config, rollout_batch, rollout_len, prompt_len, c,
+                        kv_pages=kv_pages, kv_dtype=kv_dtype, flash_attention=flash_attention,
+                        weights=weights if param_dtype != compute_dtype else None)
+  comps = ledger.comps
   totals = {p: sum(v["bytes"] for v in comps.values() if v["phase"] == p)
             for p in ("state", "update", "rollout")}
   totals["peak"] = totals["state"] + max(totals["update"], totals["rollout"])
