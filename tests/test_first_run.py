@@ -165,13 +165,15 @@ def test_quiet_logs_drop_third_party_info_and_verbose_brings_it_back():
     assert got == third_party + ["a real warning", "the run's own line"], proc.stderr
 
 
-def test_log_lines_are_written_whole_above_the_progress_bar(monkeypatch):
+def test_log_lines_are_written_whole_above_the_progress_bar(monkeypatch, caplog):
   err = io.StringIO()
   monkeypatch.setattr(sys, "stderr", err)
   root = logging.getLogger()
   handler = logging.StreamHandler(err)
   monkeypatch.setattr(root, "handlers", [handler])
-  monkeypatch.setattr(root, "level", logging.INFO)
+  # Through setLevel, which clears the loggers' cached levels (an earlier test in this process
+  # may have asked for INFO while the root was at WARNING); put back after the test.
+  caplog.set_level(logging.INFO)
   bar = cli_lib.progress_bar(total=3, desc="train", file=err, mininterval=0)
   for step in range(3):
     bar.update(1)

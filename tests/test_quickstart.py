@@ -34,7 +34,7 @@ SHRINK = {
                              "--config.slots=4"],
     "explore_jax.train": ["--config.total_steps=1", "--config.data.prompts_per_step=2",
                           "--config.rollout.n=2", "--config.rl.mini_batch_size=4",
-                          "--config.data.max_prompt_len=32", "--config.rollout.max_new_tokens=4",
+                          "--config.rollout.max_new_tokens=4",
                           "--config.rollout.slots=4", "--config.rl.logit_chunk=64",
                           "--config.reward.workers=1",
                           # 3 x 0.6 GB of float32 weights and AdamW moments: half in bf16

@@ -306,14 +306,19 @@ class Checkpointer:
     has_digest = (epath.Path(self.directory) / str(step) / DIGEST_ITEM).exists()
     if has_digest:  # (checkpoints written before digests existed have none)
       items[DIGEST_ITEM] = ocp.args.JsonRestore()
+    restored, outcome, detail = None, OK, ""
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except FileNotFoundError as e:
-      return TORN, f"{type(e).__name__}: {str(e)[:200]}", None
+      outcome, detail = TORN, f"{type(e).__name__}: {str(e)[:200]}"
     except OSError as e:  # a network or bucket error: may succeed on a retry
-      return TRANSIENT, f"{type(e).__name__}: {str(e)[:200]}", None
+      outcome, detail = TRANSIENT, f"{type(e).__name__}: {str(e)[:200]}"
     except Exception as e:  # corrupt or truncated files
-      return TORN, f"{type(e).__name__}: {str(e)[:200]}", None
+      outcome, detail = TORN, f"{type(e).__name__}: {str(e)[:200]}"
+    # The digests are computed by programs over the global arrays, which every process must run
+    # or none: a process whose read failed would leave the others waiting in them.
+    if agree_outcome(outcome)[0] != OK:
+      return outcome, detail, None
     problem = _verify(restored.state, getattr(restored, DIGEST_ITEM) if has_digest else None)
     return (CORRUPT, problem, None) if problem else (OK, "", restored)
 
