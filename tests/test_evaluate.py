@@ -250,7 +250,6 @@ def _two_processes(cmd, check=True):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_processes")  # one job of two processes at a time
 def test_two_processes_sample_what_one_device_does(model_dir, tmp_path):
   """The same responses, grades and summary from one device and from 2 processes of 2 devices
   each on a (data, fsdp, tensor) = 2 x 1 x 2 mesh: parameters split over tensor, rows over data,

@@ -42,10 +42,8 @@ def launch_two(commands, env, cwd, timeout=600, check=True, watch=None):
   gloo collectives, a coordinator on a free local port. Returns their (stdout, stderr), or with
   check=False their (returncode, stdout, stderr); past the timeout both are killed and it raises.
   With check, the first process to fail kills the other and raises with its stderr. `watch(procs)`,
-  if given, is called while they run (to signal one, for example). The tests that call it share
-  the xdist group "two_processes", so `make test` (--dist loadgroup) runs them one at a time: two
-  such jobs at once would put four JAX processes on a 2-core machine, and each picks its
-  coordinator's port by binding port 0 and letting it go, which another job may take between."""
+  if given, is called while they run (to signal one, for example). Past the timeout it fails with
+  the tail of both processes' output, which shows where each one waits."""
   port = _free_port()
   env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   # Each process compiles its own programs: a CI run hung once in the resumed run's first step
@@ -119,7 +117,6 @@ def sigterm_after(workdir, step, pid):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_processes")  # one job of two processes at a time
 def test_two_processes_match_one_process_and_resume(train_env, reference_run, tmp_path):  # noqa: F811
   # The continuous rollout engine (the default). Its output lengths were once replicated, and
   # each process then read the first rows' lengths for its own rows (so cut its responses wrong
@@ -172,7 +169,6 @@ def test_two_processes_match_one_process_and_resume(train_env, reference_run, tm
   assert sorted(os.listdir(reference_run / "hf")) == sorted(os.listdir(tmp_path / "two" / "hf"))
 
 
-@pytest.mark.xdist_group("two_processes")  # one job of two processes at a time
 def test_one_process_cannot_read_the_newest_checkpoint(tmp_path):
   """Process 1 alone fails to read step 2: with a persistent read error both stop naming it;
   with a torn step both restore step 1 (not one process step 2 and the other step 1). Bytes

@@ -239,7 +239,6 @@ def test_mesh_paged_equals_single_device_static():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_processes")  # one job of two processes at a time
 def test_two_processes_paged_equals_static():
   """2 processes x 2 fake devices: each decides the same schedule from replicated state (a
   process that decided otherwise would hang the other in a collective, or write other rows)."""

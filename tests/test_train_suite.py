@@ -135,7 +135,6 @@ SPLIT_KEYS = ("actor/loss", "actor/grad_norm", "actor/clip_cov_frac",
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_processes")  # one job of two processes at a time
 def test_one_device_eight_devices_and_two_processes_select_alike(train_env, tmp_path):  # noqa: F811
   """The trainer's command line, 2 steps of clip_cov + top-entropy (+ dynamic sampling): one
   device at micro-batch 1; a (2, 2, 2) mesh of 8 fake devices (rows over 4 batch shards) at
