@@ -171,9 +171,10 @@ def test_two_processes_match_one_process_and_resume(train_env, reference_run, tm
 
 def test_one_process_cannot_read_the_newest_checkpoint(tmp_path):
   """Process 1 alone fails to read step 2: with a persistent read error both stop naming it;
-  with a torn step both restore step 1 (not one process step 2 and the other step 1). Bytes
-  flipped in step 3's data files: both set it aside and restore step 1. The directory is
-  relative to the processes' working directory."""
+  with a torn step both restore step 1 (not one process step 2 and the other step 1). Step 3's
+  digest record altered: both set it aside and restore step 1. Step 4's read raising inside
+  orbax on process 1 alone: both set it aside and restore step 1, where process 0 once waited in
+  orbax's barrier. The directory is relative to the processes' working directory."""
   cmd = [sys.executable, os.path.join(REPO, "tests", "two_process_restore.py"), "--dir=ckpt"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   results = launch_two([cmd, cmd], env, str(tmp_path), timeout=300)
@@ -182,11 +183,13 @@ def test_one_process_cannot_read_the_newest_checkpoint(tmp_path):
     assert "A: stopped:" in out and "checkpoint step 2 could not be read after 2 tries" in out
     assert "B: restored step 1 data 1 w 1.000" in out
     assert "C: restored step 1 data 1" in out and "D: restored step 1 w 1.000" in out
+    assert "E: restored step 1 data 1" in out
   for _, err in results:
     assert "checkpoint step 3" in err and "does not hold what was saved" in err
     assert "differs from its digest at save: actor/w" in err
+    assert "checkpoint step 4 in" in err and "is incomplete on process 1" in err
   # Process 1 says what it saw; process 0 names it and points at its log.
   assert "(process 1: TimeoutError: read timed out)" in outs[1]
   assert "(process 1, see its log)" in outs[0]
   assert sorted(p.name.split("_")[0] for p in (tmp_path / "ckpt").iterdir()) == [
-      "1", "corrupt", "torn"]
+      "1", "corrupt", "torn", "torn"]

@@ -1,9 +1,10 @@
 """Run by tests/test_multihost.py as both processes of a 2-process job: a checkpoint of a state
 sharded over both processes in a relative directory, then restores where process 1 alone cannot
-read the newest step, where the newest step's bytes were flipped on disk, and onto another
-sharding than the one saved."""
+read the newest step, where the newest step's digest record does not match what it holds, onto
+another sharding than the one saved, and where process 1's read raises inside orbax."""
 
 import argparse
+import json
 import os
 import sys
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from orbax.checkpoint._src.checkpointers import checkpointer as orbax_checkpointer
 
 from explore_jax.tpu import sharding
 from explore_jax.train import state as train_state
@@ -71,20 +73,18 @@ restored, data = ckpt.restore_latest(abstract, backoff_s=0)
 local = np.concatenate([np.asarray(s.data) for s in restored.actor["w"].addressable_shards])
 print(f"B: restored step {int(restored.step)} data {data['step']} w {float(local.mean()):.3f}",
       flush=True)
-# Step 3, then bytes flipped inside its data files (same size) by process 0: both processes set
-# it aside as corrupt and restore step 1.
+# Step 3, then its digest record altered by process 0 (the arrays read back fine, but not as
+# recorded at save): both processes set it aside as corrupt and restore step 1.
 ckpt._probe = real
 ckpt.save(3, state(3), {"step": 3})
 ckpt.wait()
 if jax.process_index() == 0:
-  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(args.dir, "3"))
-           for name in names if os.path.basename(root) == "d"]
-  path = max(files, key=os.path.getsize)  # a data file: the arrays' chunks
-  raw = bytearray(open(path, "rb").read())
-  middle = len(raw) // 2
-  raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
-  open(path, "wb").write(bytes(raw))
-sharding.barrier("flipped")
+  path = os.path.join(args.dir, "3", train_state.DIGEST_ITEM, "metadata")
+  record = json.load(open(path))
+  saved = record["arrays"]["actor/w"]  # a hex string
+  record["arrays"]["actor/w"] = saved[:-1] + ("1" if saved[-1] == "0" else "0")
+  json.dump(record, open(path, "w"))
+sharding.barrier("altered")
 restored, data = ckpt.restore_latest(abstract, backoff_s=0)
 print(f"C: restored step {int(restored.step)} data {data['step']}", flush=True)
 # Onto a replicated state (saved sharded over both processes): the digests still agree.
@@ -93,5 +93,21 @@ replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, shard
 restored, data = ckpt.restore_latest(replicated, backoff_s=0)
 w = float(np.asarray(restored.actor["w"]).mean())
 print(f"D: restored step {int(restored.step)} w {w:.3f}", flush=True)
+# Step 4, whose read raises inside orbax on process 1 alone (as a chunk that does not decode
+# there), after which process 0 waits in orbax's barrier: both set it aside, restore step 1.
+ckpt.save(4, state(4), {"step": 4})
+ckpt.wait()
+real_restore = orbax_checkpointer.Checkpointer._restore
+
+
+def restore_failing_on_1(self, directory, args):
+  if jax.process_index() == 1 and str(directory).rstrip("/").endswith("/4"):
+    raise ValueError("chunk (6:8, 0:512) does not decode")
+  return real_restore(self, directory, args)
+
+
+orbax_checkpointer.Checkpointer._restore = restore_failing_on_1
+restored, data = ckpt.restore_latest(abstract, backoff_s=0)
+print(f"E: restored step {int(restored.step)} data {data['step']}", flush=True)
 ckpt.close()
 sys.exit(0)

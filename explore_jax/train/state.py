@@ -189,6 +189,22 @@ def _verify(state: TrainState, record: dict | None) -> str:
   return "; ".join(problems)
 
 
+def _join_restore_barrier(manager: ocp.CheckpointManager) -> None:
+  """Orbax's `Checkpointer.restore` reads, then waits in a barrier of every process
+  ("Checkpointer:restore", orbax/checkpoint/_src/checkpointers/checkpointer.py). A process whose
+  read raised (a chunk that does not decode on the host that reads it, say) never reaches it; it
+  joins it here, so that the others leave it and every process's next collective meets the
+  same one on the others (without this they hang, or pair the barrier with the outcomes' gather)."""
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint._src.multihost import multihost
+  checkpointer = manager._checkpointer  # pylint: disable=protected-access
+  multihost.sync_global_processes(
+      multihost.unique_barrier_key("Checkpointer:restore",
+                                   prefix=checkpointer._barrier_sync_key_prefix),
+      processes=checkpointer._active_processes)
+
+
 class Checkpointer:
   """Orbax CheckpointManager over (state pytree, data-iterator JSON), robust to torn directories."""
 
@@ -315,6 +331,8 @@ class Checkpointer:
       outcome, detail = TRANSIENT, f"{type(e).__name__}: {str(e)[:200]}"
     except Exception as e:  # corrupt or truncated files
       outcome, detail = TORN, f"{type(e).__name__}: {str(e)[:200]}"
+    if restored is None:
+      _join_restore_barrier(self.manager)
     # The digests are computed by programs over the global arrays, which every process must run
     # or none: a process whose read failed would leave the others waiting in them.
     if agree_outcome(outcome)[0] != OK:
