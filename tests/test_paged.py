@@ -3,7 +3,6 @@ preempted and recomputed), its page attention against a dense read, its stats ag
 definitions, and the same rollouts on a mesh of 8 fake devices and on 2 processes."""
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -15,7 +14,7 @@ import pytest
 from explore_jax import rollout as rollout_lib
 from explore_jax.models import attention, paged_attention
 from explore_jax.rollout import pages, sampling
-from test_rollout_engine import COMPARE, ROOT
+from test_rollout_engine import COMPARE, ROOT, run_on_8_devices, setup  # noqa: F401
 from test_train import REFERENCE, read_metrics, reference_run, run_train, train_env  # noqa: F401
 
 exec(COMPARE)  # tiny, prompts, compare
@@ -112,16 +111,6 @@ def test_tpu_kernel_interpreted_equals_the_gather():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def setup():
-  cfg, params = tiny()
-  tokens, mask = prompts()
-  free = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=24,
-                              temperature=0.0, eos_id=sampling.NO_EOS)
-  counts = np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)
-  return cfg, params, tokens, mask, int(np.argmax(counts))
-
-
 def _filled(lengths, prompt_len):
   """KV positions the rows attend: decode step j (1 .. l - 1) of a row reads its prompt and j."""
   total = 0
@@ -197,18 +186,7 @@ def test_fixed_lengths_read_exactly_and_bad_input(setup):
 
 
 _MESH = COMPARE + textwrap.dedent("""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from explore_jax import rollout as rollout_lib
-    from explore_jax.tpu import sharding
-    cfg, params = tiny()
-    tokens, mask = prompts(8)
-    free = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=16,
-                                temperature=0.0, eos_id=sampling.NO_EOS)
-    eos = int(np.argmax(np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)))
-    mesh = sharding.make_mesh((2, 2, 2))  # 4 batch shards of 2 prompts, kv heads over 2
-    params_m = jax.device_put(params, sharding.logical_to_mesh(qwen2.logical_axes(cfg), params,
-                                                               mesh))
-    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    cfg, params, tokens, mask, eos, mesh, params_m, batch = mesh_case()
     for greedy in (True, False):
       kw = dict(max_new_tokens=16, eos_id=eos, n=2,
                 **({"temperature": 0.0} if greedy else {"top_p": 0.9}))
@@ -230,12 +208,7 @@ _MESH = COMPARE + textwrap.dedent("""
 
 @pytest.mark.slow
 def test_mesh_paged_equals_single_device_static():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _MESH], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-  print(proc.stdout)
+  print(run_on_8_devices(_MESH, timeout=600))
 
 
 @pytest.mark.slow

@@ -57,7 +57,41 @@ COMPARE = textwrap.dedent("""
         # Greedy: the two tokens were (nearly) tied; sampled: both were likely under the policy.
         assert gap < (1e-3 if greedy else 2.0), (row, t, gap)
       return float(same.mean())
+
+    def spread_eos(cfg, params, tokens, mask, max_new_tokens):
+      '''An EOS that the greedy continuations emit at different positions: rows of different
+      lengths.'''
+      free = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0),
+                                  max_new_tokens=max_new_tokens, temperature=0.0,
+                                  eos_id=sampling.NO_EOS)
+      return int(np.argmax(np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)))
+
+    def mesh_case():
+      '''The 8-device cases: the model, 8 prompts, an EOS that ends rows at spread lengths, a
+      (2, 2, 2) mesh (4 batch shards of 2 prompts, kv heads over 2), the params on it and the
+      prompts' sharding.'''
+      from jax.sharding import NamedSharding, PartitionSpec
+      from explore_jax.tpu import sharding
+      cfg, params = tiny()
+      tokens, mask = prompts(8)
+      eos = spread_eos(cfg, params, tokens, mask, 16)
+      mesh = sharding.make_mesh((2, 2, 2))
+      params_m = jax.device_put(params, sharding.logical_to_mesh(qwen2.logical_axes(cfg), params,
+                                                                 mesh))
+      batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+      return cfg, params, tokens, mask, eos, mesh, params_m, batch
 """)
+
+
+def run_on_8_devices(script: str, timeout: int) -> str:
+  """Run a Python script in a process with 8 fake CPU devices; -> its stdout (it must print
+  MESH_OK)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+  return proc.stdout
 exec(COMPARE)
 
 
@@ -65,11 +99,7 @@ exec(COMPARE)
 def setup():
   cfg, params = tiny()
   tokens, mask = prompts()
-  # An EOS that the greedy continuations emit at different positions: rows of different lengths.
-  free = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=24,
-                              temperature=0.0, eos_id=sampling.NO_EOS)
-  counts = np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)
-  return cfg, params, tokens, mask, int(np.argmax(counts))
+  return cfg, params, tokens, mask, spread_eos(cfg, params, tokens, mask, 24)
 
 
 @pytest.mark.parametrize("greedy", [True, False])
@@ -168,19 +198,9 @@ def test_a_slot_that_ends_with_a_chunk_reads_one_block(setup, monkeypatch):
 
 
 _MESH = COMPARE + textwrap.dedent("""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from explore_jax.tpu import sharding
-    cfg, params = tiny()
-    tokens, mask = prompts(8)
-    free = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(0), max_new_tokens=16,
-                                temperature=0.0, eos_id=sampling.NO_EOS)
-    eos = int(np.argmax(np.bincount(np.asarray(free.tokens)[:, 2:].ravel(), minlength=128)))
     from explore_jax.rollout import engine as rollout_engine
     rollout_engine.RAGGED_COST = 0.0  # every chunk reads ragged, in a shard_map
-    mesh = sharding.make_mesh((2, 2, 2))
-    params_m = jax.device_put(params, sharding.logical_to_mesh(qwen2.logical_axes(cfg), params,
-                                                               mesh))
-    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    cfg, params, tokens, mask, eos, mesh, params_m, batch = mesh_case()
     for greedy in (True, False):
       kw = dict(max_new_tokens=16, eos_id=eos, n=2,
                 **({"temperature": 0.0} if greedy else {"top_p": 0.9}))
@@ -199,9 +219,4 @@ _MESH = COMPARE + textwrap.dedent("""
 
 @pytest.mark.slow
 def test_mesh_continuous_equals_single_device_static():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _MESH], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-  print(proc.stdout)
+  print(run_on_8_devices(_MESH, timeout=300))
