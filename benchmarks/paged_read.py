@@ -47,7 +47,7 @@ SETTINGS = {  # head dim, rows, lengths(rng, rows)
 }
 
 
-def _in_loop(fn, q, *args, iters: int):
+def _in_loop(fn, iters: int):
   """fn(q, *args) called `iters` times in a fori_loop, each call's q depending on the last
   call's output (so nothing is hoisted out of the loop); -> a jitted function of (q, *args)."""
 
@@ -61,15 +61,10 @@ def _in_loop(fn, q, *args, iters: int):
   return jax.jit(run)
 
 
-def _time(fn, args, repeats: int) -> np.ndarray:
-  out = fn(*args)
-  out.block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn(*args).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return np.asarray(times)
+def _seconds(fn, args) -> float:
+  start = time.perf_counter()
+  fn(*args).block_until_ready()
+  return time.perf_counter() - start
 
 
 def run(name: str, iters: int, repeats: int, seed: int):
@@ -99,7 +94,6 @@ def run(name: str, iters: int, repeats: int, seed: int):
   q = r.normal(size=(s, KV_HEADS * GROUP, h)).astype(np.float32)
   mask = (np.arange(view)[None] < lengths[:, None]).astype(np.int32)
   read = paged_attention.PagedRead("gather", entries=pool_pages)
-  entries = next(e for e in paged_attention.entry_levels(pool_pages) if e >= need)
 
   def contiguous(q, k, v, mask, last):
     return attention.dense(q[:, None], k, v, mask, last[:, None])[:, 0]
@@ -112,17 +106,20 @@ def run(name: str, iters: int, repeats: int, seed: int):
   diff = float(jnp.max(jnp.abs(jax.jit(contiguous)(*args_c) - jax.jit(gather)(*args_g))))
   if not diff < 1e-4:  # two reads of the same keys: timing them means nothing unless they agree
     raise AssertionError(f"{name}: the gather and the contiguous read differ by {diff}")
-  fns = {"contiguous": (_in_loop(contiguous, *args_c, iters=iters), args_c),
-         "gather": (_in_loop(gather, *args_g, iters=iters), args_g)}
-  _time(fns["contiguous"][0], args_c, 1)
-  _time(fns["gather"][0], args_g, 1)
+  fns = {"contiguous": (_in_loop(contiguous, iters), args_c),
+         "gather": (_in_loop(gather, iters), args_g)}
+  for fn, args in fns.values():  # compile
+    _seconds(fn, args)
   times = {key: [] for key in fns}
   for _ in range(repeats):  # interleaved rounds: a slow spell falls on both
     for key, (fn, args) in fns.items():
-      times[key].append(_time(fn, args, 1)[0] / iters)
+      times[key].append(_seconds(fn, args) / iters)
   times = {key: np.asarray(t) for key, t in times.items()}
   filled = int(lengths.sum())
-  read_pos = {"contiguous": s * view, "gather": entries * PAGE}
+  # The gather's read as the engine counts it: the smallest of its compiled sizes that holds the
+  # rows' pages.
+  read_pos = {"contiguous": s * view,
+              "gather": int(paged_attention.gather_read(jnp.asarray(lengths), PAGE, pool_pages))}
   print(f"\n{name}: {s} rows, head dim {h}, lengths mean {lengths.mean():.0f} max "
         f"{lengths.max()}, {filled} positions filled; max |contiguous - gather| {diff:.1e}")
   print(f"{'read':<12}{'positions':>10}{'/ filled':>10}{'us/call':>10}{'ns/read':>9}"
