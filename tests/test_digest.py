@@ -5,14 +5,13 @@ sharding (8 fake devices, in a subprocess)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from explore_jax.train import digest
+import fake_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,12 +101,7 @@ print("DIGESTS", *out)
 
 
 def test_the_same_on_every_mesh_and_sharding():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout.split("DIGESTS")[1].split()
+  out = fake_devices.run_script(SHARDED, timeout=300).split("DIGESTS")[1].split()
   assert len(out) == 5 and len(set(out)) == 1, out
   x = np.random.RandomState(2).randn(16, 24).astype(np.float32)
   assert out[0] == reference(x) + reference(x.astype(ml_dtypes.bfloat16))

@@ -8,8 +8,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,6 +17,7 @@ import pytest
 
 from explore_jax.models import qwen2
 from explore_jax.tpu import memory
+import fake_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,12 +101,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def sharded_measurements():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  stdout = fake_devices.run_script(_SHARDED_SCRIPT, timeout=300)
+  return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_per_device_param_and_adamw_bytes_equal_real_shards(sharded_measurements):

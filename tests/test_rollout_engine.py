@@ -2,8 +2,6 @@
 log-probs and entropies from the same rng, with fewer slots than rows (so slots are refilled)."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,6 +12,7 @@ from explore_jax import rollout as rollout_lib
 from explore_jax.models import qwen2
 from explore_jax.rollout import engine as rollout_engine
 from explore_jax.rollout import sampling
+import fake_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,16 +81,6 @@ COMPARE = textwrap.dedent("""
       return cfg, params, tokens, mask, eos, mesh, params_m, batch
 """)
 
-
-def run_on_8_devices(script: str, timeout: int) -> str:
-  """Run a Python script in a process with 8 fake CPU devices; -> its stdout (it must print
-  MESH_OK)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout)
-  assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-  return proc.stdout
 exec(COMPARE)
 
 
@@ -219,4 +208,4 @@ _MESH = COMPARE + textwrap.dedent("""
 
 @pytest.mark.slow
 def test_mesh_continuous_equals_single_device_static():
-  print(run_on_8_devices(_MESH, timeout=300))
+  print(fake_devices.run_script(_MESH, timeout=300, expect="MESH_OK"))

@@ -17,6 +17,7 @@ import transformers
 from explore_jax import rollout as rollout_lib
 from explore_jax.models import checkpoint, qwen2
 from explore_jax.rollout import sampling
+import fake_devices
 
 VOCAB, PAD = 97, 0
 _forward = jax.jit(qwen2.forward, static_argnums=2)
@@ -311,11 +312,7 @@ _MESH_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_mesh_greedy_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+  fake_devices.run_script(_MESH_SCRIPT, timeout=300, expect="MESH_OK")
 
 
 def test_generate_cli(tmp_path, model):
