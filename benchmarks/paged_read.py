@@ -12,7 +12,10 @@ H]) and on CPU reads them with `paged_attention`'s gather: the rows' pages as a 
 of the same keys and values, one layer, inside a `lax.fori_loop` (as inside the engines' decode
 loops, so no dispatch per call is counted), and prints the positions each reads, microseconds per
 call, nanoseconds per position read and per position filled, and the ratios. The two outputs are
-compared (max |difference|).
+compared (max |difference|). On CPU the gather is compiled as the engine compiles its decode
+program (`paged.CPU_COMPILER_OPTIONS`: YNNPACK for the dots only) and, beside it, with XLA's
+default options (reductions in YNNPACK too); the contiguous read with the defaults, as the
+other engines are.
 
 Settings (rows in flight and lengths as the rollout benchmark's engines see them,
 `benchmarks/rollout_engine.py`; 2 kv heads of 2 query heads each, pages of 16 positions):
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from explore_jax.models import attention, paged_attention
+from explore_jax.rollout import paged
 
 KV_HEADS, GROUP, PAGE = 2, 2, 16
 SETTINGS = {  # head dim, rows, lengths(rng, rows)
@@ -47,9 +51,10 @@ SETTINGS = {  # head dim, rows, lengths(rng, rows)
 }
 
 
-def _in_loop(fn, iters: int):
+def _in_loop(fn, iters: int, options=None):
   """fn(q, *args) called `iters` times in a fori_loop, each call's q depending on the last
-  call's output (so nothing is hoisted out of the loop); -> a jitted function of (q, *args)."""
+  call's output (so nothing is hoisted out of the loop); -> a jitted function of (q, *args),
+  compiled with XLA options `options` (None: the defaults)."""
 
   def run(q, *args):
     def body(_, carry):
@@ -58,7 +63,7 @@ def _in_loop(fn, iters: int):
       return q, acc + out.ravel()[0] * 1e-9
     return jax.lax.fori_loop(0, iters, body, (q, jnp.float32(0)))[1]
 
-  return jax.jit(run)
+  return jax.jit(run, compiler_options=options)
 
 
 def _seconds(fn, args) -> float:
@@ -106,8 +111,12 @@ def run(name: str, iters: int, repeats: int, seed: int):
   diff = float(jnp.max(jnp.abs(jax.jit(contiguous)(*args_c) - jax.jit(gather)(*args_g))))
   if not diff < 1e-4:  # two reads of the same keys: timing them means nothing unless they agree
     raise AssertionError(f"{name}: the gather and the contiguous read differ by {diff}")
+  cpu = jax.default_backend() == "cpu"
   fns = {"contiguous": (_in_loop(contiguous, iters), args_c),
-         "gather": (_in_loop(gather, iters), args_g)}
+         "gather": (_in_loop(gather, iters, paged.CPU_COMPILER_OPTIONS if cpu else None),
+                    args_g)}
+  if cpu:  # the gather as XLA compiles it by default (its reductions in YNNPACK)
+    fns["gather, XLA defaults"] = (_in_loop(gather, iters), args_g)
   for fn, args in fns.values():  # compile
     _seconds(fn, args)
   times = {key: [] for key in fns}
@@ -120,18 +129,23 @@ def run(name: str, iters: int, repeats: int, seed: int):
   # rows' pages.
   read_pos = {"contiguous": s * view,
               "gather": int(paged_attention.gather_read(jnp.asarray(lengths), PAGE, pool_pages))}
+  read_pos["gather, XLA defaults"] = read_pos["gather"]
   print(f"\n{name}: {s} rows, head dim {h}, lengths mean {lengths.mean():.0f} max "
         f"{lengths.max()}, {filled} positions filled; max |contiguous - gather| {diff:.1e}")
-  print(f"{'read':<12}{'positions':>10}{'/ filled':>10}{'us/call':>10}{'ns/read':>9}"
+  print(f"{'read':<22}{'positions':>10}{'/ filled':>10}{'us/call':>10}{'ns/read':>9}"
         f"{'ns/filled':>11}")
   for key in fns:
     us = float(np.median(times[key])) * 1e6
-    print(f"{key:<12}{read_pos[key]:>10}{read_pos[key] / filled:>10.2f}{us:>10.1f}"
+    print(f"{key:<22}{read_pos[key]:>10}{read_pos[key] / filled:>10.2f}{us:>10.1f}"
           f"{us * 1e3 / read_pos[key]:>9.1f}{us * 1e3 / filled:>11.1f}")
   ratio = times["gather"] / times["contiguous"]
   per_pos = ratio * read_pos["contiguous"] / read_pos["gather"]
   print(f"gather / contiguous: {np.median(ratio):.2f}x per call ({ratio.min():.2f}-"
         f"{ratio.max():.2f}), {np.median(per_pos):.2f}x per position read")
+  if "gather, XLA defaults" in times:
+    gain = times["gather, XLA defaults"] / times["gather"]
+    print(f"gather with XLA's default options / as the engine compiles it: "
+          f"{np.median(gain):.2f}x ({gain.min():.2f}-{gain.max():.2f})")
 
 
 def main():

@@ -13,7 +13,7 @@ import pytest
 
 from explore_jax import rollout as rollout_lib
 from explore_jax.models import attention, paged_attention
-from explore_jax.rollout import pages, sampling
+from explore_jax.rollout import paged, pages, sampling
 import fake_devices
 from test_rollout_engine import COMPARE, ROOT, setup  # noqa: F401
 from test_train import REFERENCE, read_metrics, reference_run, run_train, train_env  # noqa: F401
@@ -160,10 +160,15 @@ def test_paged_equals_static_through_preemption(setup, greedy, monkeypatch):
   assert roomy["kv_gather_read_positions"] >= roomy["kv_read_positions"] - 4 * busy
 
 
-def test_fixed_lengths_read_exactly_and_bad_input(setup):
+def test_fixed_lengths_read_exactly_and_bad_input(setup, monkeypatch):
   cfg, params, tokens, mask, _ = setup
   kw = dict(max_new_tokens=24, eos_id=sampling.NO_EOS, n=3, temperature=0.0)
   ref = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2), **kw)
+  # On CPU the engine decodes with the program compiled for CPU (YNNPACK for its dots only).
+  cpu_calls = []
+  monkeypatch.setattr(paged, "_decode_cpu", lambda *a, _f=paged._decode_cpu, **k: (
+      cpu_calls.append(1), _f(*a, **k))[1])
+  monkeypatch.setattr(paged, "_decode", None)
   got, stats = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged",
                                     slots=8, page_size=PS, with_stats=True, **kw)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
@@ -175,6 +180,7 @@ def test_fixed_lengths_read_exactly_and_bad_input(setup):
   blocks = sum(-(-(p + j) // 8) * 8 for p in plen for j in range(1, 24))
   assert stats["kv_read_positions"] == blocks and stats["preemptions"] == 0
   assert stats["kv_filled_positions"] == _filled([24] * 18, plen)
+  assert len(cpu_calls) == stats["host_round_trips"] > 0
   with pytest.raises(ValueError, match="kv_pages=12 .* at least 20"):
     rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged", slots=8,
                          kv_pages=12, page_size=PS, **kw)

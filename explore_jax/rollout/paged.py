@@ -36,8 +36,9 @@ device (`paged_attention.per_device`).
 Attention by platform (`paged_attention.PagedRead`): the Pallas TPU kernel on TPU, the pure-JAX
 gather elsewhere (the Pallas GPU kernel on request). On CPU a step costs about as much per slot
 as per position read, so once no row waits, the gather's calls decode the live rows in the
-fewest slots (a power of two, at least MIN_SLOTS) that hold them: the live rows are moved to the
-first slots of their shard (only their bookkeeping moves; their pages stay). Stats count what the
+fewest slots (2^k or 3 x 2^(k-1), at least MIN_SLOTS) that hold them: the live rows are moved to the
+first slots of their shard (only their bookkeeping moves; their pages stay). On CPU the decode
+program is compiled with YNNPACK for its dots only (`CPU_COMPILER_OPTIONS`). Stats count what the
 kernels read (each live row's pages rounded up to whole blocks) and, beside it, what the gather
 read.
 """
@@ -354,9 +355,7 @@ def _live_first(book: Book) -> Book:
   return book.replace(**{f: take(getattr(book, f)) for f in _SLOT_FIELDS})
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "sampler", "live_slots"),
-                   donate_argnames=("state",))
-def _decode(params, state: PagedState, eos_id, *, config, plan, sampler, live_slots):
+def _decode_loop(params, state: PagedState, eos_id, *, config, plan, sampler, live_slots):
   """Decode (refilling slots on the device) until the host is needed; -> the state and the
   replicated summary the host schedules from ([G, 6] per shard, then the counters). With
   live_slots < plan.slots, the live rows are first moved to the first live_slots slots of their
@@ -380,6 +379,19 @@ def _decode(params, state: PagedState, eos_id, *, config, plan, sampler, live_sl
         f: jnp.concatenate([getattr(head, f), getattr(book, f)[:, live_slots:]], axis=1)
         for f in _SLOT_FIELDS}))
   return state, _summary(state, full)
+
+
+_DECODE_JIT = dict(static_argnames=("config", "plan", "sampler", "live_slots"),
+                   donate_argnames=("state",))
+_decode = jax.jit(_decode_loop, **_DECODE_JIT)
+# On CPU, XLA hands both dots and reductions to YNNPACK by default (its
+# `xla_cpu_experimental_ynn_fusion_type`: individual dots and reductions). The gather's
+# reductions are many small ones, a page's products each: at head dim 16 they ran 1.3x faster in
+# XLA's own loops, at 32 as fast (`benchmarks/paged_read.py`). So the CPU decode program keeps
+# YNNPACK for its dots only.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+_decode_cpu = jax.jit(_decode_loop, compiler_options=CPU_COMPILER_OPTIONS, **_DECODE_JIT)
 
 
 def _summary(state: PagedState, plan: Plan) -> Array:
@@ -429,6 +441,7 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
                    kernel=pages.kernel_for(_platform(mesh), attention), mesh=mesh,
                    fixed_length=eos_id == sampling.NO_EOS)
   g, bl, fb = plan.shards, plan.prompts, plan.batch
+  decode = _decode_cpu if _platform(mesh) == "cpu" else _decode
   eos = jnp.int32(eos_id)
   state = _start(rng, jnp.asarray(prompt_index, jnp.int32), jnp.int32(sample_offset),
                  jnp.asarray(mask_h.sum(-1), jnp.int32), eos, config=config, plan=plan)
@@ -452,8 +465,8 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
       # 2^k or 3 x 2^(k-1) (at most a third more; few compiles).
       need = int((shard[:, 3] + shard[:, 5]).max())
       live_slots = min(plan.slots, max(plan.min_slots, _bucket(need)))
-    state, summary = _decode(params, state, eos, config=config, plan=plan, sampler=sampler,
-                             live_slots=live_slots)
+    state, summary = decode(params, state, eos, config=config, plan=plan, sampler=sampler,
+                            live_slots=live_slots)
     summary = np.asarray(summary.addressable_shards[0].data, np.float64)
     calls += 1
     shard = summary[:g * _SUMMARY].reshape(g, _SUMMARY).astype(np.int64)
