@@ -1,5 +1,5 @@
-"""One decode step's attention read on this machine: the paged engine's pure-JAX gather against
-a contiguous read of the same rows.
+"""One decode step's attention read on this machine: the paged engine's CPU reads (its native
+kernel, its pure-JAX gather) against a contiguous read of the same rows.
 
   .venv/bin/python benchmarks/paged_read.py
   .venv/bin/python benchmarks/paged_read.py --settings fixed --repeats 9
@@ -7,12 +7,14 @@ a contiguous read of the same rows.
 What the paged engine's CPU speed rests on. A decode step attends each row's query over its keys;
 the continuous and static engines keep a row's keys contiguous ([S, K, view, H], read by
 `attention.dense`, batched matmuls), the paged engine keeps them in pages of a pool ([K, NP, PS,
-H]) and on CPU reads them with `paged_attention`'s gather: the rows' pages as a flat list of
-(row, page) entries, a partial softmax per entry, combined per row. This script times both reads
-of the same keys and values, one layer, inside a `lax.fori_loop` (as inside the engines' decode
+H]) and on CPU reads them with its native kernel (`cpu_paged_attention`: each row's pages walked
+in place) or with `paged_attention`'s gather: the rows' pages as a flat list of (row, page)
+entries, a partial softmax per entry, combined per row. This script times the reads of the same
+keys and values, one layer, inside a `lax.fori_loop` (as inside the engines' decode
 loops, so no dispatch per call is counted), and prints the positions each reads, microseconds per
 call, nanoseconds per position read and per position filled, and the ratios. The two outputs are
-compared (max |difference|). On CPU the gather is compiled as the engine compiles its decode
+compared (max |difference|). The native kernel reads exactly the filled positions. On CPU the
+gather is compiled as the engine compiles its decode
 program (`paged.CPU_COMPILER_OPTIONS`: YNNPACK for the dots only) and, beside it, with XLA's
 default options (reductions in YNNPACK too); the contiguous read with the defaults, as the
 other engines are.
@@ -39,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from explore_jax.models import attention, paged_attention
+from explore_jax.models import attention, cpu_paged_attention, paged_attention
 from explore_jax.rollout import paged
 
 KV_HEADS, GROUP, PAGE = 2, 2, 16
@@ -106,13 +108,20 @@ def run(name: str, iters: int, repeats: int, seed: int):
   def gather(q, kp, vp, table, reads):
     return paged_attention.attend(q, kp, vp, table, reads, read)
 
+  def native(q, kp, vp, table, reads):
+    return cpu_paged_attention.attend(q, kp, vp, table, reads)
+
   args_c = tuple(map(jnp.asarray, (q, k, v, mask, lengths - 1)))
   args_g = tuple(map(jnp.asarray, (q, kp, vp, table, lengths)))
-  diff = float(jnp.max(jnp.abs(jax.jit(contiguous)(*args_c) - jax.jit(gather)(*args_g))))
-  if not diff < 1e-4:  # two reads of the same keys: timing them means nothing unless they agree
-    raise AssertionError(f"{name}: the gather and the contiguous read differ by {diff}")
+  ref = jax.jit(contiguous)(*args_c)
+  diff = float(jnp.max(jnp.abs(ref - jax.jit(gather)(*args_g))))
+  native_diff = float(jnp.max(jnp.abs(ref - jax.jit(native)(*args_g))))
+  if not max(diff, native_diff) < 1e-4:  # reads of the same keys: timing means nothing otherwise
+    raise AssertionError(f"{name}: the gather and the native kernel differ from the contiguous "
+                         f"read by {diff} and {native_diff}")
   cpu = jax.default_backend() == "cpu"
   fns = {"contiguous": (_in_loop(contiguous, iters), args_c),
+         "native": (_in_loop(native, iters), args_g),
          "gather": (_in_loop(gather, iters, paged.CPU_COMPILER_OPTIONS if cpu else None),
                     args_g)}
   if cpu:  # the gather as XLA compiles it by default (its reductions in YNNPACK)
@@ -130,14 +139,19 @@ def run(name: str, iters: int, repeats: int, seed: int):
   read_pos = {"contiguous": s * view,
               "gather": int(paged_attention.gather_read(jnp.asarray(lengths), PAGE, pool_pages))}
   read_pos["gather, XLA defaults"] = read_pos["gather"]
+  read_pos["native"] = filled
   print(f"\n{name}: {s} rows, head dim {h}, lengths mean {lengths.mean():.0f} max "
-        f"{lengths.max()}, {filled} positions filled; max |contiguous - gather| {diff:.1e}")
+        f"{lengths.max()}, {filled} positions filled; max |contiguous - gather| {diff:.1e}, "
+        f"|contiguous - native| {native_diff:.1e}")
   print(f"{'read':<22}{'positions':>10}{'/ filled':>10}{'us/call':>10}{'ns/read':>9}"
         f"{'ns/filled':>11}")
   for key in fns:
     us = float(np.median(times[key])) * 1e6
     print(f"{key:<22}{read_pos[key]:>10}{read_pos[key] / filled:>10.2f}{us:>10.1f}"
           f"{us * 1e3 / read_pos[key]:>9.1f}{us * 1e3 / filled:>11.1f}")
+  own = times["native"] / times["contiguous"]
+  print(f"native / contiguous: {np.median(own):.2f}x per call ({own.min():.2f}-"
+        f"{own.max():.2f})")
   ratio = times["gather"] / times["contiguous"]
   per_pos = ratio * read_pos["contiguous"] / read_pos["gather"]
   print(f"gather / contiguous: {np.median(ratio):.2f}x per call ({ratio.min():.2f}-"

@@ -23,7 +23,8 @@ The paged engine (`explore_jax.rollout.paged`) runs at equal KV memory: `slots` 
 positions in pages of `--page_size`, through `--paged_slots` slots (default 4 x slots; `tiny`:
 a slot for each of its 128 rows, the pool bounding them). Its KV
 read / filled counts what the Pallas kernels read (each live row's pages in blocks of 2 pages);
-"gather" is what the pure-JAX gather read on this CPU. It also prints its peak pages in use,
+beside it, the read it ran (`native_cpu`, the native kernel, or `gather`, the pure-JAX gather:
+`--page_attention`) and what that read. It also prints its peak pages in use,
 preemptions and host round trips (device calls), and its time against each continuous engine's
 in the same rounds.
 
@@ -157,13 +158,14 @@ def _pages(s: Setting, slots: int, page_size: int) -> int:
 
 
 def _rows_of_stats(st) -> str:
-  """A printed row's extra columns (continuous: KV read / filled, chunks; paged: also the
-  gather's read, peak pages, preemptions)."""
+  """A printed row's extra columns (continuous: KV read / filled, chunks; paged: also its read's
+  name and what it read, peak pages, preemptions)."""
   if st is None:
     return ""
   extra = f"{st['kv_read_over_filled']:>15.2f}x{st['chunks']:>8}"
   if "peak_pages" in st:
-    extra += (f"   gather {st['kv_gather_read_over_filled']:.2f}x, peak {st['peak_pages']:.0f} of "
+    extra += (f"   {st['page_attention']} {st['kv_own_read_over_filled']:.2f}x, peak "
+              f"{st['peak_pages']:.0f} of "
               f"{st['kv_pages']} pages, {st['preemptions']:.0f} preempted")
   return extra
 

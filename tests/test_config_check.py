@@ -43,7 +43,7 @@ BAD_TRAIN = [
     ("rollout.engine", "fast", "one of 'continuous', 'static', 'paged'"),
     ("rollout.page_size", 0, ">= 1"),
     ("rollout.kv_pages", -1, ">= 0"),
-    ("rollout.page_attention", "flash", "one of 'auto', 'gather', 'pallas_tpu'"),
+    ("rollout.page_attention", "flash", "one of 'auto', 'gather', 'native_cpu', 'pallas_tpu'"),
     ("rollout.top_p", 0.0, "in (0, 1]"),
     ("rl.kl_kind", "k4", "one of 'k1', 'k2', 'k3'"),
     ("model.dtype", "float64", "one of 'float32'"),

@@ -65,6 +65,10 @@ def test_gather_and_gpu_kernel_equal_a_dense_read():
   wide = np.concatenate([table, np.zeros((len(q), 2), np.int32)], axis=1)  # 8 entries
   got = paged_attention.attend(q, kp, vp, wide, reads, read)
   np.testing.assert_allclose(np.asarray(got)[live], ref[live], rtol=2e-5, atol=2e-5)
+  # The native CPU kernel (built here on first use) reads each row's pages in place.
+  got = paged_attention.attend(q, kp, vp, table, reads, paged_attention.PagedRead("native_cpu"))
+  np.testing.assert_allclose(np.asarray(got)[live], ref[live], rtol=2e-5, atol=2e-6)
+  assert not np.asarray(got)[~live].any()  # an idle row reads nothing: 0
   # The kernels' read: each live row's pages in whole blocks of 2 pages of 4 positions.
   counted = paged_attention.kernel_reads(jnp.asarray(reads), jnp.asarray(live), 4, 2)
   assert np.asarray(counted).tolist() == [8, 8, 8, 0, 24]
@@ -125,7 +129,8 @@ def _filled(lengths, prompt_len):
 def test_paged_equals_static_through_preemption(setup, greedy, monkeypatch):
   """A pool too small for the rows' lengths (rows are preempted and recomputed) and one with room
   for every slot's full row give the static sampler's rollout. Prompts of 1 to 6 tokens in pages
-  of 4: some share a full prompt page among their 3 samples, each copies a partial one."""
+  of 4: some share a full prompt page among their 3 samples, each copies a partial one. Greedy
+  reads with the native CPU kernel (`auto` on CPU), sampled with the pure-JAX gather."""
   if greedy:
     monkeypatch.setattr(pages, "MIN_SLOTS", 2)  # the drain runs in 4 and then 2 slots
   cfg, params, tokens, mask, eos = setup
@@ -138,7 +143,9 @@ def test_paged_equals_static_through_preemption(setup, greedy, monkeypatch):
   for kv_pages in (0, 20):  # 20: a full row (8 pages) beside 6 prompts' 2 pages each, no more
     got, stats = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(1),
                                       engine="paged", slots=8, kv_pages=kv_pages, page_size=PS,
+                                      page_attention="auto" if greedy else "gather",
                                       with_stats=True, **kw)
+    assert stats["page_attention"] == ("native_cpu" if greedy else "gather")
     assert compare(cfg, params, ref, got, greedy) >= 0.95
     runs[kv_pages] = stats
   roomy, tight = runs[0], runs[20]
@@ -157,20 +164,25 @@ def test_paged_equals_static_through_preemption(setup, greedy, monkeypatch):
   assert roomy["kv_filled_positions"] == filled
   assert filled < roomy["kv_read_positions"] <= filled + 7 * busy
   assert roomy["kv_read_over_filled"] == roomy["kv_read_positions"] / filled
-  assert roomy["kv_gather_read_positions"] >= roomy["kv_read_positions"] - 4 * busy
+  if greedy:  # the native kernel reads exactly the positions
+    assert roomy["kv_own_read_positions"] == filled
+  else:  # the gather's flat list: at least the rows' pages
+    assert roomy["kv_own_read_positions"] >= roomy["kv_read_positions"] - 4 * busy
 
 
 def test_fixed_lengths_read_exactly_and_bad_input(setup, monkeypatch):
   cfg, params, tokens, mask, _ = setup
   kw = dict(max_new_tokens=24, eos_id=sampling.NO_EOS, n=3, temperature=0.0)
   ref = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2), **kw)
-  # On CPU the engine decodes with the program compiled for CPU (YNNPACK for its dots only).
+  # On CPU the gather's engine decodes with the program compiled for it (YNNPACK for its dots
+  # only).
   cpu_calls = []
   monkeypatch.setattr(paged, "_decode_cpu", lambda *a, _f=paged._decode_cpu, **k: (
       cpu_calls.append(1), _f(*a, **k))[1])
   monkeypatch.setattr(paged, "_decode", None)
   got, stats = rollout_lib.generate(cfg, params, tokens, mask, jax.random.key(2), engine="paged",
-                                    slots=8, page_size=PS, with_stats=True, **kw)
+                                    slots=8, page_size=PS, page_attention="gather",
+                                    with_stats=True, **kw)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
   np.testing.assert_array_equal(np.asarray(got.finish_reason), np.asarray(ref.finish_reason))
   np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-4)
@@ -248,3 +260,43 @@ def test_trainer_with_the_paged_engine_logs_the_reference_run(
                 "rollout/response_length_mean"):
       np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=2e-5, err_msg=key)
     assert 0 < b["rollout/slot_utilization"] <= 1
+
+
+def test_native_cpu_kernel_bf16_bad_input_and_fallback(monkeypatch, tmp_path):
+  from explore_jax.models import cpu_paged_attention
+  q, kp, vp, table, reads = _pool()
+  live = reads > 0
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+  # bfloat16 pages: computed in float32 from the bf16 values, the output rounded to bf16.
+  got = cpu_paged_attention.attend(bf(q), bf(kp), bf(vp), table, reads)
+  assert got.dtype == jnp.bfloat16
+  f32 = lambda x: np.asarray(bf(x).astype(jnp.float32))
+  ref = _dense(f32(q), f32(kp), f32(vp), table, reads)
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32))[live], ref[live], rtol=1e-2,
+                             atol=1e-2)
+  # A row that claims more positions than its table holds reads its table's pages only, and a
+  # page id outside the pool is clamped into it: a wrong page, never memory outside the pool.
+  long_reads = reads.copy()
+  long_reads[4] = 10 * 6 * 4
+  bad = table.copy()
+  bad[0, 0] = 10 ** 6
+  out = cpu_paged_attention.attend(q, kp, vp, bad, long_reads)
+  full = _dense(q, kp, vp, table, np.where(np.arange(5) == 4, 24, reads))
+  np.testing.assert_allclose(np.asarray(out)[4], full[4], rtol=2e-5, atol=2e-6)
+  clamped = table.copy()
+  clamped[0, 0] = kp.shape[1] - 1
+  np.testing.assert_allclose(np.asarray(out)[0], _dense(q, kp, vp, clamped, reads)[0],
+                             rtol=2e-5, atol=2e-6)
+  with pytest.raises(ValueError, match="float16"):
+    cpu_paged_attention.attend(q.astype(np.float16), kp.astype(np.float16),
+                               vp.astype(np.float16), table, reads)
+  with pytest.raises(ValueError, match="native_cpu.*float16"):
+    pages.kernel_for("cpu", "native_cpu", jnp.float16)
+  # Where no compiler builds it, `auto` falls back to the gather and naming it says why.
+  monkeypatch.setenv("EXPLORE_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(cpu_paged_attention, "_compiler", lambda: None)
+  monkeypatch.setattr(cpu_paged_attention, "available", lambda: False)
+  assert pages.kernel_for("cpu", "auto") == "gather"
+  assert pages.kernel_for("tpu", "auto") == "pallas_tpu"
+  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+    pages.kernel_for("cpu", "native_cpu")

@@ -139,8 +139,8 @@ PAGED = {
     "kv_pages": integer(0),
     "page_size": integer(1),
     "page_block": integer(1),
-    "page_attention": _lazy_one_of(_kernels, "one of 'auto', 'gather', 'pallas_tpu', "
-                                   "'pallas_gpu'"),
+    "page_attention": _lazy_one_of(_kernels, "one of 'auto', 'gather', 'native_cpu', "
+                                   "'pallas_tpu', 'pallas_gpu'"),
 }
 
 

@@ -19,6 +19,8 @@ platform (`PagedRead.kernel`):
               `block` pages (an idle slot, length 0, reads nothing). It applies no 1/sqrt(H)
               (q is scaled first) and reads K/V as bfloat16.
   pallas_gpu  jax.experimental.pallas.ops.gpu.paged_attention (Triton): the same reads.
+  native_cpu  a native CPU kernel through jax.ffi (`cpu_paged_attention`): each row's table
+              walked in place, exactly the positions it holds; built on first use.
   gather      pure JAX, any platform (the reference): the live rows' pages laid out in one flat
               list of (row, page) entries, each a partial softmax combined per row exactly as a
               flash attention combines its key blocks. The list has a static size: the smallest
@@ -45,7 +47,7 @@ from jax.sharding import Mesh, PartitionSpec
 Array = jax.Array
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # masked score: exp(_NEG - m) == 0, no inf - inf
 
-KERNELS = ("gather", "pallas_tpu", "pallas_gpu")
+KERNELS = ("gather", "native_cpu", "pallas_tpu", "pallas_gpu")
 _GPU_SPLITS = 8  # the GPU kernel's k_splits: the table width is a multiple of 8 x block
 
 
@@ -71,8 +73,14 @@ class PagedRead:
   @property
   def width_multiple(self) -> int:
     """What the table width W must be a multiple of, for the kernel."""
-    return {"gather": 1, "pallas_tpu": self.block, "pallas_gpu": self.block * _GPU_SPLITS}[
-        self.kernel]
+    return {"gather": 1, "native_cpu": 1, "pallas_tpu": self.block,
+            "pallas_gpu": self.block * _GPU_SPLITS}[self.kernel]
+
+  @property
+  def on_cpu_cores(self) -> bool:
+    """Whether the read runs as ordinary XLA or host code (the gather, the native CPU kernel),
+    where a decode step costs about as much per slot as per position read."""
+    return self.kernel in ("gather", "native_cpu")
 
 
 def table_width(positions: int, page_size: int, read: PagedRead) -> int:
@@ -178,8 +186,22 @@ def _pallas_gpu(q, kp, vp, table, reads, block: int):
                          interpret=jax.default_backend() == "cpu")
 
 
+def own_read(reads: Array, page_size: int, read: PagedRead) -> Array:
+  """KV positions `read`'s kernel reads on one device whose rows attend `reads` [S] positions:
+  the gather's size; exactly the positions for the native CPU kernel; the Pallas kernels' whole
+  blocks."""
+  if read.kernel == "gather":
+    return gather_read(reads, page_size, read.entries)
+  if read.kernel == "native_cpu":
+    return jnp.sum(reads)
+  return jnp.sum(kernel_reads(reads, reads > 0, page_size, read.block))
+
+
 def attend(q: Array, kp: Array, vp: Array, table: Array, reads: Array, read: PagedRead) -> Array:
   """One query per row over its first `reads` [S] positions (0: none), on one device's pages."""
+  if read.kernel == "native_cpu":
+    from explore_jax.models import cpu_paged_attention
+    return cpu_paged_attention.attend(q, kp, vp, table, reads)
   if read.kernel == "pallas_tpu":
     return _pallas_tpu(q, kp, vp, table, reads, read.block)
   if read.kernel == "pallas_gpu":

@@ -23,8 +23,8 @@ Refill on the device. One jitted `lax.while_loop` (`_decode`) refills free slots
 the prefilled prompts, allocates pages, preempts, decodes one step of every live slot and
 returns finished rows' pages, step after step. It returns to the host only when a shard has no
 prefilled row left to start and the pool has room for the next batch of prompts (the host then
-prefills it: `_prefill`), when every row is done, or (the gather, below) when the live rows fit
-in half the call's slots. Every decision is a function of replicated device state, so every
+prefills it: `_prefill`), when every row is done, or (on CPU, below) to decode in more or fewer
+slots. Every decision is a function of replicated device state, so every
 process makes the same ones; the stats count the host round trips.
 
 Shards. On a mesh the slots, the pages and the output rows are split over the batch axes into G
@@ -33,14 +33,15 @@ its slots and its pages, and schedules them alone: the bookkeeping is written fo
 vmapped over G (it is small and replicated); the pages themselves are written and read per
 device (`paged_attention.per_device`).
 
-Attention by platform (`paged_attention.PagedRead`): the Pallas TPU kernel on TPU, the pure-JAX
-gather elsewhere (the Pallas GPU kernel on request). On CPU a step costs about as much per slot
-as per position read, so once no row waits, the gather's calls decode the live rows in the
-fewest slots (2^k or 3 x 2^(k-1), at least MIN_SLOTS) that hold them: the live rows are moved to the
-first slots of their shard (only their bookkeeping moves; their pages stay). On CPU the decode
-program is compiled with YNNPACK for its dots only (`CPU_COMPILER_OPTIONS`). Stats count what the
-kernels read (each live row's pages rounded up to whole blocks) and, beside it, what the gather
-read.
+Attention by platform (`paged_attention.PagedRead`): the Pallas TPU kernel on TPU, a native
+kernel on CPU (`cpu_paged_attention`, where a C++ compiler builds it), the pure-JAX gather
+elsewhere (the Pallas GPU kernel on request). With the CPU reads a step costs about as much per
+slot as per position read, so once no row waits, the calls decode the live rows in the fewest
+slots (2^k or 3 x 2^(k-1), at least MIN_SLOTS) that hold them: the live rows are moved to the
+first slots of their shard (only their bookkeeping moves; their pages stay). On CPU the gather's
+decode program is compiled with YNNPACK for its dots only (`CPU_COMPILER_OPTIONS`). Stats count what the
+Pallas kernels read (each live row's pages rounded up to whole blocks) and, beside it, what the
+read in use read.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class Counters:
   steps: Array  # decode steps
   busy: Array  # live slot-steps
   kernel_read: Array  # f32 KV positions the Pallas kernels read
-  gather_read: Array  # f32 KV positions the gather read
+  own_read: Array  # f32 KV positions the read in use read (`paged_attention.own_read`)
   filled: Array  # f32 KV positions the live rows attended
   preempted: Array  # rows preempted
   peak: Array  # most pages in use at once (all shards)
@@ -314,9 +315,9 @@ def _step(params, state: PagedState, eos_id, *, config, plan, sampler) -> PagedS
   used = jnp.sum((book.refs > 0).astype(jnp.int32))
   c = c.replace(steps=c.steps + 1, busy=c.busy + jnp.sum(live.astype(jnp.int32)),
                 kernel_read=c.kernel_read + jnp.sum(kernel).astype(jnp.float32),
-                gather_read=c.gather_read + jnp.sum(jax.vmap(functools.partial(
-                    paged_attention.gather_read, page_size=plan.page_size,
-                    entries=plan.read.entries))(reads.reshape(g, sl))).astype(jnp.float32),
+                own_read=c.own_read + jnp.sum(jax.vmap(functools.partial(
+                    paged_attention.own_read, page_size=plan.page_size, read=plan.read))(
+                        reads.reshape(g, sl))).astype(jnp.float32),
                 filled=c.filled + jnp.sum(reads).astype(jnp.float32),
                 preempted=c.preempted + jnp.sum(victim.astype(jnp.int32)),
                 peak=jnp.maximum(c.peak, used),
@@ -331,7 +332,7 @@ def _go_on(state: PagedState, plan: Plan, full_slots: int) -> Array:
   work = jnp.any(b.active) | jnp.any(ready)
   wants = jnp.any(jax.vmap(functools.partial(pages.wants_prefill, plan=plan))(b))
   go = work & ~wants
-  if plan.read.kernel == "gather" and (plan.slots < full_slots or plan.slots > plan.min_slots):
+  if plan.read.on_cpu_cores and (plan.slots < full_slots or plan.slots > plan.min_slots):
     # On CPU a step costs in proportion to its slots: the call returns for the host to decode in
     # more slots (`_decode`'s live_slots) when the pages admit a ready row but no slot is free,
     # in fewer when its live rows fit in the next smaller number (`_bucket`'s) and the pages
@@ -387,8 +388,9 @@ _decode = jax.jit(_decode_loop, **_DECODE_JIT)
 # On CPU, XLA hands both dots and reductions to YNNPACK by default (its
 # `xla_cpu_experimental_ynn_fusion_type`: individual dots and reductions). The gather's
 # reductions are many small ones, a page's products each: at head dim 16 they ran 1.3x faster in
-# XLA's own loops, at 32 as fast (`benchmarks/paged_read.py`). So the CPU decode program keeps
-# YNNPACK for its dots only.
+# XLA's own loops, at 32 as fast (`benchmarks/paged_read.py`). So the gather's CPU decode program
+# keeps YNNPACK for its dots only (the native CPU kernel's, which has no such reductions, keeps
+# the defaults).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 _decode_cpu = jax.jit(_decode_loop, compiler_options=CPU_COMPILER_OPTIONS, **_DECODE_JIT)
@@ -398,7 +400,7 @@ def _summary(state: PagedState, plan: Plan) -> Array:
   shards = jax.vmap(functools.partial(pages.shard_summary, plan=plan))(state.book)  # [G, 6]
   c = state.counters
   counters = jnp.stack([c.steps.astype(jnp.float32), c.busy.astype(jnp.float32), c.kernel_read,
-                        c.gather_read, c.filled, c.preempted.astype(jnp.float32),
+                        c.own_read, c.filled, c.preempted.astype(jnp.float32),
                         c.peak.astype(jnp.float32), c.overflow.astype(jnp.float32),
                         jnp.all(state.book.status == DONE).astype(jnp.float32)])
   return _replicate(jnp.concatenate([shards.reshape(-1).astype(jnp.float32), counters]), plan)
@@ -438,17 +440,17 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   b, p = tokens_h.shape
   plan = pages.make_plan(config, b, p, max_new_tokens=max_new_tokens, n=n, slots=slots,
                    kv_pages=kv_pages, page_size=page_size, page_block=page_block,
-                   kernel=pages.kernel_for(_platform(mesh), attention), mesh=mesh,
+                   kernel=pages.kernel_for(_platform(mesh), attention, config.dtype), mesh=mesh,
                    fixed_length=eos_id == sampling.NO_EOS)
   g, bl, fb = plan.shards, plan.prompts, plan.batch
-  decode = _decode_cpu if _platform(mesh) == "cpu" else _decode
+  decode = _decode_cpu if plan.read.kernel == "gather" and _platform(mesh) == "cpu" else _decode
   eos = jnp.int32(eos_id)
   state = _start(rng, jnp.asarray(prompt_index, jnp.int32), jnp.int32(sample_offset),
                  jnp.asarray(mask_h.sum(-1), jnp.int32), eos, config=config, plan=plan)
   prefilled = np.zeros(g, np.int64)
   shard = np.zeros((g, _SUMMARY), np.int64)
   wants = np.ones(g, bool)
-  totals = np.zeros(7)  # steps, busy, kernel read, gather read, filled, preempted, (peak)
+  totals = np.zeros(7)  # steps, busy, kernel read, own read, filled, preempted, (peak)
   peak = calls = prefills = slot_steps = 0
   last_slots = 0
   while True:
@@ -460,7 +462,7 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
                        eos, config=config, plan=plan, sampler=sampler)
       prefills += 1
     live_slots = plan.slots
-    if plan.read.kernel == "gather" and not wants.any():
+    if plan.read.on_cpu_cores and not wants.any():
       # The live rows and those the pages admit now, in the fewest slots that hold them, of
       # 2^k or 3 x 2^(k-1) (at most a third more; few compiles).
       need = int((shard[:, 3] + shard[:, 5]).max())
@@ -487,15 +489,17 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
   rollout = sampling.rollout_from_buffers(state.tokens, state.logprobs, state.entropy,
                                           state.lengths, state.eos, prompt_tokens, prompt_mask,
                                           n=n)
-  steps, busy, kernel_read, gather_read, filled, preempted = totals[:6]
+  steps, busy, kernel_read, own_read, filled, preempted = totals[:6]
   stats = {"slot_steps": slot_steps, "busy_slot_steps": busy, "decode_steps": steps,
            "slot_utilization": busy / max(slot_steps, 1),
            # KV positions the Pallas kernels read (each live row's pages in whole blocks of
-           # page_block pages) over those the rows attend; the gather's own read beside it.
+           # page_block pages) over those the rows attend; beside it, what the read in use
+           # (`page_attention`) read: the gather its flat list's size, the native CPU kernel
+           # exactly the positions.
            "kv_read_positions": kernel_read, "kv_filled_positions": filled,
            "kv_read_over_filled": kernel_read / max(filled, 1.0),
-           "kv_gather_read_positions": gather_read,
-           "kv_gather_read_over_filled": gather_read / max(filled, 1.0),
+           "page_attention": plan.read.kernel, "kv_own_read_positions": own_read,
+           "kv_own_read_over_filled": own_read / max(filled, 1.0),
            "kv_pages": plan.pages * g, "page_size": plan.page_size, "peak_pages": peak,
            "preemptions": preempted, "host_round_trips": calls, "prefills": prefills,
            "chunks": calls}

@@ -81,13 +81,23 @@ def row_pages(prompt_width: int, max_new_tokens: int, page_size: int) -> int:
   return -(-(prompt_width + max_new_tokens) // page_size)
 
 
-def kernel_for(platform: str, name: str = "auto") -> str:
-  """The paged attention kernel: `auto` is the Pallas kernel on TPU and the gather elsewhere (on
-  a GPU the Pallas kernel is taken when named, until measured to beat the gather there)."""
+def kernel_for(platform: str, name: str = "auto", dtype=jnp.float32) -> str:
+  """The paged attention kernel: `auto` is the Pallas kernel on TPU, the native CPU kernel on CPU
+  (where it builds, for float32 and bfloat16 caches), the gather elsewhere (on a GPU the Pallas
+  kernel is taken when named, until measured to beat the gather there)."""
+  from explore_jax.models import cpu_paged_attention
   if name == "auto":
-    return "pallas_tpu" if platform == "tpu" else "gather"
+    if platform == "tpu":
+      return "pallas_tpu"
+    native = platform == "cpu" and jnp.dtype(dtype) in cpu_paged_attention.DTYPES
+    return "native_cpu" if native and cpu_paged_attention.available() else "gather"
   if name not in paged_attention.KERNELS:
     raise ValueError(f"page_attention={name!r}: use 'auto' or one of {paged_attention.KERNELS}")
+  if name == "native_cpu":
+    if jnp.dtype(dtype) not in cpu_paged_attention.DTYPES:
+      raise ValueError(f"page_attention='native_cpu' reads {cpu_paged_attention.DTYPES} caches, "
+                       f"not {jnp.dtype(dtype)}")
+    cpu_paged_attention.build()  # raises with the compiler's message where it cannot be built
   return name
 
 
