@@ -171,7 +171,8 @@ def rollout_config() -> ml_collections.ConfigDict:
   rollout.refill_share = 0.25
   # paged: pages in the KV pool (0 = room for every slot's full row: never preempts), positions
   # per page, pages per block of the Pallas kernels' reads, and the page attention ("auto": the
-  # Pallas kernel on TPU, a pure-JAX gather elsewhere; "gather", "pallas_tpu", "pallas_gpu")
+  # Pallas kernel on TPU, the native kernel on CPU where a C++ compiler builds it, a pure-JAX
+  # gather elsewhere; "gather", "native_cpu", "pallas_tpu", "pallas_gpu")
   rollout.kv_pages = 0
   rollout.page_size = 16
   rollout.page_block = 2

@@ -59,8 +59,9 @@ def generate(config: Qwen2Config, params: Params, prompt_tokens: jax.Array,
   decodes up to `slots` rows at once over a pool of `kv_pages` pages of `page_size` positions
   (0: enough for every slot's full row), refilling slots on the device and preempting the
   youngest rows when the pool runs dry (`paged.run`; `page_attention`: "auto" (the Pallas kernel
-  on TPU, a pure-JAX gather elsewhere), "gather", "pallas_tpu" or "pallas_gpu", reading
-  `page_block` pages per block). All return the same Rollout. with_stats: (Rollout, stats) with
+  on TPU, the native kernel on CPU where it builds, a pure-JAX gather elsewhere), "gather",
+  "native_cpu", "pallas_tpu" or "pallas_gpu", the Pallas kernels reading `page_block` pages per
+  block). All return the same Rollout. with_stats: (Rollout, stats) with
   stats["slot_utilization"] = generated tokens / decode slot-steps (the static sampler's slots
   are its rows); the paged engine's also carry its peak pages, preemptions, host round trips and
   kv_read_over_filled (the kernels' read over the positions attended).

@@ -37,7 +37,7 @@ Attention by platform (`paged_attention.PagedRead`): the Pallas TPU kernel on TP
 kernel on CPU (`cpu_paged_attention`, where a C++ compiler builds it), the pure-JAX gather
 elsewhere (the Pallas GPU kernel on request). With the CPU reads a step costs about as much per
 slot as per position read, so once no row waits, the calls decode the live rows in the fewest
-slots (2^k or 3 x 2^(k-1), at least MIN_SLOTS) that hold them: the live rows are moved to the
+slots (`_bucket`'s sizes, at least MIN_SLOTS) that hold them: the live rows are moved to the
 first slots of their shard (only their bookkeeping moves; their pages stay). On CPU the gather's
 decode program is compiled with YNNPACK for its dots only (`CPU_COMPILER_OPTIONS`). Stats count what the
 Pallas kernels read (each live row's pages rounded up to whole blocks) and, beside it, what the
@@ -412,8 +412,13 @@ _SUMMARY = 6  # per shard: prefilled, free pages, waiting rows, live slots, want
 
 
 def _bucket(x: int) -> int:
-  """x rounded up to 2^k or 3 x 2^(k-1)."""
+  """x rounded up to a call size: up to 32, 2^k or 3 x 2^(k-1) (1, 2, 3, 4, 6, .. 24, 32: few
+  programs for a drain); above, a multiple of an eighth of the power of two at or above x (40,
+  48, 56, 64, 80, ..: under a quarter more slots than rows, where a step's cost follows them)."""
   up = 1 << max(0, int(x) - 1).bit_length()
+  if up > 32:
+    step = up // 8
+    return -(-int(x) // step) * step
   return 3 * up // 4 if 3 * up // 4 >= x else up
 
 
@@ -463,8 +468,8 @@ def run(config: Qwen2Config, params: Params, prompt_tokens, prompt_mask, rng, *,
       prefills += 1
     live_slots = plan.slots
     if plan.read.on_cpu_cores and not wants.any():
-      # The live rows and those the pages admit now, in the fewest slots that hold them, of
-      # 2^k or 3 x 2^(k-1) (at most a third more; few compiles).
+      # The live rows and those the pages admit now, in the fewest slots of `_bucket`'s sizes
+      # that hold them.
       need = int((shard[:, 3] + shard[:, 5]).max())
       live_slots = min(plan.slots, max(plan.min_slots, _bucket(need)))
     state, summary = decode(params, state, eos, config=config, plan=plan, sampler=sampler,
