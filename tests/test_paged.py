@@ -292,6 +292,8 @@ def test_native_cpu_kernel_bf16_bad_input_and_fallback(monkeypatch, tmp_path):
                                vp.astype(np.float16), table, reads)
   with pytest.raises(ValueError, match="native_cpu.*float16"):
     pages.kernel_for("cpu", "native_cpu", jnp.float16)
+  with pytest.raises(ValueError, match="native_cpu.*CPU only, not on tpu"):
+    pages.kernel_for("tpu", "native_cpu")
   # Where no compiler builds it, `auto` falls back to the gather and naming it says why.
   monkeypatch.setenv("EXPLORE_JAX_CACHE", str(tmp_path))
   monkeypatch.setattr(cpu_paged_attention, "_compiler", lambda: None)

@@ -94,6 +94,8 @@ def kernel_for(platform: str, name: str = "auto", dtype=jnp.float32) -> str:
   if name not in paged_attention.KERNELS:
     raise ValueError(f"page_attention={name!r}: use 'auto' or one of {paged_attention.KERNELS}")
   if name == "native_cpu":
+    if platform != "cpu":
+      raise ValueError(f"page_attention='native_cpu' runs on CPU only, not on {platform}")
     if jnp.dtype(dtype) not in cpu_paged_attention.DTYPES:
       raise ValueError(f"page_attention='native_cpu' reads {cpu_paged_attention.DTYPES} caches, "
                        f"not {jnp.dtype(dtype)}")
