@@ -3,7 +3,7 @@
 XLA on CPU has no paged read that computes on the pages in place (the Pallas kernels run on CPU
 only through their interpreter), so the pure-JAX gather of `paged_attention` copies the rows'
 pages out and runs small products per page: 2-3x the cost per position of a contiguous read
-(`benchmarks/paged_read.py`). This kernel (`cpu_paged_attention.cc`, about 150 lines of C++)
+(`benchmarks/paged_read.py`). This kernel (`cpu_paged_attention.cc`, about 160 lines of C++)
 walks each row's table instead, an online softmax one page at a time, and reads exactly the
 positions the row holds. It is called through `jax.ffi` (an XLA custom call), on each device's
 pages (inside the engine's `shard_map` on a mesh).
