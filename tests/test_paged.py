@@ -69,6 +69,9 @@ def test_gather_and_gpu_kernel_equal_a_dense_read():
   got = paged_attention.attend(q, kp, vp, table, reads, paged_attention.PagedRead("native_cpu"))
   np.testing.assert_allclose(np.asarray(got)[live], ref[live], rtol=2e-5, atol=2e-6)
   assert not np.asarray(got)[~live].any()  # an idle row reads nothing: 0
+  # Loading it left the process's floats alone: subnormals still exist (a library linked with
+  # fast math would have set flush-to-zero for every thread that loads it).
+  assert np.float32(np.finfo(np.float32).tiny) / np.float32(2) > 0
   # The kernels' read: each live row's pages in whole blocks of 2 pages of 4 positions.
   counted = paged_attention.kernel_reads(jnp.asarray(reads), jnp.asarray(live), 4, 2)
   assert np.asarray(counted).tolist() == [8, 8, 8, 0, 24]

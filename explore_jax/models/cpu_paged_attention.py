@@ -47,9 +47,15 @@ def _compiler() -> str | None:
 
 
 def _flags(native: bool) -> list[str]:
-  """native: for this machine's CPU (its widest vectors), as XLA compiles for it."""
+  """The compile step's flags; native: for this machine's CPU (its widest vectors), as XLA
+  compiles for it. Fast math (vectorized exp and sums) is a compile flag only: linked with it, a
+  library sets the process's flush-to-zero mode when loaded (GCC's crtfastmath), and every float
+  in the process loses its subnormals."""
   return ["-O3", *(["-march=native"] if native else []), "-ffast-math", "-fopenmp-simd",
-          "-shared", "-fPIC", "-std=c++17", "-w", "-isystem", jax.ffi.include_dir()]
+          "-fPIC", "-std=c++17", "-w", "-isystem", jax.ffi.include_dir()]
+
+
+_LINK = ["-shared"]  # no fast math here (see _flags)
 
 
 def _cpu_id() -> bytes:
@@ -70,17 +76,20 @@ def build() -> str:
   with open(SOURCE, "rb") as f:
     source = f.read()
   key = hashlib.sha256(source + cxx.encode() + jaxlib.__version__.encode() + _cpu_id()
-                       + " ".join(_flags(True)).encode()).hexdigest()[:16]
+                       + " ".join(_flags(True) + _LINK).encode()).hexdigest()[:16]
   path = os.path.join(_cache_dir(), f"cpu_paged_attention_{key}.so")
   if os.path.exists(path):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
+  obj = tmp[:-3] + ".o"
+  run = lambda args: subprocess.run(args, capture_output=True, text=True, timeout=300)
   try:
     for native in (True, False):  # a compiler that does not know this CPU: its baseline
-      done = subprocess.run([cxx, *_flags(native), SOURCE, "-o", tmp], capture_output=True,
-                            text=True, timeout=300)
+      done = run([cxx, *_flags(native), "-c", SOURCE, "-o", obj])
+      if not done.returncode:
+        done = run([cxx, *_LINK, obj, "-o", tmp])
       if not done.returncode:
         break
     else:
@@ -88,8 +97,9 @@ def build() -> str:
                          f"{done.stderr[-2000:]}")
     os.replace(tmp, path)  # atomic: a process that built it at the same time wrote the same
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    for leftover in (tmp, obj):
+      if os.path.exists(leftover):
+        os.remove(leftover)
   return path
 
 
