@@ -9,9 +9,10 @@ positions the row holds. It is called through `jax.ffi` (an XLA custom call), on
 pages (inside the engine's `shard_map` on a mesh).
 
 It is built on first use with the system's C++ compiler (`CXX`, else `c++`) against the XLA FFI
-headers that ship with jaxlib, into a cache folder (`EXPLORE_JAX_CACHE`, else
-~/.cache/explore_jax) keyed by the source, the compiler and jaxlib's version; a build is written
-to a temporary name and renamed, so processes that build it at once do not collide. Where no
+headers that ship with jaxlib, for this machine's CPU, with fast math when compiling and not when
+linking (`_flags`), into a cache folder (`EXPLORE_JAX_CACHE`, else ~/.cache/explore_jax) keyed
+by the source, the compiler, jaxlib's version and the CPU's flags; a build is written to a
+temporary name and renamed, so processes that build it at once do not collide. Where no
 compiler builds it, `available()` is False and the paged engine's `auto` read stays the gather.
 The gather remains the reference the tests compare this kernel with.
 """
@@ -22,8 +23,8 @@ import ctypes
 import functools
 import hashlib
 import os
-import shutil
 import platform
+import shutil
 import subprocess
 import tempfile
 
