@@ -24,8 +24,8 @@ the prefilled prompts, allocates pages, preempts, decodes one step of every live
 returns finished rows' pages, step after step. It returns to the host only when a shard has no
 prefilled row left to start and the pool has room for the next batch of prompts (the host then
 prefills it: `_prefill`), when every row is done, or (on CPU, below) to decode in more or fewer
-slots. Every decision is a function of replicated device state, so every
-process makes the same ones; the stats count the host round trips.
+slots. Every decision is a function of replicated device state, so every process makes the same
+ones; the stats count the host round trips.
 
 Shards. On a mesh the slots, the pages and the output rows are split over the batch axes into G
 shards; shard g owns prompts g*B/G .. (g+1)*B/G - 1 (the rows its devices hold in the output),
@@ -39,9 +39,9 @@ elsewhere (the Pallas GPU kernel on request). With the CPU reads a step costs ab
 slot as per position read, so once no row waits, the calls decode the live rows in the fewest
 slots (`_bucket`'s sizes, at least MIN_SLOTS) that hold them: the live rows are moved to the
 first slots of their shard (only their bookkeeping moves; their pages stay). On CPU the gather's
-decode program is compiled with YNNPACK for its dots only (`CPU_COMPILER_OPTIONS`). Stats count what the
-Pallas kernels read (each live row's pages rounded up to whole blocks) and, beside it, what the
-read in use read.
+decode program is compiled with YNNPACK for its dots only (`CPU_COMPILER_OPTIONS`). Stats count
+what the Pallas kernels read (each live row's pages rounded up to whole blocks) and, beside it,
+what the read in use read.
 """
 
 from __future__ import annotations
